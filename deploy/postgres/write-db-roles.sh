@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Write DB (write_db): least-privileged login roles for the services.
+#
+# Run once by the postgres image's entrypoint, from /docker-entrypoint-initdb.d,
+# when the data volume is first initialised (`docker compose down -v` to rerun).
+# It connects as the owner (POSTGRES_USER). It only creates the roles and lets
+# them connect: table privileges are granted by the app's migrations
+# (`cqrs-analytics migrate`, run as the owner), which GRANT to these roles
+# when they exist.
+#
+#   command_app  the command service: reads/writes products, orders,
+#                order_items, the idempotency keys and the outbox.
+#   query_app    the query service: SELECT on outbox only (sync-status lag).
+set -euo pipefail
+
+: "${POSTGRES_USER:?}"
+: "${POSTGRES_DB:?}"
+
+psql -v ON_ERROR_STOP=1 --no-psqlrc \
+     --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
+     -v db="$POSTGRES_DB" \
+     -v command_pw="${COMMAND_DB_PASSWORD:-command}" \
+     -v query_pw="${QUERY_DB_PASSWORD:-query}" <<'SQL'
+SELECT 'CREATE ROLE command_app'
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'command_app') \gexec
+SELECT 'CREATE ROLE query_app'
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'query_app') \gexec
+
+ALTER ROLE command_app WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+      NOINHERIT NOREPLICATION NOBYPASSRLS PASSWORD :'command_pw';
+ALTER ROLE query_app WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+      NOINHERIT NOREPLICATION NOBYPASSRLS PASSWORD :'query_pw';
+
+-- Only the owner and these roles may connect to the application database.
+REVOKE CONNECT, TEMPORARY ON DATABASE :"db" FROM PUBLIC;
+GRANT CONNECT ON DATABASE :"db" TO command_app, query_app;
+
+-- No one but the owner creates objects in public (already so on PostgreSQL 15+).
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public TO command_app, query_app;
+
+-- query_app may only read, whatever a migration grants by mistake.
+ALTER ROLE query_app SET default_transaction_read_only = on;
+SQL

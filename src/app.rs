@@ -1,0 +1,234 @@
+//! Assembles the services for a subcommand: pools, migrations, HTTP servers, publisher and
+//! consumer threads, and stops them in order (HTTP first, so in-flight requests finish and
+//! their events reach the outbox; then the background threads).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::command::CommandService;
+use crate::config::Config;
+use crate::consumer::{self, ConsumerHttp, ConsumerMetrics};
+use crate::db;
+use crate::error::{Error, Result};
+use crate::http::HttpServer;
+use crate::outbox::{self, OutboxMetrics};
+use crate::query::QueryService;
+use crate::shutdown::{self, Shutdown, Trigger};
+
+/// Which services a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Command,
+    Consumer,
+    Query,
+    All,
+}
+
+impl Role {
+    fn runs_command(self) -> bool {
+        matches!(self, Role::Command | Role::All)
+    }
+    fn runs_consumer(self) -> bool {
+        matches!(self, Role::Consumer | Role::All)
+    }
+    fn runs_query(self) -> bool {
+        matches!(self, Role::Query | Role::All)
+    }
+}
+
+/// The running services of one process.
+pub struct Running {
+    pub command_addr: Option<SocketAddr>,
+    pub query_addr: Option<SocketAddr>,
+    pub consumer_addr: Option<SocketAddr>,
+    servers: Vec<HttpServer>,
+    threads: Vec<JoinHandle<()>>,
+    trigger: Option<Trigger>,
+    shutdown: Shutdown,
+}
+
+impl Running {
+    /// The shutdown signal the background threads watch.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// Takes the trigger, so that something else (a signal thread) can fire it.
+    pub fn take_trigger(&mut self) -> Option<Trigger> {
+        self.trigger.take()
+    }
+
+    /// Stops accepting requests, finishes those in flight, stops the background threads and
+    /// joins every thread.
+    pub fn stop(mut self) {
+        for s in self.servers.drain(..) {
+            s.stop();
+        }
+        drop(self.trigger.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        info!("stopped");
+    }
+}
+
+/// Applies the migrations of the databases `role` uses, waiting for each database to come
+/// up for at most `wait`.
+pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<()> {
+    if role == Role::All {
+        retry_until(wait, || {
+            db::ensure_database(&config.database_url, config.db.connect)
+        })?;
+        retry_until(wait, || {
+            db::ensure_database(&config.read_database_url, config.db.connect)
+        })?;
+    }
+    if role.runs_command() {
+        retry_until(wait, || {
+            db::migrate(
+                &config.database_url,
+                db::WRITE_MIGRATIONS,
+                config.db.connect,
+            )
+        })?;
+    }
+    if role.runs_consumer() || role.runs_query() {
+        retry_until(wait, || {
+            db::migrate(
+                &config.read_database_url,
+                db::READ_MIGRATIONS,
+                config.db.connect,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn retry_until(wait: Duration, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                warn!("{e}; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Starts the services of `role`. Ports come from `config` (0 picks a free port).
+pub fn start(config: &Config, role: Role) -> Result<Running> {
+    let ip: IpAddr = config
+        .http_bind_addr
+        .parse()
+        .map_err(|_| Error::config("HTTP_BIND_ADDR is not an IP address"))?;
+    let (trigger, shutdown) = shutdown::channel();
+    let mut running = Running {
+        command_addr: None,
+        query_addr: None,
+        consumer_addr: None,
+        servers: Vec::new(),
+        threads: Vec::new(),
+        trigger: Some(trigger),
+        shutdown: shutdown.clone(),
+    };
+    let timeout = config.http_read_timeout;
+    if role.runs_command() {
+        let pool = db::pool(
+            &config.database_url,
+            config.write_pool_size,
+            &config.db,
+            "command-service",
+            false,
+        )?;
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let outbox_metrics = Arc::new(OutboxMetrics::new());
+        // The publishers get their own small pool so HTTP load can never starve them.
+        let publisher_pool = db::pool(
+            &config.database_url,
+            config.outbox_publishers.max(1) as u32,
+            &config.db,
+            "outbox-publisher",
+            false,
+        )?;
+        running.threads.extend(outbox::start(
+            config,
+            publisher_pool,
+            wake_rx,
+            &shutdown,
+            outbox_metrics.clone(),
+        ));
+        let service = Arc::new(CommandService::new(
+            pool,
+            Some(wake_tx),
+            Some(outbox_metrics),
+        ));
+        let server = HttpServer::start(
+            "command-service",
+            SocketAddr::new(ip, config.command_port),
+            config.command_http_workers,
+            timeout,
+            service,
+        )?;
+        running.command_addr = Some(server.addr);
+        running.servers.push(server);
+    }
+    if role.runs_consumer() {
+        let pool = db::pool(
+            &config.read_database_url,
+            config.consumer_threads as u32 + 1,
+            &config.db,
+            "consumer-service",
+            false,
+        )?;
+        let metrics = Arc::new(ConsumerMetrics::new());
+        running.threads.extend(consumer::start(
+            config,
+            pool.clone(),
+            &shutdown,
+            metrics.clone(),
+        ));
+        let server = HttpServer::start(
+            "consumer-service",
+            SocketAddr::new(ip, config.consumer_port),
+            2,
+            timeout,
+            Arc::new(ConsumerHttp { pool, metrics }),
+        )?;
+        running.consumer_addr = Some(server.addr);
+        running.servers.push(server);
+    }
+    if role.runs_query() {
+        let read = db::pool(
+            &config.read_database_url,
+            config.read_pool_size,
+            &config.db,
+            "query-service",
+            true,
+        )?;
+        let write = db::pool(
+            &config.database_url,
+            2,
+            &config.db,
+            "query-service-outbox",
+            true,
+        )?;
+        let service = Arc::new(QueryService::new(read, Some(write), config.clone()));
+        let server = HttpServer::start(
+            "query-service",
+            SocketAddr::new(ip, config.query_port),
+            config.query_http_workers,
+            timeout,
+            service,
+        )?;
+        running.query_addr = Some(server.addr);
+        running.servers.push(server);
+    }
+    Ok(running)
+}

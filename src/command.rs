@@ -1,0 +1,448 @@
+//! The write API. Each POST is validated completely before the database is touched, then
+//! runs as ONE transaction that writes the business rows, the outbox row carrying the event
+//! and, when the client sent one, the Idempotency-Key record. Stock is checked under row
+//! locks taken in product-id order, so concurrent orders can neither oversell nor deadlock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use tiny_http::Method;
+use uuid::Uuid;
+
+use crate::db::{self, Pool};
+use crate::error::{Error, Kind, Result};
+use crate::event::{self, Event, OrderCreated, OrderItem, ProductCreated};
+use crate::http::{self, Request, Response, Service};
+use crate::json::{self, Object};
+use crate::metrics::Counter;
+
+const NAME_MAX_CHARS: usize = 200;
+const PRICE_MAX_CENTS: i64 = 100_000_000_000; // prices are below 1,000,000,000.00
+const STOCK_MAX: i64 = i32::MAX as i64;
+const ITEMS_MAX: usize = 100;
+const QUANTITY_MAX: i64 = 10_000;
+const KEY_MAX_CHARS: usize = 255;
+
+/// A validated product.
+#[derive(Debug)]
+pub struct NewProduct {
+    pub name: String,
+    pub category: String,
+    pub price_cents: i64,
+    pub stock: i64,
+}
+
+/// A validated order line; `price_cents` is the client's expectation, if it sent one.
+#[derive(Debug)]
+pub struct NewOrderLine {
+    pub product_id: i64,
+    pub quantity: i64,
+    pub price_cents: Option<i64>,
+}
+
+#[derive(Debug)]
+pub struct NewOrder {
+    pub customer_id: i64,
+    pub lines: Vec<NewOrderLine>,
+}
+
+pub fn parse_product(body: &[u8]) -> Result<NewProduct> {
+    let mut o = Object::parse(body)?;
+    let p = NewProduct {
+        name: json::string(o.required("name", "")?, "name", NAME_MAX_CHARS)?,
+        category: json::string(o.required("category", "")?, "category", NAME_MAX_CHARS)?,
+        price_cents: json::money(o.required("price", "")?, "price", PRICE_MAX_CENTS)?,
+        stock: json::integer(o.required("stock", "")?, "stock", 0, STOCK_MAX)?,
+    };
+    o.finish("")?;
+    Ok(p)
+}
+
+pub fn parse_order(body: &[u8]) -> Result<NewOrder> {
+    let mut o = Object::parse(body)?;
+    let customer_id = json::integer(o.required("customerId", "")?, "customerId", 1, i64::MAX)?;
+    let raw_items = o.required("items", "")?;
+    o.finish("")?;
+    let items_error = || {
+        Error::bad_request(format!(
+            "`items` must be an array of 1 to {ITEMS_MAX} order lines"
+        ))
+        .with_field("field", "items")
+    };
+    let list: Vec<&serde_json::value::RawValue> =
+        serde_json::from_str(raw_items.get()).map_err(|_| items_error())?;
+    if list.is_empty() || list.len() > ITEMS_MAX {
+        return Err(items_error());
+    }
+    let mut lines: Vec<NewOrderLine> = Vec::with_capacity(list.len());
+    for (i, raw) in list.iter().enumerate() {
+        let path = format!("items[{i}].");
+        let mut it = Object::parse_str(raw.get(), &format!("items[{i}]"))?;
+        let line = NewOrderLine {
+            product_id: json::integer(
+                it.required("productId", &path)?,
+                &format!("{path}productId"),
+                1,
+                i64::MAX,
+            )?,
+            quantity: json::integer(
+                it.required("quantity", &path)?,
+                &format!("{path}quantity"),
+                1,
+                QUANTITY_MAX,
+            )?,
+            price_cents: match it.optional("price") {
+                Some(raw) => Some(json::money(raw, &format!("{path}price"), PRICE_MAX_CENTS)?),
+                None => None,
+            },
+        };
+        it.finish(&path)?;
+        if lines.iter().any(|l| l.product_id == line.product_id) {
+            return Err(Error::bad_request(format!(
+                "product {} appears more than once in the order",
+                line.product_id
+            ))
+            .with_field("productId", line.product_id));
+        }
+        lines.push(line);
+    }
+    Ok(NewOrder { customer_id, lines })
+}
+
+/// Counters exported at /metrics.
+#[derive(Default)]
+pub struct CommandMetrics {
+    pub products_created: Counter,
+    pub orders_created: Counter,
+    pub orders_rejected_stock: Counter,
+    pub idempotent_replays: Counter,
+}
+
+pub struct CommandService {
+    pool: Pool,
+    /// Wakes the outbox publishers of this process after a commit (never blocks).
+    outbox_wake: Option<Sender<()>>,
+    pub metrics: Arc<CommandMetrics>,
+    outbox_metrics: Option<Arc<crate::outbox::OutboxMetrics>>,
+}
+
+impl CommandService {
+    pub fn new(
+        pool: Pool,
+        outbox_wake: Option<Sender<()>>,
+        outbox_metrics: Option<Arc<crate::outbox::OutboxMetrics>>,
+    ) -> CommandService {
+        CommandService {
+            pool,
+            outbox_wake,
+            metrics: Arc::default(),
+            outbox_metrics,
+        }
+    }
+
+    fn wake_outbox(&self) {
+        if let Some(tx) = &self.outbox_wake {
+            let _ = tx.try_send(());
+        }
+    }
+
+    fn create_product(&self, req: &Request) -> Result<Response> {
+        req.require_json()?;
+        let key = idempotency_key(req)?;
+        let product = parse_product(&req.body)?;
+        let request = key
+            .as_ref()
+            .map(|_| canonical_request("/api/products", &req.body));
+        let mut conn = self.pool.get()?;
+        if let (Some(k), Some(r)) = (&key, &request) {
+            if let Some(replay) = replay(&mut conn, k, r)? {
+                self.metrics.idempotent_replays.inc();
+                return Ok(replay);
+            }
+        }
+        let event = Event::ProductCreated(ProductCreated {
+            event_id: Uuid::new_v4(),
+            timestamp: event::now_millis(),
+            product_id: 0, // set by the database, in the same statement
+            name: product.name,
+            category: product.category,
+            price_cents: product.price_cents,
+            stock: product.stock,
+        });
+        let Event::ProductCreated(p) = &event else {
+            unreachable!()
+        };
+        let stmt = conn.prepared(INSERT_PRODUCT)?;
+        let stock = p.stock as i32;
+        let payload = event.to_json();
+        let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
+            &p.name,
+            &p.category,
+            &p.price_cents,
+            &stock,
+            &payload,
+            &key,
+            &request,
+        ];
+        let id: i64 = if key.is_none() {
+            // One statement is one transaction: the product and its outbox row commit together.
+            conn.client.query_one(&stmt, &params)?.get(0)
+        } else {
+            let mut tx = conn.client.transaction()?;
+            let row = tx.query_one(&stmt, &params)?;
+            if !row.get::<_, bool>(1) {
+                drop(tx); // a concurrent request with the same key won the race; its response stands
+                return self.replay_after_race(&mut conn, key.as_deref(), request.as_deref());
+            }
+            tx.commit()?;
+            row.get(0)
+        };
+        self.metrics.products_created.inc();
+        self.wake_outbox();
+        Ok(Response::json(201, format!(r#"{{"productId":{id}}}"#)))
+    }
+
+    fn replay_after_race(
+        &self,
+        conn: &mut db::Conn,
+        key: Option<&str>,
+        request: Option<&str>,
+    ) -> Result<Response> {
+        match (key, request) {
+            (Some(k), Some(r)) => {
+                replay(conn, k, r)?.ok_or_else(|| Error::unavailable("idempotency key race; retry"))
+            }
+            _ => Err(Error::internal("replay without a key")),
+        }
+    }
+
+    fn create_order(&self, req: &Request) -> Result<Response> {
+        req.require_json()?;
+        let key = idempotency_key(req)?;
+        let order = parse_order(&req.body)?;
+        let request = key
+            .as_ref()
+            .map(|_| canonical_request("/api/orders", &req.body));
+        let mut conn = self.pool.get()?;
+        if let (Some(k), Some(r)) = (&key, &request) {
+            if let Some(replay) = replay(&mut conn, k, r)? {
+                self.metrics.idempotent_replays.inc();
+                return Ok(replay);
+            }
+        }
+        let mut ids: Vec<i64> = order.lines.iter().map(|l| l.product_id).collect();
+        ids.sort_unstable();
+        let lock = conn.prepared(LOCK_PRODUCTS)?;
+        let write = conn.prepared(INSERT_ORDER)?;
+        let mut tx = conn.client.transaction()?;
+        let rows = tx.query(&lock, &[&ids])?;
+        let catalogue: HashMap<i64, (String, String, i64, i32)> = rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+            .collect();
+        let mut items = Vec::with_capacity(order.lines.len());
+        let mut total_cents: i64 = 0;
+        for line in &order.lines {
+            let Some((name, category, price_cents, stock)) = catalogue.get(&line.product_id) else {
+                return Err(Error::bad_request(format!(
+                    "product {} does not exist",
+                    line.product_id
+                ))
+                .with_field("productId", line.product_id));
+            };
+            if let Some(client_price) = line.price_cents {
+                if client_price != *price_cents {
+                    return Err(Error::conflict(format!(
+                        "the price of product {} is {}, not {}",
+                        line.product_id,
+                        json::format_cents(*price_cents),
+                        json::format_cents(client_price)
+                    ))
+                    .with_field("productId", line.product_id)
+                    .with_field("currentPrice", money_value(*price_cents)));
+                }
+            }
+            if i64::from(*stock) < line.quantity {
+                self.metrics.orders_rejected_stock.inc();
+                return Err(Error::conflict(format!(
+                    "insufficient stock for product {}",
+                    line.product_id
+                ))
+                .with_field("productId", line.product_id)
+                .with_field("available", *stock)
+                .with_field("requested", line.quantity));
+            }
+            total_cents += price_cents * line.quantity;
+            items.push(OrderItem {
+                product_id: line.product_id,
+                product_name: name.clone(),
+                category: category.clone(),
+                quantity: line.quantity,
+                price_cents: *price_cents,
+            });
+        }
+        let product_ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
+        let quantities: Vec<i32> = items.iter().map(|i| i.quantity as i32).collect();
+        let prices: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
+        let event = Event::OrderCreated(OrderCreated {
+            event_id: Uuid::new_v4(),
+            timestamp: event::now_millis(),
+            order_id: 0, // set by the database, in the same statement
+            customer_id: order.customer_id,
+            items,
+            total_cents,
+        });
+        let row = tx.query_one(
+            &write,
+            &[
+                &product_ids,
+                &quantities,
+                &prices,
+                &order.customer_id,
+                &total_cents,
+                &event.to_json(),
+                &key,
+                &request,
+            ],
+        )?;
+        let id: i64 = row.get(0);
+        let key_written: bool = row.get(1);
+        if key.is_some() && !key_written {
+            drop(tx); // rolls back: the request that holds the key already wrote this order
+            return self.replay_after_race(&mut conn, key.as_deref(), request.as_deref());
+        }
+        tx.commit()?;
+        self.metrics.orders_created.inc();
+        self.wake_outbox();
+        Ok(Response::json(201, format!(r#"{{"orderId":{id}}}"#)))
+    }
+}
+
+fn money_value(cents: i64) -> serde_json::Value {
+    // Exact: any cents value below 2^53 divided by 100 prints as its two-decimal form.
+    serde_json::Value::from(cents as f64 / 100.0)
+}
+
+/// The Idempotency-Key header, if present and well-formed (1 to 255 visible ASCII characters).
+fn idempotency_key(req: &Request) -> Result<Option<String>> {
+    match &req.idempotency_key {
+        None => Ok(None),
+        Some(k)
+            if !k.is_empty()
+                && k.len() <= KEY_MAX_CHARS
+                && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(k.clone()))
+        }
+        Some(_) => Err(Error::bad_request(format!(
+            "Idempotency-Key must be 1 to {KEY_MAX_CHARS} visible ASCII characters"
+        ))),
+    }
+}
+
+/// The route plus the body's canonical JSON (sorted keys, no whitespace), so that a retry
+/// that re-serialises the same document still matches.
+fn canonical_request(route: &str, body: &[u8]) -> String {
+    let canonical = serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    format!("POST {route}\n{canonical}")
+}
+
+/// Returns the recorded response for `key`, 422 if the key was used for another request,
+/// or None if the key is new.
+fn replay(conn: &mut db::Conn, key: &str, request: &str) -> Result<Option<Response>> {
+    let stmt = conn.prepared(SELECT_KEY)?;
+    let Some(row) = conn.client.query_opt(&stmt, &[&key])? else {
+        return Ok(None);
+    };
+    let stored: String = row.get(0);
+    if stored != request {
+        return Err(Error::new(
+            Kind::Unprocessable,
+            "this Idempotency-Key was already used with a different request",
+        ));
+    }
+    let status: i16 = row.get(1);
+    Ok(Some(Response::json(status as u16, row.get(2))))
+}
+
+const SELECT_KEY: &str =
+    "SELECT request, response_status, response_body FROM idempotency_keys WHERE key = $1";
+
+const INSERT_PRODUCT: &str = "
+WITH p AS (
+    INSERT INTO products (name, category, price, stock)
+    VALUES ($1, $2, $3::bigint / 100.0, $4)
+    RETURNING id
+), o AS (
+    INSERT INTO outbox (topic, payload)
+    SELECT 'product-events', jsonb_set($5::text::jsonb, '{productId}', to_jsonb(p.id)) FROM p
+), k AS (
+    INSERT INTO idempotency_keys (key, request, response_status, response_body)
+    SELECT $6::text, $7::text, 201, '{\"productId\":' || p.id || '}' FROM p WHERE $6::text IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+)
+SELECT p.id, EXISTS (SELECT 1 FROM k) FROM p";
+
+const LOCK_PRODUCTS: &str = "
+SELECT id, name, category, (price * 100)::bigint, stock
+FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+const INSERT_ORDER: &str = "
+WITH s AS (
+    UPDATE products p SET stock = p.stock - u.quantity
+    FROM unnest($1::bigint[], $2::int[]) AS u(id, quantity)
+    WHERE p.id = u.id
+), o AS (
+    INSERT INTO orders (customer_id, total) VALUES ($4, $5::bigint / 100.0)
+    RETURNING id
+), i AS (
+    INSERT INTO order_items (order_id, product_id, quantity, price)
+    SELECT o.id, u.id, u.quantity, u.cents / 100.0
+    FROM o, unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, quantity, cents)
+), x AS (
+    INSERT INTO outbox (topic, payload)
+    SELECT 'order-events', jsonb_set($6::text::jsonb, '{orderId}', to_jsonb(o.id)) FROM o
+), k AS (
+    INSERT INTO idempotency_keys (key, request, response_status, response_body)
+    SELECT $7::text, $8::text, 201, '{\"orderId\":' || o.id || '}' FROM o WHERE $7::text IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+)
+SELECT o.id, EXISTS (SELECT 1 FROM k) FROM o";
+
+impl Service for CommandService {
+    fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {
+        match req.path.as_str() {
+            "/api/products" if req.method == Method::Post => {
+                ("/api/products", self.create_product(req))
+            }
+            "/api/products" => http::method_not_allowed("/api/products", "POST"),
+            "/api/orders" if req.method == Method::Post => ("/api/orders", self.create_order(req)),
+            "/api/orders" => http::method_not_allowed("/api/orders", "POST"),
+            _ => http::not_found(),
+        }
+    }
+
+    fn health(&self) -> Result<()> {
+        db::ping(&self.pool)
+            .map_err(|e| Error::unavailable(format!("write database unreachable: {e}")))
+    }
+
+    fn metrics(&self, out: &mut String) {
+        let m = &self.metrics;
+        m.products_created.render(out, "products_created_total", "");
+        m.orders_created.render(out, "orders_created_total", "");
+        m.orders_rejected_stock
+            .render(out, "orders_rejected_insufficient_stock_total", "");
+        m.idempotent_replays
+            .render(out, "idempotent_replays_total", "");
+        crate::metrics::render_pool(out, "write", &self.pool);
+        if let Some(o) = &self.outbox_metrics {
+            o.render(out);
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The consumers: broker deliveries → batch → one read-model transaction → commit → ack.
+//!
+//! Each thread owns a connection and a channel consuming both queues with a prefetch
+//! window. It takes the first delivery, then whatever else arrives within a few
+//! milliseconds, up to a batch. Nothing is acked before the transaction that applied it
+//! has committed; a crash in between leaves the messages unacked, the broker redelivers
+//! them and `processed_events` turns the redelivery into a no-op. A batch that fails for a
+//! reason other than a lost database is replayed one event at a time to isolate the bad
+//! one, which is retried a bounded number of times and then dead-lettered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::{Channel, ConsumerMessage, ConsumerOptions, Delivery};
+use crossbeam_channel::select;
+use log::{error, info, warn};
+
+use crate::broker;
+use crate::config::Config;
+use crate::db::Pool;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::metrics::{Counter, Gauge, Histogram, BATCH_BOUNDS, LATENCY_BOUNDS_SECONDS};
+use crate::projection;
+use crate::shutdown::Shutdown;
+
+pub struct ConsumerMetrics {
+    pub deliveries: Counter,
+    pub applied: Counter,
+    pub duplicates: Counter,
+    pub dead_lettered: Counter,
+    pub requeued: Counter,
+    pub batch_failures: Counter,
+    pub session_errors: Counter,
+    /// Consumer threads currently connected to the broker.
+    pub connected: Gauge,
+    pub batch_size: Histogram,
+    pub end_to_end_seconds: Histogram,
+}
+
+impl ConsumerMetrics {
+    pub fn new() -> ConsumerMetrics {
+        ConsumerMetrics {
+            deliveries: Counter::default(),
+            applied: Counter::default(),
+            duplicates: Counter::default(),
+            dead_lettered: Counter::default(),
+            requeued: Counter::default(),
+            batch_failures: Counter::default(),
+            session_errors: Counter::default(),
+            connected: Gauge::default(),
+            batch_size: Histogram::new(BATCH_BOUNDS),
+            end_to_end_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        self.deliveries.render(out, "consumer_deliveries_total", "");
+        self.applied
+            .render(out, "consumer_events_applied_total", "");
+        self.duplicates
+            .render(out, "consumer_duplicates_dropped_total", "");
+        self.dead_lettered
+            .render(out, "consumer_dead_lettered_total", "");
+        self.requeued.render(out, "consumer_requeued_total", "");
+        self.batch_failures
+            .render(out, "consumer_batch_failures_total", "");
+        self.session_errors
+            .render(out, "consumer_session_errors_total", "");
+        self.connected.render(out, "consumer_connected_threads", "");
+        self.batch_size.render(out, "consumer_batch_size");
+        self.end_to_end_seconds
+            .render(out, "consumer_end_to_end_lag_seconds");
+    }
+}
+
+impl Default for ConsumerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Starts `config.consumer_threads` consumer threads.
+pub fn start(
+    config: &Config,
+    pool: Pool,
+    shutdown: &Shutdown,
+    metrics: Arc<ConsumerMetrics>,
+) -> Vec<JoinHandle<()>> {
+    (0..config.consumer_threads)
+        .map(|i| {
+            let config = config.clone();
+            let pool = pool.clone();
+            let shutdown = shutdown.clone();
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name(format!("consumer-{i}"))
+                .spawn(move || {
+                    let mut attempts = Attempts::default();
+                    broker::retry_forever(
+                        "consumer",
+                        &shutdown,
+                        config.broker_reconnect_max,
+                        || metrics.session_errors.inc(),
+                        || session(&config, &pool, &shutdown, &metrics, &mut attempts),
+                    )
+                })
+                .expect("spawning a consumer thread")
+        })
+        .collect()
+}
+
+/// Failed attempts per message, bounded: a message that fails `max` times is dead-lettered.
+#[derive(Default)]
+struct Attempts(HashMap<String, u32>);
+
+impl Attempts {
+    const CAPACITY: usize = 10_000;
+
+    fn record_failure(&mut self, key: &str) -> u32 {
+        if self.0.len() >= Self::CAPACITY {
+            self.0.clear();
+        }
+        let n = self.0.entry(key.to_string()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn forget(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+}
+
+fn session(
+    config: &Config,
+    pool: &Pool,
+    shutdown: &Shutdown,
+    metrics: &ConsumerMetrics,
+    attempts: &mut Attempts,
+) -> Result<()> {
+    let mut connection = broker::connect(config)?;
+    let channel = connection.open_channel(None)?;
+    broker::declare_topology(&channel, &config.broker)?;
+    channel.qos(0, config.consumer_prefetch, false)?;
+    let products = channel.basic_consume(
+        config.broker.product_queue.as_str(),
+        ConsumerOptions::default(),
+    )?;
+    let orders = channel.basic_consume(
+        config.broker.order_queue.as_str(),
+        ConsumerOptions::default(),
+    )?;
+    info!("consumer connected to the broker");
+    let _connected = ConnectedGuard::new(&metrics.connected);
+    let (prx, orx) = (products.receiver(), orders.receiver());
+    loop {
+        let first = select! {
+            recv(prx) -> m => m,
+            recv(orx) -> m => m,
+            recv(shutdown.receiver()) -> _ => return Ok(()), // unacked messages are redelivered
+        };
+        let mut batch = vec![delivery(first)?];
+        let deadline = Instant::now() + config.consumer_batch_wait;
+        while batch.len() < config.consumer_batch_size {
+            // Take what is already here without waiting, then wait until the deadline.
+            let next = match prx.try_recv().or_else(|_| orx.try_recv()) {
+                Ok(m) => m,
+                Err(_) => select! {
+                    recv(prx) -> m => delivery_or_closed(m)?,
+                    recv(orx) -> m => delivery_or_closed(m)?,
+                    default(deadline.saturating_duration_since(Instant::now())) => break,
+                },
+            };
+            batch.push(delivery(Ok(next))?);
+        }
+        process(&channel, pool, config, shutdown, metrics, attempts, batch)?;
+    }
+}
+
+fn delivery_or_closed(
+    m: std::result::Result<ConsumerMessage, crossbeam_channel::RecvError>,
+) -> Result<ConsumerMessage> {
+    m.map_err(|_| Error::unavailable("broker connection closed"))
+}
+
+fn delivery(
+    m: std::result::Result<ConsumerMessage, crossbeam_channel::RecvError>,
+) -> Result<Delivery> {
+    match m {
+        Ok(ConsumerMessage::Delivery(d)) => Ok(d),
+        Ok(ConsumerMessage::ServerClosedChannel(e))
+        | Ok(ConsumerMessage::ServerClosedConnection(e)) => Err(e.into()),
+        Ok(other) => Err(Error::unavailable(format!("consumer stopped: {other:?}"))),
+        Err(_) => Err(Error::unavailable("broker connection closed")),
+    }
+}
+
+/// A key identifying a message across redeliveries: its message id, or its body.
+fn message_key(d: &Delivery) -> String {
+    d.properties
+        .message_id()
+        .clone()
+        .unwrap_or_else(|| String::from_utf8_lossy(&d.body[..d.body.len().min(256)]).into_owned())
+}
+
+fn process(
+    channel: &Channel,
+    pool: &Pool,
+    config: &Config,
+    shutdown: &Shutdown,
+    metrics: &ConsumerMetrics,
+    attempts: &mut Attempts,
+    batch: Vec<Delivery>,
+) -> Result<()> {
+    metrics.deliveries.add(batch.len() as u64);
+    metrics.batch_size.observe(batch.len() as f64);
+    // Messages that are not events at all can never succeed: dead-letter them at once.
+    let mut good: Vec<(Delivery, Event)> = Vec::with_capacity(batch.len());
+    for d in batch {
+        match Event::parse(&d.body) {
+            Ok(e) => good.push((d, e)),
+            Err(e) => {
+                warn!(
+                    "dead-lettering an unparseable message ({}): {e}",
+                    message_key(&d)
+                );
+                metrics.dead_lettered.inc();
+                d.nack(channel, false)?;
+            }
+        }
+    }
+    if good.is_empty() {
+        return Ok(());
+    }
+    let events: Vec<Event> = good.iter().map(|(_, e)| e.clone()).collect();
+    match apply_with_retry(pool, config, shutdown, &events)? {
+        Some(Ok(applied)) => {
+            record_applied(metrics, &events, applied);
+            let (last, _) = good.pop().expect("non-empty");
+            last.ack_multiple(channel)?;
+            Ok(())
+        }
+        None => Err(Error::unavailable(
+            "shutting down before the batch committed",
+        )),
+        Some(Err(e)) => {
+            metrics.batch_failures.inc();
+            warn!(
+                "a batch of {} events failed ({e}); applying them one at a time",
+                events.len()
+            );
+            for (d, event) in good {
+                isolate(channel, pool, config, shutdown, metrics, attempts, d, event)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Applies one event alone; on a permanent failure, requeues it or, after
+/// `consumer_max_attempts` failures, dead-letters it.
+#[allow(clippy::too_many_arguments)]
+fn isolate(
+    channel: &Channel,
+    pool: &Pool,
+    config: &Config,
+    shutdown: &Shutdown,
+    metrics: &ConsumerMetrics,
+    attempts: &mut Attempts,
+    d: Delivery,
+    event: Event,
+) -> Result<()> {
+    let key = message_key(&d);
+    let single = std::slice::from_ref(&event);
+    match apply_with_retry(pool, config, shutdown, single)? {
+        Some(Ok(applied)) => {
+            record_applied(metrics, single, applied);
+            attempts.forget(&key);
+            d.ack(channel)?;
+        }
+        None => return Err(Error::unavailable("shutting down")),
+        Some(Err(e)) => {
+            let n = attempts.record_failure(&key);
+            if n >= config.consumer_max_attempts {
+                error!("dead-lettering event {key} after {n} failed attempts: {e}");
+                metrics.dead_lettered.inc();
+                attempts.forget(&key);
+                d.nack(channel, false)?;
+            } else {
+                warn!(
+                    "event {key} failed (attempt {n} of {}): {e}",
+                    config.consumer_max_attempts
+                );
+                metrics.requeued.inc();
+                d.nack(channel, true)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies a batch, waiting out transient failures (database down, deadlock, timeout) with
+/// backoff. Returns None on shutdown, Some(Err) for a permanent failure.
+fn apply_with_retry(
+    pool: &Pool,
+    config: &Config,
+    shutdown: &Shutdown,
+    events: &[Event],
+) -> Result<Option<Result<projection::Applied>>> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let result = pool
+            .get()
+            .map_err(Error::from)
+            .and_then(|mut conn| projection::apply_batch(&mut conn, events));
+        match result {
+            Err(e) if e.is_transient() => {
+                warn!(
+                    "read database unavailable ({e}); retrying in {} ms",
+                    backoff.as_millis()
+                );
+                if shutdown.sleep(backoff) {
+                    return Ok(None);
+                }
+                backoff = (backoff * 2).min(config.broker_reconnect_max);
+            }
+            other => return Ok(Some(other)),
+        }
+    }
+}
+
+fn record_applied(metrics: &ConsumerMetrics, events: &[Event], applied: projection::Applied) {
+    metrics.applied.add(applied.applied as u64);
+    metrics.duplicates.add(applied.duplicates as u64);
+    let now = crate::event::now_millis();
+    for e in events {
+        let lag = (now - e.timestamp()).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+        metrics.end_to_end_seconds.observe(lag);
+    }
+}
+
+/// Counts a connected session for as long as it lives.
+struct ConnectedGuard<'a>(&'a Gauge);
+
+impl<'a> ConnectedGuard<'a> {
+    fn new(g: &'a Gauge) -> Self {
+        g.add(1);
+        ConnectedGuard(g)
+    }
+}
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+/// The consumer service's HTTP face: health and metrics only.
+pub struct ConsumerHttp {
+    pub pool: Pool,
+    pub metrics: Arc<ConsumerMetrics>,
+}
+
+impl crate::http::Service for ConsumerHttp {
+    fn handle(&self, _req: &crate::http::Request) -> (&'static str, Result<crate::http::Response>) {
+        crate::http::not_found()
+    }
+
+    fn health(&self) -> Result<()> {
+        crate::db::ping(&self.pool)
+            .map_err(|e| Error::unavailable(format!("read database unreachable: {e}")))?;
+        if self.metrics.connected.get() == 0 {
+            return Err(Error::unavailable(
+                "broker unreachable: no consumer is connected",
+            ));
+        }
+        Ok(())
+    }
+
+    fn metrics(&self, out: &mut String) {
+        self.metrics.render(out);
+        crate::metrics::render_pool(out, "read", &self.pool);
+    }
+}

@@ -1,0 +1,214 @@
+//! PostgreSQL access: r2d2 pools of connections that cache their prepared statements, the
+//! session timeouts every connection carries, and the migrations embedded from `sql/`.
+//!
+//! We use our own small r2d2 manager instead of `r2d2_postgres` because a pooled
+//! connection must carry its statement cache: a cached statement is one round trip per
+//! query, an unnamed one is two, and the order transaction runs five of them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use log::info;
+use postgres::{Client, NoTls, Statement};
+
+use crate::config::DbTimeouts;
+use crate::error::{Error, Result};
+
+/// A pooled connection: the client and the statements prepared on it so far.
+pub struct Conn {
+    pub client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    /// Returns the prepared statement for `sql`, preparing it on first use on this connection.
+    pub fn prepared(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+/// The r2d2 manager: connects with the session timeouts applied.
+pub struct Manager {
+    config: postgres::Config,
+}
+
+impl Manager {
+    pub fn new(
+        url: &str,
+        timeouts: &DbTimeouts,
+        application_name: &str,
+        read_only: bool,
+    ) -> Result<Manager> {
+        let mut config = parse_url(url)?;
+        let mut options = format!(
+            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            timeouts.statement.as_millis(),
+            timeouts.lock.as_millis(),
+            timeouts.idle_in_transaction.as_millis()
+        );
+        if read_only {
+            options.push_str(" -c default_transaction_read_only=on");
+        }
+        config
+            .options(&options)
+            .application_name(application_name)
+            .connect_timeout(timeouts.connect)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        Ok(Manager { config })
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+        let client = self.config.connect(NoTls)?;
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        conn.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+pub type Pool = r2d2::Pool<Manager>;
+
+/// Builds a pool without connecting: connections are made on demand, so a service starts
+/// (and answers /health with 503) while its database is still coming up.
+pub fn pool(
+    url: &str,
+    size: u32,
+    timeouts: &DbTimeouts,
+    application_name: &str,
+    read_only: bool,
+) -> Result<Pool> {
+    let manager = Manager::new(url, timeouts, application_name, read_only)?;
+    Ok(r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .connection_timeout(timeouts.pool_checkout)
+        // A checkout test costs a round trip per request; a broken connection is detected by
+        // `has_broken` and the failed request answers 503 instead.
+        .test_on_check_out(false)
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .error_handler(Box::new(r2d2::NopErrorHandler))
+        .build_unchecked(manager))
+}
+
+/// Answers whether the pool's database responds, for /health.
+pub fn ping(pool: &Pool) -> Result<()> {
+    let mut conn = pool.get()?;
+    conn.client.simple_query("SELECT 1")?;
+    Ok(())
+}
+
+pub fn parse_url(url: &str) -> Result<postgres::Config> {
+    url.parse::<postgres::Config>()
+        .map_err(|e| Error::config(format!("invalid PostgreSQL URL: {e}")))
+}
+
+/// One migration: a version, a name and the SQL it runs.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const WRITE_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "write_schema",
+    sql: include_str!("../sql/write/001_schema.sql"),
+}];
+
+pub const READ_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "read_schema",
+    sql: include_str!("../sql/read/001_schema.sql"),
+}];
+
+/// An arbitrary constant that serialises concurrent migrators of one database.
+const MIGRATION_LOCK_KEY: i64 = 0x6371_7273_6d69_6772;
+
+/// Applies the migrations not yet applied, each in its own transaction, under an advisory
+/// lock so that several instances starting at once apply each migration exactly once.
+pub fn migrate(url: &str, migrations: &[Migration], connect_timeout: Duration) -> Result<()> {
+    let mut config = parse_url(url)?;
+    config
+        .connect_timeout(connect_timeout)
+        .application_name("cqrs-analytics-migrate");
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute("SET client_min_messages = warning")?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])?;
+    let result = apply_pending(&mut client, migrations);
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]);
+    result
+}
+
+fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<()> {
+    client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )?;
+    for m in migrations {
+        let done = client
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[&m.version],
+            )?
+            .is_some();
+        if done {
+            continue;
+        }
+        let mut tx = client.transaction()?;
+        tx.batch_execute(m.sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&m.version, &m.name],
+        )?;
+        tx.commit()?;
+        info!("applied migration {} {}", m.version, m.name);
+    }
+    Ok(())
+}
+
+/// Creates the database named in `url` when it does not exist, connecting to the server's
+/// `postgres` database with the same credentials. Used by `all` so a fresh machine works.
+pub fn ensure_database(url: &str, connect_timeout: Duration) -> Result<()> {
+    let target = parse_url(url)?;
+    let name = target
+        .get_dbname()
+        .ok_or_else(|| Error::config("the database URL names no database"))?
+        .to_string();
+    let mut admin = target.clone();
+    admin.dbname("postgres").connect_timeout(connect_timeout);
+    let mut client = admin.connect(NoTls)?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match client.batch_execute(&format!("CREATE DATABASE {quoted}")) {
+            Ok(()) => info!("created database {name}"),
+            // Another instance created it between our check and our CREATE.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,478 @@
+//! The HTTP layer shared by the three services: a bounded pool of worker threads on one
+//! tiny_http `Server`, socket timeouts so slow or idle clients cannot hold a worker, a
+//! 64 KiB body limit, and the one place where a handler's `Error` becomes a JSON response.
+//! `/health`, `/metrics` and `/openapi.json` are answered here for every service.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::mem::ManuallyDrop;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use tiny_http::{Header, Method, Server};
+
+use crate::error::{Error, Kind, Result};
+
+/// The largest request body accepted; larger ones get 413.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+
+/// The OpenAPI document of both HTTP APIs, served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+/// A request with its body already read (bounded) and the headers the handlers need.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub content_type: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// Fails with 415 unless the body is declared as JSON (parameters such as charset allowed).
+    pub fn require_json(&self) -> Result<()> {
+        let is_json = self.content_type.as_deref().is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        });
+        if is_json {
+            Ok(())
+        } else {
+            Err(Error::new(
+                Kind::UnsupportedMediaType,
+                "Content-Type must be application/json",
+            ))
+        }
+    }
+
+    /// The value of query parameter `name`, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Result<Option<String>> {
+        let Some(q) = self.query.as_deref() else {
+            return Ok(None);
+        };
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if percent_decode(k, true)? == name {
+                return percent_decode(v, true).map(Some);
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A response: a status and a JSON (or text) body.
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    pub content_type: &'static str,
+}
+
+impl Response {
+    pub fn json(status: u16, body: String) -> Response {
+        Response {
+            status,
+            body,
+            content_type: "application/json",
+        }
+    }
+
+    pub fn text(status: u16, body: String) -> Response {
+        Response {
+            status,
+            body,
+            content_type: "text/plain; version=0.0.4",
+        }
+    }
+}
+
+/// A service behind the HTTP layer: its routes, its dependencies' health, its metrics.
+pub trait Service: Send + Sync + 'static {
+    /// Handles a request to one of the service's own routes. Returns the route's name (a
+    /// metrics label) and the outcome; unknown paths return `not_found`.
+    fn handle(&self, req: &Request) -> (&'static str, Result<Response>);
+    /// Checks the service's dependencies; the error names the failing one.
+    fn health(&self) -> Result<()>;
+    /// Appends the service's own metrics in Prometheus text format.
+    fn metrics(&self, out: &mut String);
+}
+
+/// Builds the 404 every service answers for a path it does not know.
+pub fn not_found() -> (&'static str, Result<Response>) {
+    ("unmatched", Err(Error::not_found("no such route")))
+}
+
+/// Builds the 405 for a known path with another method.
+pub fn method_not_allowed(route: &'static str, allowed: &str) -> (&'static str, Result<Response>) {
+    (
+        route,
+        Err(Error::new(
+            Kind::MethodNotAllowed,
+            format!("method not allowed; use {allowed}"),
+        )),
+    )
+}
+
+/// Request counts and latency sums by route and status.
+/// (route, status) → (requests, seconds spent).
+type RouteStats = BTreeMap<(&'static str, u16), (u64, f64)>;
+
+#[derive(Default)]
+pub struct HttpMetrics {
+    by_route: Mutex<RouteStats>,
+}
+
+impl HttpMetrics {
+    fn record(&self, route: &'static str, status: u16, seconds: f64) {
+        let mut map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry((route, status)).or_insert((0, 0.0));
+        entry.0 += 1;
+        entry.1 += seconds;
+    }
+
+    pub fn render(&self, service: &str, out: &mut String) {
+        use std::fmt::Write;
+        let map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str("# TYPE http_requests_total counter\n");
+        for ((route, status), (count, _)) in map.iter() {
+            let _ = writeln!(
+                out,
+                "http_requests_total{{service=\"{service}\",route=\"{route}\",status=\"{status}\"}} {count}"
+            );
+        }
+        out.push_str("# TYPE http_request_duration_seconds_sum counter\n");
+        for ((route, status), (_, sum)) in map.iter() {
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_sum{{service=\"{service}\",route=\"{route}\",status=\"{status}\"}} {sum:.6}"
+            );
+        }
+    }
+}
+
+/// A running HTTP server: its address and its worker threads.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    server: Arc<Server>,
+    stopping: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Binds `addr`, sets the socket timeouts that every accepted connection inherits, and
+    /// starts `workers` threads that serve `service`.
+    pub fn start<S: Service>(
+        name: &'static str,
+        addr: SocketAddr,
+        workers: usize,
+        read_timeout: Duration,
+        service: Arc<S>,
+    ) -> Result<HttpServer> {
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| Error::config(format!("{name}: cannot listen on {addr}")).with_cause(e))?;
+        set_inherited_timeouts(&listener, read_timeout)?;
+        let addr = listener.local_addr()?;
+        let server = Arc::new(
+            Server::from_listener(listener, None)
+                .map_err(|e| Error::internal(format!("{name}: cannot start HTTP server: {e}")))?,
+        );
+        let stopping = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(HttpMetrics::default());
+        let workers = (0..workers)
+            .map(|i| {
+                let server = server.clone();
+                let stopping = stopping.clone();
+                let service = service.clone();
+                let metrics = metrics.clone();
+                std::thread::Builder::new()
+                    .name(format!("{name}-http-{i}"))
+                    .spawn(move || {
+                        worker(name, &server, &stopping, &*service, &metrics, read_timeout)
+                    })
+                    .expect("spawning an HTTP worker thread")
+            })
+            .collect();
+        info!("{name} listening on http://{addr}");
+        Ok(HttpServer {
+            addr,
+            server,
+            stopping,
+            workers,
+        })
+    }
+
+    /// Stops taking requests, lets the workers finish the ones in flight, joins them.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for _ in &self.workers {
+            self.server.unblock();
+        }
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Sets SO_RCVTIMEO/SO_SNDTIMEO on the listening socket. Linux copies them to every accepted
+/// socket, which is the only way to bound reads in tiny_http, since it sets no timeouts
+/// itself and accepts connections on its own thread. std has no setter on a listener, so we
+/// borrow the descriptor as a `TcpStream` (never dropped, so never closed) to reach the same
+/// `setsockopt` calls.
+fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: the descriptor is valid for the listener's lifetime and ManuallyDrop keeps the
+    // borrowed stream from closing it.
+    let borrowed = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(listener.as_raw_fd()) });
+    borrowed.set_read_timeout(Some(timeout))?;
+    borrowed.set_write_timeout(Some(timeout))?;
+    Ok(())
+}
+
+fn worker<S: Service>(
+    name: &'static str,
+    server: &Server,
+    stopping: &AtomicBool,
+    service: &S,
+    metrics: &HttpMetrics,
+    read_timeout: Duration,
+) {
+    while !stopping.load(Ordering::SeqCst) {
+        let rq = match server.recv() {
+            Ok(rq) => rq,
+            Err(e) => {
+                if !stopping.load(Ordering::SeqCst) {
+                    warn!("{name}: accept error: {e}");
+                }
+                continue;
+            }
+        };
+        serve_one(name, rq, service, metrics, read_timeout);
+    }
+}
+
+fn serve_one<S: Service>(
+    name: &'static str,
+    mut rq: tiny_http::Request,
+    service: &S,
+    metrics: &HttpMetrics,
+    read_timeout: Duration,
+) {
+    let started = Instant::now();
+    let (route, result) = match read_request(&mut rq, read_timeout) {
+        Ok(req) => dispatch(name, &req, service, metrics),
+        Err(e) => ("unmatched", Err(e)),
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status() >= 500 {
+                error!("{name} {} {}: {e}", rq.method(), rq.url());
+            }
+            Response::json(e.status(), e.to_json())
+        }
+    };
+    metrics.record(route, response.status, started.elapsed().as_secs_f64());
+    let len = response.body.len();
+    let out = tiny_http::Response::new(
+        response.status.into(),
+        vec![
+            Header::from_bytes(&b"Content-Type"[..], response.content_type.as_bytes())
+                .expect("static header"),
+        ],
+        std::io::Cursor::new(response.body.into_bytes()),
+        Some(len),
+        None,
+    );
+    if let Err(e) = rq.respond(out) {
+        log::debug!("{name}: client went away before the response: {e}");
+    }
+}
+
+fn dispatch<S: Service>(
+    name: &'static str,
+    req: &Request,
+    service: &S,
+    metrics: &HttpMetrics,
+) -> (&'static str, Result<Response>) {
+    match req.path.as_str() {
+        "/health" => ("/health", only_get(req).and_then(|()| health(service))),
+        "/metrics" => (
+            "/metrics",
+            only_get(req).map(|()| {
+                let mut out = String::with_capacity(4096);
+                metrics.render(name, &mut out);
+                service.metrics(&mut out);
+                Response::text(200, out)
+            }),
+        ),
+        "/openapi.json" => (
+            "/openapi.json",
+            only_get(req).map(|()| Response::json(200, OPENAPI_JSON.to_string())),
+        ),
+        _ => service.handle(req),
+    }
+}
+
+fn only_get(req: &Request) -> Result<()> {
+    if req.method == Method::Get || req.method == Method::Head {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Kind::MethodNotAllowed,
+            "method not allowed; use GET",
+        ))
+    }
+}
+
+fn health<S: Service>(service: &S) -> Result<Response> {
+    match service.health() {
+        Ok(()) => Ok(Response::json(200, r#"{"status":"healthy"}"#.to_string())),
+        Err(e) => Ok(Response::json(
+            503,
+            serde_json::json!({"status": "unhealthy", "error": e.message()}).to_string(),
+        )),
+    }
+}
+
+/// Reads the head fields we use and the body, enforcing the size limit and an overall
+/// deadline (each read is also bounded by the socket timeout, so a client that trickles
+/// its body cannot hold a worker for longer than about twice `read_timeout`).
+fn read_request(rq: &mut tiny_http::Request, read_timeout: Duration) -> Result<Request> {
+    let url = rq.url();
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (url.to_string(), None),
+    };
+    let header = |name: &'static str| {
+        rq.headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().to_string())
+    };
+    let content_type = header("Content-Type");
+    let idempotency_key = header("Idempotency-Key");
+    if rq.body_length().is_some_and(|n| n > BODY_LIMIT_BYTES) {
+        return Err(too_large());
+    }
+    let deadline = Instant::now() + read_timeout;
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let reader = rq.as_reader();
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::bad_request("could not read the request body").with_cause(e))
+            }
+        };
+        if body.len() + n > BODY_LIMIT_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk[..n]);
+        if Instant::now() > deadline {
+            return Err(Error::bad_request(
+                "the request body took too long to arrive",
+            ));
+        }
+    }
+    Ok(Request {
+        method: rq.method().clone(),
+        path,
+        query,
+        content_type,
+        idempotency_key,
+        body,
+    })
+}
+
+fn too_large() -> Error {
+    Error::new(
+        Kind::PayloadTooLarge,
+        format!("request body exceeds {BODY_LIMIT_BYTES} bytes"),
+    )
+}
+
+/// Decodes `%XX` escapes (and `+` as space in query strings); the result must be UTF-8.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                match byte {
+                    Some(b) => out.push(b),
+                    None => {
+                        return Err(Error::bad_request("malformed percent-encoding in the URL"))
+                    }
+                }
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| Error::bad_request("the URL does not decode to UTF-8"))
+}
+
+/// Sends `GET path` and returns the status code: the health-check client, std only.
+pub fn get_status(
+    addr: impl std::net::ToSocketAddrs,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<u16> {
+    use std::io::Write;
+    let addr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("malformed status line"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("Home%20%26%20Garden", false).unwrap(),
+            "Home & Garden"
+        );
+        assert_eq!(percent_decode("a+b", false).unwrap(), "a+b");
+        assert_eq!(percent_decode("a+b", true).unwrap(), "a b");
+        assert!(percent_decode("%zz", false).is_err());
+        assert!(percent_decode("%ff", false).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! cqrs-analytics turns an e-commerce write model into live analytics. The command service
+//! validates products and orders and writes them to PostgreSQL together with an outbox row
+//! per event; the outbox publisher moves those rows to RabbitMQ with publisher confirms;
+//! consumers fold the events into four denormalised views in a second database, each event
+//! exactly once; the query service reads those views. Everything is synchronous threads
+//! and channels. Modules are listed in reading order.
+
+pub mod app;
+pub mod broker;
+pub mod command;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod json;
+pub mod metrics;
+pub mod outbox;
+pub mod projection;
+pub mod query;
+pub mod shutdown;
+
+pub use config::Config;
+pub use error::{Error, Result};

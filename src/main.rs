@@ -1,0 +1,93 @@
+//! `cqrs-analytics <subcommand>`: parses the command line and the environment, then hands
+//! over to the library. Exit codes: 0 clean stop, 1 runtime failure, 2 bad usage or config.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cqrs_analytics::app::{self, Role};
+use cqrs_analytics::error::Kind;
+use cqrs_analytics::shutdown::SignalThread;
+use cqrs_analytics::Config;
+
+const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT>";
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let role = match args.first().map(String::as_str) {
+        Some("command-service") => Role::Command,
+        Some("consumer-service") => Role::Consumer,
+        Some("query-service") => Role::Query,
+        Some("all") => Role::All,
+        Some("migrate") => return run_migrate(),
+        Some("healthcheck") => return healthcheck(args.get(1)),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&config, role) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == Kind::Config => {
+            eprintln!("configuration error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(config: &Config, role: Role) -> cqrs_analytics::Result<()> {
+    if config.migrate_on_start {
+        app::migrate(config, role, Duration::from_secs(60))?;
+    }
+    let mut running = app::start(config, role)?;
+    let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
+    running.shutdown().wait();
+    running.stop();
+    signals.join();
+    Ok(())
+}
+
+fn run_migrate() -> ExitCode {
+    match Config::from_env().and_then(|c| app::migrate(&c, Role::All, Duration::from_secs(60))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == Kind::Config => {
+            eprintln!("configuration error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("migration failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exits 0 when `http://127.0.0.1:PORT/health` answers 200: the container health check,
+/// since the runtime image has no curl.
+fn healthcheck(port: Option<&String>) -> ExitCode {
+    let Some(port) = port.and_then(|p| p.parse::<u16>().ok()) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match cqrs_analytics::http::get_status(("127.0.0.1", port), "/health", Duration::from_secs(3)) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("health returned {status}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("health check failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Events to read-model rows. The projections are sums, counts and maxima, so a batch of
+//! events can be folded in memory first (pure code, `fold`) and written with one upsert per
+//! view (`apply_batch`), whatever order the events arrived in. The event ids go into
+//! `processed_events` in the same transaction, and only the ids that were not there yet
+//! are folded: a redelivered or duplicated event changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::db::Conn;
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+#[derive(Debug, Default, PartialEq)]
+pub struct ProductDelta {
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub quantity: i64,
+    pub revenue_cents: i64,
+    pub orders: i64,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct CategoryDelta {
+    pub revenue_cents: i64,
+    pub orders: i64,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct CustomerDelta {
+    pub spent_cents: i64,
+    pub orders: i64,
+    pub last_order: DateTime<Utc>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct HourDelta {
+    pub orders: i64,
+    pub revenue_cents: i64,
+}
+
+/// A batch of events folded per key. BTreeMaps keep keys sorted, so every transaction
+/// locks rows in the same order and concurrent consumers cannot deadlock.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub products: BTreeMap<i64, ProductDelta>,
+    pub categories: BTreeMap<String, CategoryDelta>,
+    pub customers: BTreeMap<i64, CustomerDelta>,
+    pub hours: BTreeMap<DateTime<Utc>, HourDelta>,
+    pub newest_event: Option<DateTime<Utc>>,
+    pub events: i64,
+}
+
+fn overflow() -> Error {
+    Error::bad_request("money overflow while folding a batch")
+}
+
+fn add(a: &mut i64, b: i64) -> Result<()> {
+    *a = a.checked_add(b).ok_or_else(overflow)?;
+    Ok(())
+}
+
+/// The UTC hour an instant falls in.
+pub fn hour_of(t: DateTime<Utc>) -> DateTime<Utc> {
+    let secs = t.timestamp();
+    DateTime::from_timestamp(secs - secs.rem_euclid(3600), 0).unwrap_or(t)
+}
+
+/// Folds events into per-key deltas. Pure: no I/O, so it is tested directly.
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<Delta> {
+    let mut d = Delta::default();
+    for event in events {
+        d.events += 1;
+        d.newest_event = d.newest_event.max(Some(event.timestamp()));
+        match event {
+            Event::ProductCreated(p) => {
+                let e = d.products.entry(p.product_id).or_default();
+                e.name = Some(p.name.clone());
+                e.category = Some(p.category.clone());
+                d.categories.entry(p.category.clone()).or_default();
+            }
+            Event::OrderCreated(o) => {
+                let mut by_category: BTreeMap<&str, i64> = BTreeMap::new();
+                for item in &o.items {
+                    let line = item
+                        .price_cents
+                        .checked_mul(item.quantity)
+                        .ok_or_else(overflow)?;
+                    let e = d.products.entry(item.product_id).or_default();
+                    if e.name.is_none() {
+                        e.name = Some(item.product_name.clone());
+                        e.category = Some(item.category.clone());
+                    }
+                    add(&mut e.quantity, item.quantity)?;
+                    add(&mut e.revenue_cents, line)?;
+                    e.orders += 1;
+                    add(by_category.entry(&item.category).or_default(), line)?;
+                }
+                for (category, revenue) in by_category {
+                    let c = d.categories.entry(category.to_string()).or_default();
+                    add(&mut c.revenue_cents, revenue)?;
+                    c.orders += 1;
+                }
+                let c = d.customers.entry(o.customer_id).or_insert(CustomerDelta {
+                    spent_cents: 0,
+                    orders: 0,
+                    last_order: o.timestamp,
+                });
+                add(&mut c.spent_cents, o.total_cents)?;
+                c.orders += 1;
+                c.last_order = c.last_order.max(o.timestamp);
+                let h = d.hours.entry(hour_of(o.timestamp)).or_default();
+                h.orders += 1;
+                add(&mut h.revenue_cents, o.total_cents)?;
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// What a batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: usize,
+    pub duplicates: usize,
+}
+
+/// Applies `events` in one read-DB transaction: records their ids, drops the ones already
+/// processed, upserts the folded deltas, advances sync_status, commits.
+pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<Applied> {
+    // Sorted and distinct: duplicates inside one batch count once, and concurrent batches
+    // insert overlapping ids in the same order (no deadlock on the primary key).
+    let mut unique: BTreeMap<Uuid, &Event> = BTreeMap::new();
+    for e in events {
+        unique.entry(e.event_id()).or_insert(e);
+    }
+    let ids: Vec<Uuid> = unique.keys().copied().collect();
+    let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
+    let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
+
+    let s_processed = conn.prepared(INSERT_PROCESSED)?;
+    let s_products = conn.prepared(UPSERT_PRODUCTS)?;
+    let s_categories = conn.prepared(UPSERT_CATEGORIES)?;
+    let s_customers = conn.prepared(UPSERT_CUSTOMERS)?;
+    let s_hours = conn.prepared(UPSERT_HOURS)?;
+    let s_sync = conn.prepared(UPDATE_SYNC)?;
+
+    let mut tx = conn.client.transaction()?;
+    let fresh: HashSet<Uuid> = tx
+        .query(&s_processed, &[&ids, &types, &stamps])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let delta = fold(
+        unique
+            .values()
+            .copied()
+            .filter(|e| fresh.contains(&e.event_id())),
+    )?;
+    if !delta.products.is_empty() {
+        let keys: Vec<i64> = delta.products.keys().copied().collect();
+        let names: Vec<Option<&str>> = delta.products.values().map(|p| p.name.as_deref()).collect();
+        let categories: Vec<Option<&str>> = delta
+            .products
+            .values()
+            .map(|p| p.category.as_deref())
+            .collect();
+        let qty: Vec<i64> = delta.products.values().map(|p| p.quantity).collect();
+        let rev: Vec<i64> = delta.products.values().map(|p| p.revenue_cents).collect();
+        let orders: Vec<i64> = delta.products.values().map(|p| p.orders).collect();
+        tx.execute(
+            &s_products,
+            &[&keys, &names, &categories, &qty, &rev, &orders],
+        )?;
+    }
+    if !delta.categories.is_empty() {
+        let keys: Vec<&str> = delta.categories.keys().map(String::as_str).collect();
+        let rev: Vec<i64> = delta.categories.values().map(|c| c.revenue_cents).collect();
+        let orders: Vec<i64> = delta.categories.values().map(|c| c.orders).collect();
+        tx.execute(&s_categories, &[&keys, &rev, &orders])?;
+    }
+    if !delta.customers.is_empty() {
+        let keys: Vec<i64> = delta.customers.keys().copied().collect();
+        let spent: Vec<i64> = delta.customers.values().map(|c| c.spent_cents).collect();
+        let orders: Vec<i64> = delta.customers.values().map(|c| c.orders).collect();
+        let last: Vec<DateTime<Utc>> = delta.customers.values().map(|c| c.last_order).collect();
+        tx.execute(&s_customers, &[&keys, &spent, &orders, &last])?;
+    }
+    if !delta.hours.is_empty() {
+        let keys: Vec<DateTime<Utc>> = delta.hours.keys().copied().collect();
+        let orders: Vec<i64> = delta.hours.values().map(|h| h.orders).collect();
+        let rev: Vec<i64> = delta.hours.values().map(|h| h.revenue_cents).collect();
+        tx.execute(&s_hours, &[&keys, &orders, &rev])?;
+    }
+    if let Some(newest) = delta.newest_event {
+        tx.execute(&s_sync, &[&newest, &delta.events])?;
+    }
+    tx.commit()?;
+    let applied = fresh.len();
+    Ok(Applied {
+        applied,
+        duplicates: events.len() - applied,
+    })
+}
+
+/// Event ids already applied, among `ids` (for tests and tools).
+pub fn already_processed(conn: &mut Conn, ids: &[Uuid]) -> Result<BTreeSet<Uuid>> {
+    let rows = conn.client.query(
+        "SELECT event_id FROM processed_events WHERE event_id = ANY($1)",
+        &[&ids],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+const INSERT_PROCESSED: &str = "
+INSERT INTO processed_events (event_id, event_type, event_timestamp)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id";
+
+const UPSERT_PRODUCTS: &str = "
+INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
+SELECT id, name, category, qty, cents::numeric / 100, orders
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+    AS u(id, name, category, qty, cents, orders)
+ON CONFLICT (product_id) DO UPDATE SET
+    name = COALESCE(v.name, excluded.name),
+    category = COALESCE(v.category, excluded.category),
+    total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
+    total_revenue = v.total_revenue + excluded.total_revenue,
+    order_count = v.order_count + excluded.order_count,
+    last_updated = now()";
+
+const UPSERT_CATEGORIES: &str = "
+INSERT INTO category_metrics_view AS v (category_name, total_revenue, total_orders)
+SELECT name, cents::numeric / 100, orders
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(name, cents, orders)
+ON CONFLICT (category_name) DO UPDATE SET
+    total_revenue = v.total_revenue + excluded.total_revenue,
+    total_orders = v.total_orders + excluded.total_orders,
+    last_updated = now()";
+
+const UPSERT_CUSTOMERS: &str = "
+INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
+SELECT id, cents::numeric / 100, orders, last
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
+ON CONFLICT (customer_id) DO UPDATE SET
+    total_spent = v.total_spent + excluded.total_spent,
+    order_count = v.order_count + excluded.order_count,
+    last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
+    last_updated = now()";
+
+const UPSERT_HOURS: &str = "
+INSERT INTO hourly_sales_view AS v (hour_timestamp, total_orders, total_revenue)
+SELECT hour, orders, cents::numeric / 100
+FROM unnest($1::timestamptz[], $2::bigint[], $3::bigint[]) AS u(hour, orders, cents)
+ON CONFLICT (hour_timestamp) DO UPDATE SET
+    total_orders = v.total_orders + excluded.total_orders,
+    total_revenue = v.total_revenue + excluded.total_revenue,
+    last_updated = now()";
+
+const UPDATE_SYNC: &str = "
+UPDATE sync_status SET
+    last_processed_event_timestamp = GREATEST(last_processed_event_timestamp, $1),
+    events_applied = events_applied + $2,
+    last_applied_at = now()
+WHERE id = 1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{OrderCreated, OrderItem};
+
+    fn order(customer: i64, items: &[(i64, &str, i64, i64)]) -> Event {
+        Event::OrderCreated(OrderCreated {
+            event_id: Uuid::new_v4(),
+            timestamp: crate::event::now_millis(),
+            order_id: 1,
+            customer_id: customer,
+            total_cents: items.iter().map(|(_, _, q, p)| q * p).sum(),
+            items: items
+                .iter()
+                .map(|(id, cat, q, p)| OrderItem {
+                    product_id: *id,
+                    product_name: format!("p{id}"),
+                    category: cat.to_string(),
+                    quantity: *q,
+                    price_cents: *p,
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn folds_sums_counts_and_categories_once_per_order() {
+        let events = [
+            order(1, &[(1, "A", 2, 150), (2, "A", 1, 100)]),
+            order(1, &[(1, "B", 1, 150)]),
+        ];
+        let d = fold(&events).unwrap();
+        assert_eq!(d.products[&1].quantity, 3);
+        assert_eq!(d.products[&1].revenue_cents, 450);
+        assert_eq!(d.products[&1].orders, 2);
+        assert_eq!(
+            d.categories["A"],
+            CategoryDelta {
+                revenue_cents: 400,
+                orders: 1
+            }
+        );
+        assert_eq!(d.customers[&1].spent_cents, 550);
+        assert_eq!(d.customers[&1].orders, 2);
+        assert_eq!(d.hours.values().map(|h| h.orders).sum::<i64>(), 2);
+    }
+
+    #[test]
+    fn hours_truncate() {
+        let t = DateTime::parse_from_rfc3339("2026-02-11T16:35:12.345Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(hour_of(t).to_rfc3339(), "2026-02-11T16:00:00+00:00");
+    }
+}

@@ -1,0 +1,349 @@
+//! The read API. Every route is a primary-key lookup (or a short range scan) on a view the
+//! consumer keeps up to date; the query service never writes. Money comes out of
+//! PostgreSQL as NUMERIC text and goes into the JSON as that same text, so it is exact.
+
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tiny_http::Method;
+
+use crate::config::Config;
+use crate::db::{self, Pool};
+use crate::error::{Error, Result};
+use crate::event::format_timestamp;
+use crate::http::{self, percent_decode, Request, Response, Service};
+
+/// Hours returned by one hourly-sales request at most (more than a year).
+const HOURS_MAX: i64 = 10_000;
+
+pub struct QueryService {
+    read: Pool,
+    /// The write DB, read-only, to see events still waiting in the outbox.
+    write: Option<Pool>,
+    config: Config,
+    broker: Mutex<Option<(amiquip::Connection, amiquip::Channel)>>,
+}
+
+impl QueryService {
+    pub fn new(read: Pool, write: Option<Pool>, config: Config) -> QueryService {
+        QueryService {
+            read,
+            write,
+            config,
+            broker: Mutex::new(None),
+        }
+    }
+
+    fn product_sales(&self, id: &str) -> Result<Response> {
+        let id = positive_id(id, "product id")?;
+        let mut conn = self.read.get()?;
+        let stmt = conn.prepared(PRODUCT_SALES)?;
+        let row = conn
+            .client
+            .query_opt(&stmt, &[&id])?
+            .ok_or_else(|| Error::not_found(format!("product {id} has no sales record")))?;
+        let qty: i64 = row.get(0);
+        let revenue: String = row.get(1);
+        let orders: i64 = row.get(2);
+        Ok(Response::json(
+            200,
+            format!(
+                r#"{{"productId":{id},"totalQuantitySold":{qty},"totalRevenue":{revenue},"orderCount":{orders}}}"#
+            ),
+        ))
+    }
+
+    fn category_revenue(&self, raw: &str) -> Result<Response> {
+        let category = percent_decode(raw, false)?;
+        if category.is_empty() {
+            return Err(Error::bad_request("category must not be empty"));
+        }
+        let mut conn = self.read.get()?;
+        let stmt = conn.prepared(CATEGORY_REVENUE)?;
+        let row = conn.client.query_opt(&stmt, &[&category])?.ok_or_else(|| {
+            Error::not_found(format!("category {category:?} has no revenue record"))
+        })?;
+        let revenue: String = row.get(0);
+        let orders: i64 = row.get(1);
+        let name = serde_json::to_string(&category).expect("strings serialise");
+        Ok(Response::json(
+            200,
+            format!(r#"{{"category":{name},"totalRevenue":{revenue},"totalOrders":{orders}}}"#),
+        ))
+    }
+
+    fn customer_ltv(&self, id: &str) -> Result<Response> {
+        let id = positive_id(id, "customer id")?;
+        let mut conn = self.read.get()?;
+        let stmt = conn.prepared(CUSTOMER_LTV)?;
+        let row = conn
+            .client
+            .query_opt(&stmt, &[&id])?
+            .ok_or_else(|| Error::not_found(format!("customer {id} has no orders")))?;
+        let spent: String = row.get(0);
+        let orders: i64 = row.get(1);
+        let last: Option<DateTime<Utc>> = row.get(2);
+        let last = last
+            .map(|t| format!("\"{}\"", format_timestamp(&t)))
+            .unwrap_or_else(|| "null".into());
+        Ok(Response::json(
+            200,
+            format!(
+                r#"{{"customerId":{id},"totalSpent":{spent},"orderCount":{orders},"lastOrderDate":{last}}}"#
+            ),
+        ))
+    }
+
+    fn hourly(&self, req: &Request) -> Result<Response> {
+        let bound = |name: &str| -> Result<Option<DateTime<Utc>>> {
+            match req.query_param(name)? {
+                None => Ok(None),
+                Some(s) if s.is_empty() => Ok(None),
+                Some(s) => DateTime::parse_from_rfc3339(&s)
+                    .map(|t| Some(t.with_timezone(&Utc)))
+                    .map_err(|_| {
+                        Error::bad_request(format!(
+                            "`{name}` must be an RFC 3339 timestamp, e.g. 2026-02-11T16:00:00Z"
+                        ))
+                    }),
+            }
+        };
+        let (from, to) = (bound("from")?, bound("to")?);
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                return Err(Error::bad_request("`from` must not be after `to`"));
+            }
+        }
+        let mut conn = self.read.get()?;
+        let stmt = conn.prepared(HOURLY)?;
+        let rows = conn.client.query(&stmt, &[&from, &to, &HOURS_MAX])?;
+        let mut body = String::with_capacity(32 + rows.len() * 80);
+        body.push_str(r#"{"hours":["#);
+        for (i, row) in rows.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            let hour: DateTime<Utc> = row.get(0);
+            let orders: i64 = row.get(1);
+            let revenue: String = row.get(2);
+            body.push_str(&format!(
+                r#"{{"hour":"{}","totalOrders":{orders},"totalRevenue":{revenue}}}"#,
+                format_timestamp(&hour)
+            ));
+        }
+        body.push_str("]}");
+        Ok(Response::json(200, body))
+    }
+
+    fn sync_status(&self) -> Result<Response> {
+        let mut conn = self.read.get()?;
+        let status = conn.client.query_one(SYNC_STATUS, &[])?;
+        let last: Option<DateTime<Utc>> = status.get(0);
+        let applied: i64 = status.get(1);
+        let latency = conn.client.query_one(LATENCY, &[])?;
+        let samples: i64 = latency.get(0);
+        let p50: Option<f64> = latency.get(1);
+        let p99: Option<f64> = latency.get(2);
+        drop(conn);
+
+        let queued = self.broker_depth();
+        let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.0 + q.1));
+        let now = crate::event::now_millis();
+        let mut lag_ms: i64 = 0;
+        if let Ok(b) = &outbox {
+            for oldest in [b.oldest_unpublished, b.oldest_queued]
+                .into_iter()
+                .flatten()
+            {
+                lag_ms = lag_ms.max((now - oldest).num_milliseconds());
+            }
+        }
+        let body = json!({
+            "lastProcessedEventTimestamp": last.map(|t| format_timestamp(&t)),
+            "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
+            "eventsApplied": applied,
+            "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
+            "pendingBrokerMessages": queued.as_ref().map(|q| q.0 + q.1),
+            "endToEndLatencyMs": {
+                "windowSeconds": 60,
+                "samples": samples,
+                "p50": p50.map(round_ms),
+                "p99": p99.map(round_ms),
+            },
+            "writeSideReachable": outbox.is_ok(),
+            "brokerReachable": queued.is_some(),
+        });
+        Ok(Response::json(200, body.to_string()))
+    }
+
+    /// Unpublished outbox rows and the age of the oldest committed-but-unapplied event:
+    /// the oldest unpublished row, or, when `queued` messages wait in the broker, the
+    /// `queued`-th newest published row (queues are FIFO, so that is the oldest one waiting).
+    fn outbox_backlog(&self, queued: Option<i64>) -> Result<Backlog> {
+        let pool = self
+            .write
+            .as_ref()
+            .ok_or_else(|| Error::unavailable("no write database configured"))?;
+        let mut conn = pool.get()?;
+        let row = conn.client.query_one(OUTBOX_BACKLOG, &[])?;
+        let pending: i64 = row.get(0);
+        let oldest: Option<DateTime<Utc>> = row.get(1);
+        let oldest_queued = match queued {
+            Some(n) if n > 0 => conn
+                .client
+                .query_opt(OLDEST_QUEUED, &[&(n - 1)])?
+                .map(|r| r.get(0)),
+            _ => None,
+        };
+        Ok(Backlog {
+            pending,
+            oldest_unpublished: oldest,
+            oldest_queued,
+        })
+    }
+
+    /// Ready messages in the two event queues, or None when the broker cannot be asked.
+    fn broker_depth(&self) -> Option<(i64, i64)> {
+        let mut guard = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..2 {
+            if guard.is_none() {
+                let mut conn = crate::broker::connect(&self.config).ok()?;
+                let channel = conn.open_channel(None).ok()?;
+                *guard = Some((conn, channel));
+            }
+            let (_, channel) = guard.as_ref().expect("just set");
+            let depth = |q: &str| {
+                channel
+                    .queue_declare_passive(q)
+                    .map(|q| i64::from(q.declared_message_count().unwrap_or(0)))
+            };
+            match (
+                depth(&self.config.broker.product_queue),
+                depth(&self.config.broker.order_queue),
+            ) {
+                (Ok(p), Ok(o)) => return Some((p, o)),
+                // The channel is closed after a failed passive declare (e.g. no such queue
+                // yet): reconnect once, then give up until the next request.
+                _ => *guard = None,
+            }
+        }
+        None
+    }
+}
+
+/// Events committed on the write side and not yet applied.
+struct Backlog {
+    pending: i64,
+    oldest_unpublished: Option<DateTime<Utc>>,
+    oldest_queued: Option<DateTime<Utc>>,
+}
+
+/// A read route's handler: the service, the request, the path segments.
+type Handler = fn(&QueryService, &Request, &[&str]) -> Result<Response>;
+
+fn round_ms(seconds: f64) -> f64 {
+    (seconds * 1000.0 * 100.0).round() / 100.0
+}
+
+/// Parses a path id that must be a positive 64-bit integer.
+fn positive_id(s: &str, what: &str) -> Result<i64> {
+    match s.parse::<i64>() {
+        Ok(n) if n > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(Error::bad_request(format!(
+            "{what} must be a positive integer, got {s:?}"
+        ))),
+    }
+}
+
+const PRODUCT_SALES: &str =
+    "SELECT total_quantity_sold, total_revenue::text, order_count FROM product_sales_view WHERE product_id = $1";
+const CATEGORY_REVENUE: &str =
+    "SELECT total_revenue::text, total_orders FROM category_metrics_view WHERE category_name = $1";
+const CUSTOMER_LTV: &str =
+    "SELECT total_spent::text, order_count, last_order_date FROM customer_ltv_view WHERE customer_id = $1";
+const HOURLY: &str = "
+SELECT hour_timestamp, total_orders, total_revenue::text FROM hourly_sales_view
+WHERE ($1::timestamptz IS NULL OR hour_timestamp >= $1) AND ($2::timestamptz IS NULL OR hour_timestamp < $2)
+ORDER BY hour_timestamp LIMIT $3";
+const SYNC_STATUS: &str =
+    "SELECT last_processed_event_timestamp, events_applied FROM sync_status WHERE id = 1";
+const LATENCY: &str = "
+SELECT count(*),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - event_timestamp))::float8,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - event_timestamp))::float8
+FROM (SELECT processed_at, event_timestamp FROM processed_events
+      WHERE processed_at > now() - interval '60 seconds'
+      ORDER BY processed_at DESC LIMIT 10000) recent";
+const OUTBOX_BACKLOG: &str =
+    "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL";
+const OLDEST_QUEUED: &str =
+    "SELECT created_at FROM outbox WHERE published_at IS NOT NULL ORDER BY id DESC OFFSET $1 LIMIT 1";
+
+impl Service for QueryService {
+    fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {
+        let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+        let (route, result): (&'static str, Handler) = match segments.as_slice() {
+            ["api", "analytics", "products", _, "sales"] => {
+                ("/api/analytics/products/{id}/sales", |s, _, p| {
+                    s.product_sales(p[3])
+                })
+            }
+            ["api", "analytics", "categories", _, "revenue"] => {
+                ("/api/analytics/categories/{category}/revenue", |s, _, p| {
+                    s.category_revenue(p[3])
+                })
+            }
+            ["api", "analytics", "customers", _, "lifetime-value"] => {
+                ("/api/analytics/customers/{id}/lifetime-value", |s, _, p| {
+                    s.customer_ltv(p[3])
+                })
+            }
+            ["api", "analytics", "sync-status"] => {
+                ("/api/analytics/sync-status", |s, _, _| s.sync_status())
+            }
+            ["api", "analytics", "sales", "hourly"] => {
+                ("/api/analytics/sales/hourly", |s, r, _| s.hourly(r))
+            }
+            _ => return http::not_found(),
+        };
+        if req.method != Method::Get && req.method != Method::Head {
+            return http::method_not_allowed(route, "GET");
+        }
+        (route, result(self, req, &segments))
+    }
+
+    fn health(&self) -> Result<()> {
+        db::ping(&self.read)
+            .map_err(|e| Error::unavailable(format!("read database unreachable: {e}")))
+    }
+
+    fn metrics(&self, out: &mut String) {
+        crate::metrics::render_pool(out, "read", &self.read);
+        if let Some(w) = &self.write {
+            crate::metrics::render_pool(out, "write_readonly", w);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_positive_integers() {
+        assert_eq!(positive_id("42", "id").unwrap(), 42);
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "abc",
+            "",
+            "+1",
+            "99999999999999999999",
+            " 1",
+        ] {
+            assert!(positive_id(bad, "id").is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Shutdown coordination. A `Trigger` owns the only sender of a crossbeam channel; dropping
+//! it disconnects every `Shutdown` receiver at once, so any thread can `select!` on shutdown
+//! beside its own work channel. SIGINT and SIGTERM drop the trigger.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
+
+use crate::error::Result;
+
+/// Fires shutdown when dropped or when `fire` is called.
+pub struct Trigger {
+    _tx: Sender<()>,
+}
+
+impl Trigger {
+    pub fn fire(self) {}
+}
+
+/// A cloneable view of the shutdown state.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: Receiver<()>,
+}
+
+pub fn channel() -> (Trigger, Shutdown) {
+    let (tx, rx) = crossbeam_channel::bounded(0);
+    (Trigger { _tx: tx }, Shutdown { rx })
+}
+
+impl Shutdown {
+    /// The receiver to put in a `select!`: it becomes ready (disconnected) at shutdown.
+    pub fn receiver(&self) -> &Receiver<()> {
+        &self.rx
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        matches!(self.rx.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Sleeps up to `d`; returns true if shutdown was triggered meanwhile.
+    pub fn sleep(&self, d: Duration) -> bool {
+        matches!(self.rx.recv_timeout(d), Err(RecvTimeoutError::Disconnected))
+    }
+
+    /// Blocks until shutdown.
+    pub fn wait(&self) {
+        let _ = self.rx.recv();
+    }
+}
+
+/// A thread that fires `trigger` on the first SIGINT or SIGTERM.
+pub struct SignalThread {
+    handle: Handle,
+    thread: JoinHandle<()>,
+}
+
+impl SignalThread {
+    pub fn start(trigger: Trigger) -> Result<SignalThread> {
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        let handle = signals.handle();
+        let thread = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!("received signal {sig}; shutting down");
+                }
+                drop(trigger);
+            })
+            .expect("spawning the signal thread");
+        Ok(SignalThread { handle, thread })
+    }
+
+    pub fn join(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
+}

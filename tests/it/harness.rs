@@ -1,0 +1,385 @@
+//! The test harness: a fresh pair of databases per test, cloned from migrated templates
+//! (`CREATE DATABASE .. TEMPLATE ..`, dropped `WITH (FORCE)` on drop), unique broker names
+//! per test, services started in-process on port 0, and a tiny HTTP client over a real
+//! loopback socket. Everything is real: PostgreSQL, RabbitMQ, HTTP.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cqrs_analytics::app::{self, Role, Running};
+use cqrs_analytics::config::{BrokerNames, Config};
+use cqrs_analytics::db;
+use postgres::{Client, NoTls};
+use serde_json::Value;
+
+/// The server the tests use; override with TEST_PG_URL (a superuser URL without a database).
+pub fn pg_base() -> String {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432".into())
+}
+
+pub fn broker_url() -> String {
+    std::env::var("TEST_BROKER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn admin() -> Client {
+    Client::connect(&format!("{}/postgres", pg_base()), NoTls)
+        .expect("connecting to PostgreSQL as a superuser")
+}
+
+/// Template databases named after a hash of the migrations, so a schema change makes new ones.
+fn templates() -> &'static (String, String) {
+    static T: OnceLock<(String, String)> = OnceLock::new();
+    T.get_or_init(|| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for m in db::WRITE_MIGRATIONS.iter().chain(db::READ_MIGRATIONS) {
+            for b in m.sql.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        let w = format!("it_tpl_write_{h:016x}");
+        let r = format!("it_tpl_read_{h:016x}");
+        let mut admin = admin();
+        // Serialise template creation across test processes.
+        admin.execute("SELECT pg_advisory_lock(7345)", &[]).unwrap();
+        for (name, migrations) in [(&w, db::WRITE_MIGRATIONS), (&r, db::READ_MIGRATIONS)] {
+            let exists = admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[name])
+                .unwrap()
+                .is_some();
+            if !exists {
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .unwrap();
+                db::migrate(
+                    &format!("{}/{name}", pg_base()),
+                    migrations,
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+            }
+        }
+        admin
+            .execute("SELECT pg_advisory_unlock(7345)", &[])
+            .unwrap();
+        (w, r)
+    })
+}
+
+/// A pair of fresh databases and unique broker names for one test.
+pub struct TestEnv {
+    pub id: String,
+    pub write_db: String,
+    pub read_db: String,
+    pub broker: BrokerNames,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        let (tw, tr) = templates();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let write_db = format!("it_{id}_w");
+        let read_db = format!("it_{id}_r");
+        let mut admin = admin();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {write_db} TEMPLATE {tw}"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {read_db} TEMPLATE {tr}"))
+            .unwrap();
+        let broker = BrokerNames {
+            exchange: format!("it.{id}.events"),
+            product_queue: format!("it.{id}.product-events"),
+            order_queue: format!("it.{id}.order-events"),
+            dead_letter_exchange: format!("it.{id}.dlx"),
+            dead_letter_queue: format!("it.{id}.dlq"),
+            queue_type: cqrs_analytics::config::QueueType::Classic,
+        };
+        TestEnv {
+            id,
+            write_db,
+            read_db,
+            broker,
+        }
+    }
+
+    pub fn write_url(&self) -> String {
+        format!("{}/{}", pg_base(), self.write_db)
+    }
+
+    pub fn read_url(&self) -> String {
+        format!("{}/{}", pg_base(), self.read_db)
+    }
+
+    /// A configuration for this test: its databases and broker names, ports 0, small pools.
+    pub fn config(&self) -> Config {
+        let mut c = Config::from_lookup(|_| None).unwrap();
+        c.database_url = self.write_url();
+        c.read_database_url = self.read_url();
+        c.broker_url = broker_url();
+        c.http_bind_addr = "127.0.0.1".into();
+        c.command_port = 0;
+        c.query_port = 0;
+        c.consumer_port = 0;
+        c.command_http_workers = 8;
+        c.query_http_workers = 4;
+        c.write_pool_size = 8;
+        c.read_pool_size = 4;
+        c.outbox_poll_interval = Duration::from_millis(200);
+        c.broker_reconnect_max = Duration::from_millis(500);
+        c.broker = self.broker.clone();
+        c
+    }
+
+    pub fn write(&self) -> Client {
+        Client::connect(&self.write_url(), NoTls).unwrap()
+    }
+
+    pub fn read(&self) -> Client {
+        Client::connect(&self.read_url(), NoTls).unwrap()
+    }
+
+    /// Starts `role` in-process with this test's configuration.
+    pub fn start(&self, role: Role) -> App {
+        self.start_with(role, |_| {})
+    }
+
+    pub fn start_with(&self, role: Role, tweak: impl FnOnce(&mut Config)) -> App {
+        let mut config = self.config();
+        tweak(&mut config);
+        let running = app::start(&config, role).expect("starting the services");
+        App {
+            running: Some(running),
+        }
+    }
+
+    /// An AMQP channel on the test broker (declares this test's topology).
+    pub fn amqp(&self) -> (amiquip::Connection, amiquip::Channel) {
+        let mut conn = amiquip::Connection::insecure_open(&broker_url()).unwrap();
+        let ch = conn.open_channel(None).unwrap();
+        cqrs_analytics::broker::declare_topology(&ch, &self.broker).unwrap();
+        (conn, ch)
+    }
+
+    /// Messages ready in a queue of this test.
+    pub fn queue_depth(&self, queue: &str) -> u32 {
+        let mut conn = amiquip::Connection::insecure_open(&broker_url()).unwrap();
+        let ch = conn.open_channel(None).unwrap();
+        let depth = ch
+            .queue_declare_passive(queue)
+            .map(|q| q.declared_message_count().unwrap_or(0))
+            .unwrap_or(0);
+        let _ = conn.close();
+        depth
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let mut admin = admin();
+        for name in [&self.write_db, &self.read_db] {
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        }
+        if let Ok(mut conn) = amiquip::Connection::insecure_open(&broker_url()) {
+            if let Ok(ch) = conn.open_channel(None) {
+                let b = &self.broker;
+                for q in [&b.product_queue, &b.order_queue, &b.dead_letter_queue] {
+                    let _ = ch.queue_delete(q.as_str(), Default::default());
+                }
+                for x in [&b.exchange, &b.dead_letter_exchange] {
+                    let _ = ch.exchange_delete(x.as_str(), false);
+                }
+            }
+            let _ = conn.close();
+        }
+    }
+}
+
+/// Running services, stopped (and every thread joined) on drop.
+pub struct App {
+    running: Option<Running>,
+}
+
+impl App {
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("running")
+    }
+
+    pub fn command(&self) -> SocketAddr {
+        self.running().command_addr.expect("command service")
+    }
+
+    pub fn query(&self) -> SocketAddr {
+        self.running().query_addr.expect("query service")
+    }
+
+    pub fn consumer(&self) -> SocketAddr {
+        self.running().consumer_addr.expect("consumer service")
+    }
+
+    pub fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+    }
+}
+
+/// A response as the tests see it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one request on a fresh connection and reads the whole response.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body; a broken pipe is fine then.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_reply(&raw).unwrap_or_else(|| {
+        panic!(
+            "malformed response to {method} {path}: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+fn parse_reply(raw: &[u8]) -> Option<Reply> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.get(9..12)?.parse().ok()?;
+    Some(Reply {
+        status,
+        body: body.to_string(),
+        headers: head.to_string(),
+    })
+}
+
+pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> Reply {
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, &[], b"")
+}
+
+/// Creates a product and returns its id.
+pub fn create_product(addr: SocketAddr, name: &str, category: &str, price: f64, stock: i64) -> i64 {
+    let r = post_json(
+        addr,
+        "/api/products",
+        &serde_json::json!({"name": name, "category": category, "price": price, "stock": stock}),
+    );
+    assert_eq!(r.status, 201, "create product: {}", r.body);
+    r.json()["productId"].as_i64().unwrap()
+}
+
+/// Polls `f` until it returns Some or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Write-side totals: (orders, items quantity, revenue as text, customer spend as text).
+pub fn write_totals(c: &mut Client) -> (i64, i64, String, String) {
+    let r = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM orders),
+                    (SELECT coalesce(sum(quantity), 0)::bigint FROM order_items),
+                    (SELECT coalesce(sum(quantity * price), 0)::numeric(24,2)::text FROM order_items),
+                    (SELECT coalesce(sum(total), 0)::numeric(24,2)::text FROM orders)",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// The same totals from the read model, each from a different view.
+pub fn read_totals(c: &mut Client) -> (i64, i64, String, String) {
+    let r = c
+        .query_one(
+            "SELECT (SELECT coalesce(sum(order_count), 0)::bigint FROM customer_ltv_view),
+                    (SELECT coalesce(sum(total_quantity_sold), 0)::bigint FROM product_sales_view),
+                    (SELECT coalesce(sum(total_revenue), 0)::numeric(24,2)::text FROM product_sales_view),
+                    (SELECT coalesce(sum(total_spent), 0)::numeric(24,2)::text FROM customer_ltv_view)",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Hourly and category totals must agree with the write side too.
+pub fn read_secondary_totals(c: &mut Client) -> (i64, String, String) {
+    let r = c
+        .query_one(
+            "SELECT (SELECT coalesce(sum(total_orders), 0)::bigint FROM hourly_sales_view),
+                    (SELECT coalesce(sum(total_revenue), 0)::numeric(24,2)::text FROM hourly_sales_view),
+                    (SELECT coalesce(sum(total_revenue), 0)::numeric(24,2)::text FROM category_metrics_view)",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// Waits until the read model equals the write model (every view), then asserts it.
+pub fn assert_converges(env: &TestEnv, timeout: Duration) {
+    let mut w = env.write();
+    let mut r = env.read();
+    let expected = write_totals(&mut w);
+    wait_until("the read model to equal the write model", timeout, || {
+        (read_totals(&mut r) == expected).then_some(())
+    });
+    let (hourly_orders, hourly_revenue, category_revenue) = read_secondary_totals(&mut r);
+    assert_eq!(hourly_orders, expected.0, "hourly order count");
+    assert_eq!(hourly_revenue, expected.3, "hourly revenue");
+    assert_eq!(category_revenue, expected.2, "category revenue");
+}

@@ -1,0 +1,10 @@
+//! One integration-test binary (see matklad's "Delete Cargo Integration Tests"): every test
+//! talks to the real PostgreSQL and RabbitMQ over real connections and to our services over
+//! real HTTP on loopback. `harness` gives each test its own databases and broker names.
+
+mod harness;
+
+mod deployment;
+mod pipeline;
+mod read_api;
+mod write_api;
