@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use cqrs_analytics::app::{self, Role, Running};
@@ -68,8 +68,18 @@ fn templates() -> &'static (String, String) {
     })
 }
 
+/// Tests that stop or restart a shared service (the broker) hold this lock for writing;
+/// every other test holds it for reading, so they never overlap.
+static SHARED_SERVICES: RwLock<()> = RwLock::new(());
+
+enum ServiceGuard {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
 /// A pair of fresh databases and unique broker names for one test.
 pub struct TestEnv {
+    _guard: ServiceGuard,
     pub id: String,
     pub write_db: String,
     pub read_db: String,
@@ -77,7 +87,19 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// An environment for a test that leaves the shared services running.
     pub fn new() -> TestEnv {
+        let guard = SHARED_SERVICES.read().unwrap_or_else(|e| e.into_inner());
+        Self::with_guard(ServiceGuard::Shared(guard))
+    }
+
+    /// An environment for a test that stops shared services: no other test runs meanwhile.
+    pub fn exclusive() -> TestEnv {
+        let guard = SHARED_SERVICES.write().unwrap_or_else(|e| e.into_inner());
+        Self::with_guard(ServiceGuard::Exclusive(guard))
+    }
+
+    fn with_guard(guard: ServiceGuard) -> TestEnv {
         let (tw, tr) = templates();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let write_db = format!("it_{id}_w");

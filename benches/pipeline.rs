@@ -1,0 +1,2 @@
+//! Placeholder: the pipeline benchmark (see README "Performance").
+fn main() {}
