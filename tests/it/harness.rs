@@ -120,6 +120,7 @@ impl TestEnv {
             queue_type: cqrs_analytics::config::QueueType::Classic,
         };
         TestEnv {
+            _guard: guard,
             id,
             write_db,
             read_db,
