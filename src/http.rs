@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use crossbeam_channel::Sender;
+use log::{error, info};
 use tiny_http::{Header, Method, Server};
 
 use crate::error::{Error, Kind, Result};
@@ -163,17 +164,21 @@ pub struct HttpServer {
     server: Arc<Server>,
     stopping: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    keeper: JoinHandle<()>,
 }
 
 impl HttpServer {
     /// Binds `addr`, sets the socket timeouts that every accepted connection inherits, and
     /// starts `workers` threads that serve `service`.
+    ///
+    /// A message on `fatal` means the server can no longer accept connections.
     pub fn start<S: Service>(
         name: &'static str,
         addr: SocketAddr,
         workers: usize,
         read_timeout: Duration,
         service: Arc<S>,
+        fatal: Sender<String>,
     ) -> Result<HttpServer> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::config(format!("{name}: cannot listen on {addr}")).with_cause(e))?;
@@ -191,20 +196,37 @@ impl HttpServer {
                 let stopping = stopping.clone();
                 let service = service.clone();
                 let metrics = metrics.clone();
+                let fatal = fatal.clone();
                 std::thread::Builder::new()
                     .name(format!("{name}-http-{i}"))
                     .spawn(move || {
-                        worker(name, &server, &stopping, &*service, &metrics, read_timeout)
+                        worker(
+                            name,
+                            &server,
+                            &stopping,
+                            &*service,
+                            &metrics,
+                            read_timeout,
+                            &fatal,
+                        )
                     })
                     .expect("spawning an HTTP worker thread")
             })
             .collect();
+        let keeper = {
+            let stopping = stopping.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-accept-keeper"))
+                .spawn(move || keep_accepting(addr, read_timeout, &stopping))
+                .expect("spawning the accept keeper")
+        };
         info!("{name} listening on http://{addr}");
         Ok(HttpServer {
             addr,
             server,
             stopping,
             workers,
+            keeper,
         })
     }
 
@@ -217,6 +239,7 @@ impl HttpServer {
         for w in self.workers {
             let _ = w.join();
         }
+        let _ = self.keeper.join();
     }
 }
 
@@ -225,6 +248,10 @@ impl HttpServer {
 /// itself and accepts connections on its own thread. std has no setter on a listener, so we
 /// borrow the descriptor as a `TcpStream` (never dropped, so never closed) to reach the same
 /// `setsockopt` calls.
+///
+/// The catch: SO_RCVTIMEO also bounds `accept`, and tiny_http's accept thread gives up for
+/// good on its first error. `keep_accepting` therefore connects to the listener well within
+/// every timeout period, so `accept` never waits long enough to time out.
 fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd};
     // SAFETY: the descriptor is valid for the listener's lifetime and ManuallyDrop keeps the
@@ -235,6 +262,28 @@ fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<(
     Ok(())
 }
 
+/// Opens and closes a connection to `addr` every quarter of `timeout` (see
+/// `set_inherited_timeouts`). tiny_http reads EOF on it and forgets it.
+fn keep_accepting(addr: SocketAddr, timeout: Duration, stopping: &AtomicBool) {
+    let target = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    };
+    let interval = (timeout / 4).max(Duration::from_millis(5));
+    let tick = interval.min(Duration::from_millis(100));
+    let mut next = Instant::now() + interval;
+    while !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(tick);
+        if Instant::now() >= next {
+            let _ = TcpStream::connect_timeout(&target, interval);
+            next = Instant::now() + interval;
+        }
+    }
+}
+
 fn worker<S: Service>(
     name: &'static str,
     server: &Server,
@@ -242,13 +291,16 @@ fn worker<S: Service>(
     service: &S,
     metrics: &HttpMetrics,
     read_timeout: Duration,
+    fatal: &Sender<String>,
 ) {
     while !stopping.load(Ordering::SeqCst) {
         let rq = match server.recv() {
             Ok(rq) => rq,
             Err(e) => {
                 if !stopping.load(Ordering::SeqCst) {
-                    warn!("{name}: accept error: {e}");
+                    // tiny_http's accept thread has exited: nothing will ever arrive again.
+                    error!("{name}: the HTTP server stopped accepting connections: {e}");
+                    let _ = fatal.try_send(format!("{name}: {e}"));
                 }
                 continue;
             }

@@ -52,10 +52,10 @@ fn run(config: &Config, role: Role) -> cqrs_analytics::Result<()> {
     }
     let mut running = app::start(config, role)?;
     let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
-    running.shutdown().wait();
+    let outcome = running.wait();
     running.stop();
     signals.join();
-    Ok(())
+    outcome
 }
 
 fn run_migrate() -> ExitCode {

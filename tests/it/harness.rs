@@ -73,8 +73,8 @@ fn templates() -> &'static (String, String) {
 static SHARED_SERVICES: RwLock<()> = RwLock::new(());
 
 enum ServiceGuard {
-    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
-    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+    Shared(RwLockReadGuard<'static, ()>),
+    Exclusive(RwLockWriteGuard<'static, ()>),
 }
 
 /// A pair of fresh databases and unique broker names for one test.

@@ -2,6 +2,8 @@
 //! talks to the real PostgreSQL and RabbitMQ over real connections and to our services over
 //! real HTTP on loopback. `harness` gives each test its own databases and broker names.
 
+// Not every test module uses every helper.
+#[allow(dead_code)]
 mod harness;
 
 mod deployment;

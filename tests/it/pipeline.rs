@@ -1,1 +1,336 @@
-//! placeholder
+//! The event pipeline end to end on the real broker: outbox → RabbitMQ → consumers → read
+//! model → query service. Each test ends by checking the read model against the write
+//! model in SQL, so a lost or doubled event cannot hide.
+
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, Publish};
+use cqrs_analytics::app::Role;
+use serde_json::json;
+
+use crate::harness::*;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = get(addr, "/metrics").body;
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn seed_end_to_end_flow_through_all() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let (c, q) = (app.command(), app.query());
+    let pid = create_product(c, "Wireless Mouse", "Electronics", 29.99, 100);
+    // The product appears in the read model with zero totals.
+    wait_until("the product in the read model", CONVERGE, || {
+        let r = get(q, &format!("/api/analytics/products/{pid}/sales"));
+        (r.status == 200).then_some(())
+    });
+    let r = get(q, "/api/analytics/categories/Electronics/revenue");
+    assert_eq!(
+        r.json(),
+        json!({"category": "Electronics", "totalRevenue": 0.0, "totalOrders": 0})
+    );
+    let r = post_json(
+        c,
+        "/api/orders",
+        &json!({"customerId": 50, "items": [{"productId": pid, "quantity": 3, "price": 29.99}]}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let sales = wait_until("the order in the read model", CONVERGE, || {
+        let r = get(q, &format!("/api/analytics/products/{pid}/sales"));
+        (r.json()["orderCount"] == json!(1)).then(|| r.body)
+    });
+    assert_eq!(
+        sales,
+        format!(
+            r#"{{"productId":{pid},"totalQuantitySold":3,"totalRevenue":89.97,"orderCount":1}}"#
+        )
+    );
+    assert_eq!(
+        get(q, "/api/analytics/categories/Electronics/revenue").json(),
+        json!({"category": "Electronics", "totalRevenue": 89.97, "totalOrders": 1})
+    );
+    let ltv = get(q, "/api/analytics/customers/50/lifetime-value").json();
+    assert_eq!(
+        (ltv["totalSpent"].clone(), ltv["orderCount"].clone()),
+        (json!(89.97), json!(1))
+    );
+    let status = wait_until("sync status caught up", CONVERGE, || {
+        let b = get(q, "/api/analytics/sync-status").json();
+        (b["pendingOutboxEvents"] == json!(0) && b["pendingBrokerMessages"] == json!(0))
+            .then_some(b)
+    });
+    assert!(status["lagSeconds"].as_f64().unwrap() < 5.0, "{status}");
+    assert_eq!(
+        status["lastProcessedEventTimestamp"].as_str().unwrap(),
+        ltv["lastOrderDate"].as_str().unwrap()
+    );
+    assert_eq!(status["eventsApplied"], json!(2));
+    assert!(
+        status["endToEndLatencyMs"]["p50"].as_f64().is_some(),
+        "{status}"
+    );
+    let hours = get(q, "/api/analytics/sales/hourly").json();
+    assert_eq!(hours["hours"][0]["totalOrders"], json!(1));
+    assert_eq!(hours["hours"][0]["totalRevenue"], json!(89.97));
+    // Every service reports healthy and exports metrics.
+    for addr in [c, q, app.consumer()] {
+        assert_eq!(get(addr, "/health").status, 200);
+    }
+    assert!(metric(c, "outbox_published_total") >= 2.0);
+    assert!(metric(app.consumer(), "consumer_events_applied_total") >= 2.0);
+    assert_converges(&env, CONVERGE);
+}
+
+/// Publishes `payload` by hand to the test's exchange, as a duplicate delivery would arrive.
+fn publish_raw(env: &TestEnv, routing_key: &str, payload: &[u8], message_id: &str) {
+    let (conn, ch) = env.amqp();
+    ch.enable_publisher_confirms().unwrap();
+    let confirms = ch.listen_for_publisher_confirms().unwrap();
+    let props = AmqpProperties::default()
+        .with_message_id(message_id.to_string())
+        .with_delivery_mode(2);
+    ch.basic_publish(
+        env.broker.exchange.as_str(),
+        Publish::with_properties(payload, routing_key, props),
+    )
+    .unwrap();
+    confirms
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a confirm");
+    conn.close().unwrap();
+}
+
+#[test]
+fn the_same_event_delivered_twice_is_applied_once() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let c = app.command();
+    let pid = create_product(c, "p", "Dup", 1.25, 100);
+    for i in 0..5 {
+        let r = post_json(
+            c,
+            "/api/orders",
+            &json!({"customerId": 7 + i, "items": [{"productId": pid, "quantity": 2}]}),
+        );
+        assert_eq!(r.status, 201);
+    }
+    assert_converges(&env, CONVERGE);
+    // Re-send every event that was already applied, twice.
+    let rows = env
+        .write()
+        .query(
+            "SELECT topic, payload::text, payload->>'eventId' FROM outbox",
+            &[],
+        )
+        .unwrap();
+    for row in &rows {
+        for _ in 0..2 {
+            publish_raw(
+                &env,
+                row.get(0),
+                row.get::<_, String>(1).as_bytes(),
+                row.get(2),
+            );
+        }
+    }
+    let consumer = app.consumer();
+    wait_until("the duplicates to be dropped", CONVERGE, || {
+        (metric(consumer, "consumer_duplicates_dropped_total") >= 2.0 * rows.len() as f64)
+            .then_some(())
+    });
+    assert_converges(&env, CONVERGE);
+    let applied: i64 = env
+        .read()
+        .query_one("SELECT events_applied FROM sync_status", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, rows.len() as i64);
+}
+
+#[test]
+fn three_publishers_and_three_consumers_over_ten_thousand_orders() {
+    let env = TestEnv::new();
+    let tweak = |c: &mut cqrs_analytics::Config| {
+        c.command_http_workers = 4;
+        c.write_pool_size = 4;
+        c.consumer_threads = 1;
+    };
+    let commands: Vec<_> = (0..3)
+        .map(|_| env.start_with(Role::Command, tweak))
+        .collect();
+    let consumers: Vec<_> = (0..3)
+        .map(|_| env.start_with(Role::Consumer, tweak))
+        .collect();
+    let addrs: Vec<_> = commands.iter().map(|a| a.command()).collect();
+    let products: Vec<i64> = (0..20)
+        .map(|i| {
+            create_product(
+                addrs[i % 3],
+                &format!("p{i}"),
+                &format!("cat{}", i % 4),
+                0.5 + i as f64,
+                10_000_000,
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..12)
+        .map(|t| {
+            let addr = addrs[t % 3];
+            let products = products.clone();
+            thread::spawn(move || {
+                let mut statuses = Vec::new();
+                for i in 0..(10_000 / 12 + 1) {
+                    let n = t * 1000 + i;
+                    let a = products[n % products.len()];
+                    let b = products[(n * 7 + 3) % products.len()];
+                    let mut items = vec![json!({"productId": a, "quantity": 1 + n % 3})];
+                    if a != b {
+                        items.push(json!({"productId": b, "quantity": 1}));
+                    }
+                    statuses.push(
+                        post_json(
+                            addr,
+                            "/api/orders",
+                            &json!({"customerId": 1 + n % 500, "items": items}),
+                        )
+                        .status,
+                    );
+                }
+                statuses
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(statuses.len() >= 10_000);
+    assert!(
+        statuses.iter().all(|s| *s == 201),
+        "non-201: {:?}",
+        statuses.iter().filter(|s| **s != 201).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{} orders through 3 command services in {:?}",
+        statuses.len(),
+        started.elapsed()
+    );
+    // Inject duplicates: re-publish a sample of already published events.
+    let rows = env
+        .write()
+        .query(
+            "SELECT topic, payload::text, payload->>'eventId' FROM outbox ORDER BY id LIMIT 200",
+            &[],
+        )
+        .unwrap();
+    for row in &rows {
+        publish_raw(
+            &env,
+            row.get(0),
+            row.get::<_, String>(1).as_bytes(),
+            row.get(2),
+        );
+    }
+    assert_converges(&env, CONVERGE);
+    let published: i64 = env
+        .write()
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 0, "unpublished rows remain");
+    let processed: i64 = env
+        .read()
+        .query_one("SELECT count(*) FROM processed_events", &[])
+        .unwrap()
+        .get(0);
+    let events: i64 = env
+        .write()
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(processed, events);
+    let dropped: f64 = consumers
+        .iter()
+        .map(|c| metric(c.consumer(), "consumer_duplicates_dropped_total"))
+        .sum();
+    assert!(
+        dropped >= rows.len() as f64,
+        "dropped {dropped} duplicates, injected {}",
+        rows.len()
+    );
+    eprintln!(
+        "converged {:?} after the start; {dropped} duplicates dropped",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_stops_the_binary_cleanly() {
+    let env = TestEnv::new();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (cp, qp, kp) = (free_port(), free_port(), free_port());
+    let b = &env.broker;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+        .arg("all")
+        .env("DATABASE_URL", env.write_url())
+        .env("READ_DATABASE_URL", env.read_url())
+        .env("BROKER_URL", broker_url())
+        .env("HTTP_BIND_ADDR", "127.0.0.1")
+        .env("COMMAND_SERVICE_PORT", cp.to_string())
+        .env("QUERY_SERVICE_PORT", qp.to_string())
+        .env("CONSUMER_SERVICE_PORT", kp.to_string())
+        .env("BROKER_EXCHANGE", &b.exchange)
+        .env("BROKER_PRODUCT_QUEUE", &b.product_queue)
+        .env("BROKER_ORDER_QUEUE", &b.order_queue)
+        .env("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange)
+        .env("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let command: std::net::SocketAddr = format!("127.0.0.1:{cp}").parse().unwrap();
+    wait_until("the binary to answer /health", CONVERGE, || {
+        std::net::TcpStream::connect(command)
+            .ok()
+            .and_then(|_| (get(command, "/health").status == 200).then_some(()))
+    });
+    let pid = create_product(command, "p", "c", 1.0, 10);
+    assert_eq!(
+        post_json(
+            command,
+            "/api/orders",
+            &json!({"customerId": 1, "items": [{"productId": pid, "quantity": 1}]})
+        )
+        .status,
+        201
+    );
+    assert_converges(&env, CONVERGE);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_until("the binary to exit", Duration::from_secs(20), || {
+        child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+}

@@ -666,3 +666,16 @@ fn database_down_gives_503_not_a_hang() {
     assert_eq!(r.status, 503);
     assert!(r.body.contains("write database"), "{}", r.body);
 }
+
+#[test]
+fn the_server_keeps_accepting_after_idling_longer_than_the_read_timeout() {
+    // SO_RCVTIMEO, inherited by accepted sockets, also bounds accept(); tiny_http's accept
+    // thread exits on its first error. Idle for several timeouts, then ask again.
+    let env = TestEnv::new();
+    let app = env.start_with(Role::Command, |c| {
+        c.http_read_timeout = std::time::Duration::from_millis(100)
+    });
+    assert_eq!(get(app.command(), "/health").status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(get(app.command(), "/health").status, 200);
+}
