@@ -46,7 +46,7 @@ fn seed_end_to_end_flow_through_all() {
     assert_eq!(r.status, 201, "{}", r.body);
     let sales = wait_until("the order in the read model", CONVERGE, || {
         let r = get(q, &format!("/api/analytics/products/{pid}/sales"));
-        (r.json()["orderCount"] == json!(1)).then(|| r.body)
+        (r.json()["orderCount"] == json!(1)).then_some(r.body)
     });
     assert_eq!(
         sales,

@@ -637,8 +637,8 @@ fn ten_orders_at_ten_cents_sum_to_exactly_one() {
         "ten orders in the read model",
         std::time::Duration::from_secs(20),
         || {
-            let r = get(q, &format!("/api/analytics/customers/5/lifetime-value"));
-            (r.status == 200 && r.json()["orderCount"] == json!(10)).then(|| r.body)
+            let r = get(q, "/api/analytics/customers/5/lifetime-value");
+            (r.status == 200 && r.json()["orderCount"] == json!(10)).then_some(r.body)
         },
     );
     assert!(body.contains("\"totalSpent\":1.00"), "{body}");
