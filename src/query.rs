@@ -3,6 +3,7 @@
 //! PostgreSQL as NUMERIC text and goes into the JSON as that same text, so it is exact.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -22,7 +23,7 @@ pub struct QueryService {
     /// The write DB, read-only, to see events still waiting in the outbox.
     write: Option<Pool>,
     config: Config,
-    broker: Mutex<Option<(amiquip::Connection, amiquip::Channel)>>,
+    broker: Mutex<BrokerProbe>,
 }
 
 impl QueryService {
@@ -31,7 +32,7 @@ impl QueryService {
             read,
             write,
             config,
-            broker: Mutex::new(None),
+            broker: Mutex::default(),
         }
     }
 
@@ -204,15 +205,30 @@ impl QueryService {
     }
 
     /// Ready messages in the two event queues, or None when the broker cannot be asked.
+    /// After a failed connection attempt the broker is not asked again for a few seconds,
+    /// so sync-status stays fast while the broker is down.
     fn broker_depth(&self) -> Option<(i64, i64)> {
-        let mut guard = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        let mut probe = self.broker.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..2 {
-            if guard.is_none() {
-                let mut conn = crate::broker::connect(&self.config).ok()?;
-                let channel = conn.open_channel(None).ok()?;
-                *guard = Some((conn, channel));
+            if probe.channel.is_none() {
+                if probe
+                    .failed_at
+                    .is_some_and(|t| t.elapsed() < BROKER_RETRY_AFTER)
+                {
+                    return None;
+                }
+                match crate::broker::connect(&self.config).and_then(|mut conn| {
+                    let channel = conn.open_channel(None)?;
+                    Ok((conn, channel))
+                }) {
+                    Ok(pair) => probe.channel = Some(pair),
+                    Err(_) => {
+                        probe.failed_at = Some(Instant::now());
+                        return None;
+                    }
+                }
             }
-            let (_, channel) = guard.as_ref().expect("just set");
+            let (_, channel) = probe.channel.as_ref().expect("just set");
             let depth = |q: &str| {
                 channel
                     .queue_declare_passive(q)
@@ -223,14 +239,23 @@ impl QueryService {
                 depth(&self.config.broker.order_queue),
             ) {
                 (Ok(p), Ok(o)) => return Some((p, o)),
-                // The channel is closed after a failed passive declare (e.g. no such queue
-                // yet): reconnect once, then give up until the next request.
-                _ => *guard = None,
+                // A failed passive declare closes the channel (e.g. no such queue yet), and a
+                // broker restart closes the connection: start over once.
+                _ => probe.channel = None,
             }
         }
         None
     }
 }
+
+/// The query service's connection for asking the broker about queue depths.
+#[derive(Default)]
+struct BrokerProbe {
+    channel: Option<(amiquip::Connection, amiquip::Channel)>,
+    failed_at: Option<Instant>,
+}
+
+const BROKER_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Events committed on the write side and not yet applied.
 struct Backlog {
