@@ -13,6 +13,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /app
 
 COPY Cargo.toml Cargo.lock ./
+# The patched tiny_http ([patch.crates-io] in Cargo.toml) is a dependency: it
+# belongs to the dependency layer.
+COPY vendor ./vendor
 
 # Dependency layer. Cargo refuses to read a manifest whose declared targets
 # are missing, so every `path = "....rs"` in Cargo.toml (lib, the bin, the

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
 use log::{info, warn};
 
 use crate::command::CommandService;
@@ -50,21 +49,12 @@ pub struct Running {
     threads: Vec<JoinHandle<()>>,
     trigger: Option<Trigger>,
     shutdown: Shutdown,
-    fatal: Receiver<String>,
 }
 
 impl Running {
     /// The shutdown signal the background threads watch.
     pub fn shutdown(&self) -> &Shutdown {
         &self.shutdown
-    }
-
-    /// Blocks until shutdown is triggered (Ok) or a service fails beyond repair (Err).
-    pub fn wait(&self) -> Result<()> {
-        select! {
-            recv(self.shutdown.receiver()) -> _ => Ok(()),
-            recv(self.fatal) -> msg => Err(Error::internal(format!("fatal: {}", msg.unwrap_or_default()))),
-        }
     }
 
     /// Takes the trigger, so that something else (a signal thread) can fire it.
@@ -139,7 +129,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         .parse()
         .map_err(|_| Error::config("HTTP_BIND_ADDR is not an IP address"))?;
     let (trigger, shutdown) = shutdown::channel();
-    let (fatal_tx, fatal) = crossbeam_channel::bounded(8);
     let mut running = Running {
         command_addr: None,
         query_addr: None,
@@ -148,7 +137,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         threads: Vec::new(),
         trigger: Some(trigger),
         shutdown: shutdown.clone(),
-        fatal,
     };
     let timeout = config.http_read_timeout;
     if role.runs_command() {
@@ -187,7 +175,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
             config.command_http_workers,
             timeout,
             service,
-            fatal_tx.clone(),
         )?;
         running.command_addr = Some(server.addr);
         running.servers.push(server);
@@ -213,7 +200,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
             2,
             timeout,
             Arc::new(ConsumerHttp { pool, metrics }),
-            fatal_tx.clone(),
         )?;
         running.consumer_addr = Some(server.addr);
         running.servers.push(server);
@@ -240,7 +226,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
             config.query_http_workers,
             timeout,
             service,
-            fatal_tx.clone(),
         )?;
         running.query_addr = Some(server.addr);
         running.servers.push(server);

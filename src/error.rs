@@ -91,6 +91,15 @@ impl Error {
         self
     }
 
+    /// The extra field `name` of the JSON body, if set.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.0
+            .fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    }
+
     pub fn kind(&self) -> Kind {
         self.0.kind
     }

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use log::{error, info};
 use tiny_http::{Header, Method, Server};
 
@@ -112,13 +111,16 @@ pub fn not_found() -> (&'static str, Result<Response>) {
 
 /// Builds the 405 for a known path with another method.
 pub fn method_not_allowed(route: &'static str, allowed: &str) -> (&'static str, Result<Response>) {
-    (
-        route,
-        Err(Error::new(
-            Kind::MethodNotAllowed,
-            format!("method not allowed; use {allowed}"),
-        )),
+    (route, Err(method_error(allowed)))
+}
+
+/// A 405 whose `allowed` field becomes the response's `Allow` header.
+fn method_error(allowed: &str) -> Error {
+    Error::new(
+        Kind::MethodNotAllowed,
+        format!("method not allowed; use {allowed}"),
     )
+    .with_field("allowed", allowed)
 }
 
 /// Request counts and latency sums by route and status.
@@ -164,21 +166,17 @@ pub struct HttpServer {
     server: Arc<Server>,
     stopping: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
-    keeper: JoinHandle<()>,
 }
 
 impl HttpServer {
     /// Binds `addr`, sets the socket timeouts that every accepted connection inherits, and
     /// starts `workers` threads that serve `service`.
-    ///
-    /// A message on `fatal` means the server can no longer accept connections.
     pub fn start<S: Service>(
         name: &'static str,
         addr: SocketAddr,
         workers: usize,
         read_timeout: Duration,
         service: Arc<S>,
-        fatal: Sender<String>,
     ) -> Result<HttpServer> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::config(format!("{name}: cannot listen on {addr}")).with_cause(e))?;
@@ -196,37 +194,20 @@ impl HttpServer {
                 let stopping = stopping.clone();
                 let service = service.clone();
                 let metrics = metrics.clone();
-                let fatal = fatal.clone();
                 std::thread::Builder::new()
                     .name(format!("{name}-http-{i}"))
                     .spawn(move || {
-                        worker(
-                            name,
-                            &server,
-                            &stopping,
-                            &*service,
-                            &metrics,
-                            read_timeout,
-                            &fatal,
-                        )
+                        worker(name, &server, &stopping, &*service, &metrics, read_timeout)
                     })
                     .expect("spawning an HTTP worker thread")
             })
             .collect();
-        let keeper = {
-            let stopping = stopping.clone();
-            std::thread::Builder::new()
-                .name(format!("{name}-accept-keeper"))
-                .spawn(move || keep_accepting(addr, read_timeout, &stopping))
-                .expect("spawning the accept keeper")
-        };
         info!("{name} listening on http://{addr}");
         Ok(HttpServer {
             addr,
             server,
             stopping,
             workers,
-            keeper,
         })
     }
 
@@ -239,7 +220,6 @@ impl HttpServer {
         for w in self.workers {
             let _ = w.join();
         }
-        let _ = self.keeper.join();
     }
 }
 
@@ -249,9 +229,8 @@ impl HttpServer {
 /// borrow the descriptor as a `TcpStream` (never dropped, so never closed) to reach the same
 /// `setsockopt` calls.
 ///
-/// The catch: SO_RCVTIMEO also bounds `accept`, and tiny_http's accept thread gives up for
-/// good on its first error. `keep_accepting` therefore connects to the listener well within
-/// every timeout period, so `accept` never waits long enough to time out.
+/// SO_RCVTIMEO also bounds `accept`; upstream tiny_http ended its accept thread on the first
+/// error, so our vendored copy (vendor/tiny_http) keeps accepting instead.
 fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd};
     // SAFETY: the descriptor is valid for the listener's lifetime and ManuallyDrop keeps the
@@ -262,28 +241,6 @@ fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<(
     Ok(())
 }
 
-/// Opens and closes a connection to `addr` every quarter of `timeout` (see
-/// `set_inherited_timeouts`). tiny_http reads EOF on it and forgets it.
-fn keep_accepting(addr: SocketAddr, timeout: Duration, stopping: &AtomicBool) {
-    let target = match addr.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => {
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        }
-        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
-        _ => addr,
-    };
-    let interval = (timeout / 4).max(Duration::from_millis(5));
-    let tick = interval.min(Duration::from_millis(100));
-    let mut next = Instant::now() + interval;
-    while !stopping.load(Ordering::SeqCst) {
-        std::thread::sleep(tick);
-        if Instant::now() >= next {
-            let _ = TcpStream::connect_timeout(&target, interval);
-            next = Instant::now() + interval;
-        }
-    }
-}
-
 fn worker<S: Service>(
     name: &'static str,
     server: &Server,
@@ -291,19 +248,13 @@ fn worker<S: Service>(
     service: &S,
     metrics: &HttpMetrics,
     read_timeout: Duration,
-    fatal: &Sender<String>,
 ) {
     while !stopping.load(Ordering::SeqCst) {
         let rq = match server.recv() {
             Ok(rq) => rq,
-            Err(e) => {
-                if !stopping.load(Ordering::SeqCst) {
-                    // tiny_http's accept thread has exited: nothing will ever arrive again.
-                    error!("{name}: the HTTP server stopped accepting connections: {e}");
-                    let _ = fatal.try_send(format!("{name}: {e}"));
-                }
-                continue;
-            }
+            // Only `unblock()` (at stop) makes recv fail: our tiny_http never ends its accept
+            // thread.
+            Err(_) => continue,
         };
         serve_one(name, rq, service, metrics, read_timeout);
     }
@@ -321,23 +272,33 @@ fn serve_one<S: Service>(
         Ok(req) => dispatch(name, &req, service, metrics),
         Err(e) => ("unmatched", Err(e)),
     };
+    let mut allow = None;
     let response = match result {
         Ok(r) => r,
         Err(e) => {
             if e.status() >= 500 {
                 error!("{name} {} {}: {e}", rq.method(), rq.url());
             }
+            allow = e
+                .field("allowed")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
             Response::json(e.status(), e.to_json())
         }
     };
     metrics.record(route, response.status, started.elapsed().as_secs_f64());
     let len = response.body.len();
-    let out = tiny_http::Response::new(
-        response.status.into(),
+    let mut headers =
         vec![
             Header::from_bytes(&b"Content-Type"[..], response.content_type.as_bytes())
                 .expect("static header"),
-        ],
+        ];
+    if let Some(allow) = allow {
+        headers.push(Header::from_bytes(&b"Allow"[..], allow.as_bytes()).expect("ASCII header"));
+    }
+    let out = tiny_http::Response::new(
+        response.status.into(),
+        headers,
         std::io::Cursor::new(response.body.into_bytes()),
         Some(len),
         None,
@@ -376,10 +337,7 @@ fn only_get(req: &Request) -> Result<()> {
     if req.method == Method::Get || req.method == Method::Head {
         Ok(())
     } else {
-        Err(Error::new(
-            Kind::MethodNotAllowed,
-            "method not allowed; use GET",
-        ))
+        Err(method_error("GET, HEAD"))
     }
 }
 

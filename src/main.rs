@@ -52,10 +52,10 @@ fn run(config: &Config, role: Role) -> cqrs_analytics::Result<()> {
     }
     let mut running = app::start(config, role)?;
     let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
-    let outcome = running.wait();
+    running.shutdown().wait();
     running.stop();
     signals.join();
-    outcome
+    Ok(())
 }
 
 fn run_migrate() -> ExitCode {

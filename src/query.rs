@@ -57,8 +57,12 @@ impl QueryService {
 
     fn category_revenue(&self, raw: &str) -> Result<Response> {
         let category = percent_decode(raw, false)?;
-        if category.is_empty() {
-            return Err(Error::bad_request("category must not be empty"));
+        if category.is_empty() || category.contains('\0') {
+            // No stored category is empty or holds NUL (the write side refuses both), and
+            // PostgreSQL text cannot even carry NUL: say so instead of asking.
+            return Err(Error::bad_request(
+                "category must be a non-empty string without NUL",
+            ));
         }
         let mut conn = self.read.get()?;
         let stmt = conn.prepared(CATEGORY_REVENUE)?;

@@ -7,6 +7,8 @@
 mod harness;
 
 mod deployment;
+mod faults;
+mod hostile;
 mod pipeline;
 mod read_api;
 mod write_api;

@@ -220,6 +220,7 @@ fn unknown_routes_and_methods_get_json_404_and_405() {
     assert!(r.json()["error"].is_string());
     let r = get(a, "/api/orders");
     assert_eq!(r.status, 405, "{}", r.body);
+    assert!(r.headers.contains("Allow: POST"), "{}", r.headers);
     assert!(r.json()["error"].is_string());
     let r = request(a, "DELETE", "/api/products", &[], b"");
     assert_eq!(r.status, 405);
