@@ -1,0 +1,955 @@
+//! Fault injection against the real PostgreSQL and RabbitMQ: the broker stopped, the
+//! publisher's process killed with SIGKILL, a consumer dying between its commit and its
+//! ack, database connections terminated, poison messages, unroutable publishes. Every
+//! scenario runs under a steady order load posted over HTTP and ends with the invariant
+//! *read model == write model after quiescence*, checked in SQL: nothing lost, nothing
+//! doubled, money exact. Each prints one `FAULT-REPORT` line with the figures it saw, which
+//! the README's reliability table quotes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, FieldTable, Publish};
+use cqrs_analytics::app::Role;
+use cqrs_analytics::event::Event;
+use uuid::Uuid;
+
+use crate::harness::*;
+
+/// How long a load client waits for an answer before calling it a hang.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the read model may take to catch up once the load has stopped.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------
+// Load: a few client threads posting orders over real HTTP, recording every outcome.
+// ---------------------------------------------------------------------------------------
+
+/// What one request came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Status(u16, String),
+    /// Connection refused or reset: the server process was not there (SIGKILL scenario).
+    Io(String),
+    /// No answer within `CLIENT_TIMEOUT`: a hang.
+    Timeout,
+}
+
+/// Posts one order on a fresh connection, with connect and read timeouts.
+fn post_order(addr: SocketAddr, body: &str) -> Outcome {
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Io(e.kind().to_string()),
+    };
+    s.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    let req = format!(
+        "POST /api/orders HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        return Outcome::Io(e.kind().to_string());
+    }
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            return Outcome::Timeout
+        }
+        Err(e) if raw.is_empty() => return Outcome::Io(e.kind().to_string()),
+        Err(_) => {}
+    }
+    let text = String::from_utf8_lossy(&raw);
+    match text.get(9..12).and_then(|s| s.parse().ok()) {
+        Some(status) => {
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            Outcome::Status(status, body.chars().take(200).collect())
+        }
+        None if raw.is_empty() => Outcome::Io("empty response".into()),
+        None => Outcome::Io(format!("malformed response {text:?}")),
+    }
+}
+
+/// Every outcome the load saw, with when it came back.
+#[derive(Default)]
+struct LoadLog {
+    outcomes: Vec<(Instant, Outcome)>,
+}
+
+impl LoadLog {
+    fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes.iter().filter(|(_, o)| pred(o)).count()
+    }
+
+    fn created(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Status(201, _)))
+    }
+
+    fn status_5xx(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Status(s, _) if *s >= 500))
+    }
+
+    /// A histogram of outcomes, for failure messages.
+    fn summary(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (_, o) in &self.outcomes {
+            let k = match o {
+                Outcome::Status(s, _) => s.to_string(),
+                Outcome::Io(e) => format!("io:{e}"),
+                Outcome::Timeout => "timeout".into(),
+            };
+            *m.entry(k).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// The outcomes other than `allowed` statuses (and, if `io_ok`, I/O errors).
+    fn unexpected(&self, allowed: &[u16], io_ok: bool) -> Vec<Outcome> {
+        self.outcomes
+            .iter()
+            .map(|(_, o)| o)
+            .filter(|o| match o {
+                Outcome::Status(s, _) => !allowed.contains(s),
+                Outcome::Io(_) => !io_ok,
+                Outcome::Timeout => true,
+            })
+            .take(10)
+            .cloned()
+            .collect()
+    }
+}
+
+/// A steady order load: `threads` clients posting orders for `products` (a few ms apart)
+/// until stopped. Stops and joins its threads on drop too, so a failing test cleans up.
+struct Load {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<LoadLog>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, products: &[i64], threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(LoadLog::default()));
+        let threads = (0..threads)
+            .map(|t| {
+                let (stop, log, products) = (stop.clone(), log.clone(), products.to_vec());
+                thread::spawn(move || {
+                    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ ((t as u64 + 1) * 0x1234_5678);
+                    let mut next = move |n: u64| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed % n
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let first = next(products.len() as u64) as usize;
+                        let mut items = vec![(products[first], next(3) + 1)];
+                        if next(2) == 0 {
+                            let second = (first + 1) % products.len();
+                            items.push((products[second], next(2) + 1));
+                        }
+                        let items: Vec<String> = items
+                            .iter()
+                            .map(|(p, q)| format!(r#"{{"productId":{p},"quantity":{q}}}"#))
+                            .collect();
+                        let body = format!(
+                            r#"{{"customerId":{},"items":[{}]}}"#,
+                            next(40) + 1,
+                            items.join(",")
+                        );
+                        let outcome = post_order(addr, &body);
+                        let failed = !matches!(outcome, Outcome::Status(201, _));
+                        log.lock().unwrap().outcomes.push((Instant::now(), outcome));
+                        // Back off a little more after a failure, as a real client would.
+                        thread::sleep(Duration::from_millis(if failed { 50 } else { 8 }));
+                    }
+                })
+            })
+            .collect();
+        Load { stop, log, threads }
+    }
+
+    fn created(&self) -> usize {
+        self.log.lock().unwrap().created()
+    }
+
+    /// Stops the clients, joins them and returns what they saw.
+    fn stop(mut self) -> LoadLog {
+        self.halt();
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Four products in two categories with plenty of stock; returns their ids.
+fn seed_products(addr: SocketAddr) -> Vec<i64> {
+    [
+        ("Laptop", "Electronics", 1299.99),
+        ("Mouse", "Electronics", 19.99),
+        ("Mug", "Home & Garden", 5.25),
+        ("Sticker", "Home & Garden", 0.10),
+    ]
+    .iter()
+    .map(|(n, c, p)| create_product(addr, n, c, *p, 10_000_000))
+    .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Observation: metrics, ledgers, recovery time, the report line.
+// ---------------------------------------------------------------------------------------
+
+/// The value of an unlabelled Prometheus sample `name` at `addr`'s /metrics.
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{}", r.body))
+}
+
+/// The event ids of every outbox row committed so far.
+fn outbox_event_ids(env: &TestEnv) -> Vec<Uuid> {
+    env.write()
+        .query("SELECT (payload->>'eventId')::uuid FROM outbox", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// How many of `ids` the read model has applied.
+fn applied_among(env: &TestEnv, ids: &[Uuid]) -> usize {
+    let n: i64 = env
+        .read()
+        .query_one(
+            "SELECT count(*) FROM processed_events WHERE event_id = ANY($1)",
+            &[&ids],
+        )
+        .unwrap()
+        .get(0);
+    n as usize
+}
+
+/// Waits until every event committed before `since` (the end of the fault) is applied in
+/// the read model, while the load goes on; returns the time that took.
+fn wait_recovered(env: &TestEnv, since: Instant, timeout: Duration) -> Duration {
+    let ids = outbox_event_ids(env);
+    wait_until(
+        "every event committed before the fault ended to reach the read model",
+        timeout,
+        || (applied_among(env, &ids) == ids.len()).then_some(()),
+    );
+    since.elapsed()
+}
+
+/// Waits for the read model to equal the write model, printing both sides if it does not,
+/// then runs the harness's full check (every view).
+fn converge(env: &TestEnv) {
+    let (mut w, mut r) = (env.write(), env.read());
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let (want, got) = (write_totals(&mut w), read_totals(&mut r));
+        if want == got {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the read model did not converge within {CONVERGE_TIMEOUT:?}:\n  write (orders, qty, revenue, spend) = {want:?}\n  read                                 = {got:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_converges(env, Duration::from_secs(1));
+}
+
+/// Events lost (committed in the outbox, never applied) and orders applied more than once,
+/// measured after convergence.
+fn ledger(env: &TestEnv) -> (usize, i64) {
+    let ids = outbox_event_ids(env);
+    let lost = ids.len() - applied_among(env, &ids);
+    let (write_orders, ..) = write_totals(&mut env.write());
+    let (read_orders, ..) = read_totals(&mut env.read());
+    (lost, (read_orders - write_orders).max(0))
+}
+
+fn report(scenario: &str, env: &TestEnv, log: &LoadLog, recovery: Duration, extra: &str) {
+    let (lost, duplicates_applied) = ledger(env);
+    eprintln!(
+        "FAULT-REPORT {scenario} lost={lost} duplicates_applied={duplicates_applied} status_5xx={} recovery_ms={} orders_created={} {extra}",
+        log.status_5xx(),
+        recovery.as_millis(),
+        log.created(),
+    );
+    assert_eq!(lost, 0, "{scenario}: events lost");
+    assert_eq!(duplicates_applied, 0, "{scenario}: duplicates applied");
+}
+
+/// Waits until the load has had `n` more orders accepted.
+fn wait_for_orders(load: &Load, n: usize, what: &str) {
+    let target = load.created() + n;
+    wait_until(what, Duration::from_secs(10), || {
+        (load.created() >= target).then_some(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. The broker stopped and started again.
+// ---------------------------------------------------------------------------------------
+
+fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running rabbitmqctl {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Restarts the broker's application when dropped, so a failing test never leaves the
+/// shared broker stopped for the tests that follow.
+struct BrokerStopped;
+
+impl BrokerStopped {
+    fn stop() -> BrokerStopped {
+        rabbitmqctl(&["stop_app"]).unwrap();
+        BrokerStopped
+    }
+
+    fn start(self) {
+        drop(self);
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if let Err(e) = rabbitmqctl(&["start_app"]) {
+            eprintln!("{e}");
+        }
+        if let Err(e) = rabbitmqctl(&["await_startup"]) {
+            eprintln!("{e}");
+        }
+    }
+}
+
+#[test]
+fn broker_outage_accepts_every_order_and_drains_the_outbox() {
+    let env = TestEnv::exclusive();
+    let command = env.start(Role::Command);
+    let consumer = env.start(Role::Consumer);
+    let products = seed_products(command.command());
+    let load = Load::start(command.command(), &products, 4);
+    wait_for_orders(&load, 50, "orders before the outage");
+
+    let outage = BrokerStopped::stop();
+    let stopped_at = Instant::now();
+    let before = load.created();
+    thread::sleep(Duration::from_secs(4));
+    let during_outage = load.created() - before;
+    let unpublished: i64 = env
+        .write()
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    outage.start();
+    let fault_end = Instant::now();
+    let outage_ms = (fault_end - stopped_at).as_millis();
+
+    let recovery = wait_recovered(&env, fault_end, Duration::from_secs(20));
+    wait_for_orders(&load, 50, "orders after the outage");
+    let log = load.stop();
+    converge(&env);
+    let unexpected = log.unexpected(&[201], false);
+    assert!(
+        unexpected.is_empty(),
+        "every order during the outage must get 201; saw {:?}: {unexpected:?}",
+        log.summary()
+    );
+    assert!(
+        during_outage > 0 && unpublished > 0,
+        "the outage should have accepted orders ({during_outage}) and left them in the outbox ({unpublished})"
+    );
+    let reconnects = metric(command.command(), "outbox_session_errors_total");
+    let consumer_reconnects = metric(consumer.consumer(), "consumer_session_errors_total");
+    report(
+        "broker_outage",
+        &env,
+        &log,
+        recovery,
+        &format!(
+            "outage_ms={outage_ms} accepted_during_outage={during_outage} outbox_backlog={unpublished} publisher_session_errors={reconnects} consumer_session_errors={consumer_reconnects}"
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. The publisher's process killed with SIGKILL and restarted.
+// ---------------------------------------------------------------------------------------
+
+/// A free loopback port: bound, read and released.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real binary running `command-service` for this test; killed on drop.
+struct ChildService {
+    child: Child,
+    addr: SocketAddr,
+    log_path: std::path::PathBuf,
+}
+
+impl ChildService {
+    fn spawn(env: &TestEnv, port: u16, generation: u32) -> ChildService {
+        let log_path = std::env::temp_dir().join(format!("faults-{}-{generation}.log", env.id));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let b = &env.broker;
+        let child = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+            .arg("command-service")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("DATABASE_URL", env.write_url())
+            .env("READ_DATABASE_URL", env.read_url())
+            .env("BROKER_URL", broker_url())
+            .env("BROKER_EXCHANGE", &b.exchange)
+            .env("BROKER_PRODUCT_QUEUE", &b.product_queue)
+            .env("BROKER_ORDER_QUEUE", &b.order_queue)
+            .env("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange)
+            .env("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue)
+            .env("HTTP_BIND_ADDR", "127.0.0.1")
+            .env("COMMAND_SERVICE_PORT", port.to_string())
+            .env("COMMAND_HTTP_WORKERS", "8")
+            .env("WRITE_POOL_SIZE", "8")
+            .env("OUTBOX_POLL_INTERVAL_MS", "200")
+            .env("BROKER_RECONNECT_MAX_MS", "500")
+            .env("MIGRATE_ON_START", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning the command-service binary");
+        let mut service = ChildService {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log_path,
+        };
+        service.wait_healthy();
+        service
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("command-service exited with {status}; log:\n{}", self.log());
+            }
+            if let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let _ =
+                    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+                let mut raw = Vec::new();
+                let _ = s.read_to_end(&mut raw);
+                if raw.starts_with(b"HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "command-service did not become healthy; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown hook, no flush, no graceful anything.
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// Widens the window between "the broker confirmed the batch" and "the outbox rows are
+/// marked published" to 300 ms, so that a SIGKILL reliably lands inside it: the marking
+/// UPDATE sleeps in a statement trigger (on the test's own database only).
+const SLOW_MARK: &str = "
+CREATE FUNCTION it_slow_mark() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
+CREATE TRIGGER it_slow_mark BEFORE UPDATE ON outbox
+FOR EACH STATEMENT EXECUTE FUNCTION it_slow_mark();";
+
+#[test]
+fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
+    let env = TestEnv::new();
+    let consumer = env.start(Role::Consumer);
+    let port = free_port();
+    let first = ChildService::spawn(&env, port, 1);
+    let products = seed_products(first.addr);
+    let load = Load::start(first.addr, &products, 4);
+    wait_for_orders(&load, 50, "orders before the kill");
+
+    env.write().batch_execute(SLOW_MARK).unwrap();
+    // Kill while a confirmed batch is waiting to be marked: those messages are in the
+    // broker and will be published again by the next process.
+    let write_db = env.write_db.clone();
+    let mut probe = env.write();
+    wait_until(
+        "the publisher to be marking a confirmed batch",
+        Duration::from_secs(10),
+        || {
+            probe
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = $1
+                     AND query LIKE 'UPDATE outbox SET published_at%' AND wait_event = 'PgSleep'",
+                    &[&write_db],
+                )
+                .unwrap()
+                .map(|_| ())
+        },
+    );
+    first.kill9();
+    let killed_at = Instant::now();
+    env.write()
+        .batch_execute("DROP TRIGGER it_slow_mark ON outbox")
+        .unwrap();
+    let in_limbo: i64 = env
+        .write()
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    thread::sleep(Duration::from_millis(500));
+    let second = ChildService::spawn(&env, port, 2);
+    let fault_end = Instant::now();
+    let downtime_ms = (fault_end - killed_at).as_millis();
+
+    let recovery = wait_recovered(&env, fault_end, Duration::from_secs(20));
+    wait_for_orders(&load, 50, "orders after the restart");
+    let log = load.stop();
+    converge(&env);
+    let unexpected = log.unexpected(&[201], true);
+    assert!(
+        unexpected.is_empty(),
+        "orders must get 201 or no answer at all (process down); saw {:?}: {unexpected:?}",
+        log.summary()
+    );
+    let down = (killed_at - Duration::from_millis(500))..(fault_end + Duration::from_millis(500));
+    let refused_outside: Vec<&Outcome> = log
+        .outcomes
+        .iter()
+        .filter(|(t, o)| matches!(o, Outcome::Io(_)) && !down.contains(t))
+        .map(|(_, o)| o)
+        .collect();
+    assert!(
+        refused_outside.is_empty(),
+        "connection failures outside the kill window: {refused_outside:?}"
+    );
+    let duplicates = metric(consumer.consumer(), "consumer_duplicates_dropped_total");
+    let applied = metric(consumer.consumer(), "consumer_events_applied_total");
+    let events = outbox_event_ids(&env).len() as u64;
+    assert_eq!(
+        applied, events,
+        "every event applied exactly once (applied counter vs outbox rows)"
+    );
+    assert!(
+        duplicates > 0,
+        "the kill landed between confirm and mark, so the restarted publisher must have \
+         republished at least one event (duplicates dropped = {duplicates})"
+    );
+    let io_errors = log.count(|o| matches!(o, Outcome::Io(_)));
+    report(
+        "publisher_sigkill",
+        &env,
+        &log,
+        recovery,
+        &format!(
+            "duplicates_delivered={duplicates} unpublished_at_kill={in_limbo} downtime_ms={downtime_ms} refused_while_down={io_errors}"
+        ),
+    );
+    drop(second);
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. A consumer that commits and dies before acking.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn consumer_dying_after_commit_before_ack_changes_nothing_on_redelivery() {
+    const TAKEN: usize = 40;
+    let env = TestEnv::new();
+    let command = env.start(Role::Command);
+    let products = seed_products(command.command());
+    let load = Load::start(command.command(), &products, 4);
+    wait_until(
+        "order events waiting in the queue",
+        Duration::from_secs(10),
+        || (env.queue_depth(&env.broker.order_queue) as usize >= TAKEN).then_some(()),
+    );
+
+    // The doomed consumer, driven by hand: take deliveries, apply and commit them, then
+    // vanish without a single ack.
+    let (conn, ch) = env.amqp();
+    ch.qos(0, TAKEN as u16, false).unwrap();
+    let deliveries = ch
+        .basic_consume(env.broker.order_queue.as_str(), ConsumerOptions::default())
+        .unwrap();
+    let mut events = Vec::with_capacity(TAKEN);
+    while events.len() < TAKEN {
+        match deliveries.receiver().recv_timeout(Duration::from_secs(5)) {
+            Ok(ConsumerMessage::Delivery(d)) => events.push(Event::parse(&d.body).unwrap()),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    let pool =
+        cqrs_analytics::db::pool(&env.read_url(), 1, &env.config().db, "doomed", false).unwrap();
+    let applied =
+        cqrs_analytics::projection::apply_batch(&mut pool.get().unwrap(), &events).unwrap();
+    assert_eq!(applied.applied, TAKEN, "the doomed consumer's commit");
+    drop(deliveries);
+    drop(ch);
+    drop(conn.close());
+    let ids: Vec<Uuid> = events.iter().map(Event::event_id).collect();
+    assert_eq!(applied_among(&env, &ids), TAKEN, "committed before dying");
+
+    let consumer = env.start(Role::Consumer);
+    let fault_end = Instant::now();
+    let recovery = wait_recovered(&env, fault_end, Duration::from_secs(20));
+    wait_for_orders(&load, 50, "orders after the consumer restarted");
+    let log = load.stop();
+    converge(&env);
+    let unexpected = log.unexpected(&[201], false);
+    assert!(unexpected.is_empty(), "{:?}: {unexpected:?}", log.summary());
+    let duplicates = metric(consumer.consumer(), "consumer_duplicates_dropped_total");
+    assert!(
+        duplicates >= TAKEN as u64,
+        "the {TAKEN} committed-but-unacked events must be redelivered and dropped as \
+         duplicates; the counter says {duplicates}"
+    );
+    report(
+        "consumer_dies_before_ack",
+        &env,
+        &log,
+        recovery,
+        &format!("committed_unacked={TAKEN} duplicates_delivered={duplicates}"),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Database connections terminated under load.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn terminated_db_connections_yield_201_or_503_and_pools_recover() {
+    let env = TestEnv::new();
+    let command = env.start(Role::Command);
+    let _consumer = env.start(Role::Consumer);
+    let products = seed_products(command.command());
+    let load = Load::start(command.command(), &products, 4);
+    wait_for_orders(&load, 50, "orders before the terminations");
+
+    let mut admin =
+        postgres::Client::connect(&format!("{}/postgres", pg_base()), postgres::NoTls).unwrap();
+    let dbs = vec![env.write_db.clone(), env.read_db.clone()];
+    let mut terminated = 0;
+    for _ in 0..4 {
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+                &[&dbs],
+            )
+            .unwrap();
+        terminated += rows.len();
+        thread::sleep(Duration::from_millis(700));
+    }
+    let fault_end = Instant::now();
+    assert!(terminated > 0, "no backend was terminated");
+
+    // The pools must heal by themselves: a fresh order gets 201 again.
+    let probe = format!(
+        r#"{{"customerId":1,"items":[{{"productId":{},"quantity":1}}]}}"#,
+        products[0]
+    );
+    let first_201 = wait_until(
+        "an order to succeed after the terminations",
+        Duration::from_secs(10),
+        || {
+            matches!(
+                post_order(command.command(), &probe),
+                Outcome::Status(201, _)
+            )
+            .then(Instant::now)
+        },
+    );
+    let recovery = wait_recovered(&env, fault_end, Duration::from_secs(20));
+    let healed_at = Instant::now();
+    wait_for_orders(&load, 100, "orders after the terminations");
+    let log = load.stop();
+    converge(&env);
+
+    let unexpected = log.unexpected(&[201, 503], false);
+    assert!(
+        unexpected.is_empty(),
+        "every request must get 201 or 503 within {CLIENT_TIMEOUT:?}; saw {:?}: {unexpected:?}",
+        log.summary()
+    );
+    let late_failures: Vec<&Outcome> = log
+        .outcomes
+        .iter()
+        .filter(|(t, o)| *t > healed_at && !matches!(o, Outcome::Status(201, _)))
+        .map(|(_, o)| o)
+        .collect();
+    assert!(
+        late_failures.is_empty(),
+        "once healed, every request must succeed: {late_failures:?}"
+    );
+    report(
+        "db_connections_terminated",
+        &env,
+        &log,
+        recovery,
+        &format!(
+            "backends_terminated={terminated} status_503={} first_201_after_ms={}",
+            log.count(|o| matches!(o, Outcome::Status(503, _))),
+            (first_201 - fault_end).as_millis()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Poison messages go to the dead-letter queue while the rest keep flowing.
+// ---------------------------------------------------------------------------------------
+
+fn publish_raw(ch: &amiquip::Channel, env: &TestEnv, message_id: &str, body: &[u8]) {
+    ch.basic_publish(
+        env.broker.exchange.as_str(),
+        Publish {
+            body,
+            routing_key: "order-events".into(),
+            mandatory: true,
+            immediate: false,
+            properties: AmqpProperties::default()
+                .with_message_id(message_id.into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_while_good_ones_flow() {
+    let env = TestEnv::new();
+    let command = env.start(Role::Command);
+    let consumer = env.start(Role::Consumer);
+    let products = seed_products(command.command());
+    let load = Load::start(command.command(), &products, 4);
+    wait_for_orders(&load, 50, "orders before the poison");
+
+    // (a) not JSON at all; (b) a well-formed OrderCreated that parses (every field in
+    // range) but cannot be applied: quantity × price overflows the cents the projection
+    // sums in, a permanent failure on every attempt.
+    let garbage_id = format!("poison-garbage-{}", env.id);
+    let overflow_event = Uuid::new_v4();
+    let overflow = format!(
+        r#"{{"eventId":"{overflow_event}","eventType":"OrderCreated","timestamp":"{}","orderId":999999,"customerId":999999,"items":[{{"productId":{},"productName":"Poison","category":"Poison","quantity":2,"price":92233720368547758.06}}],"total":1.00}}"#,
+        cqrs_analytics::event::format_timestamp(&cqrs_analytics::event::now_millis()),
+        products[0]
+    );
+    assert!(
+        Event::parse(overflow.as_bytes()).is_ok(),
+        "the overflow event must parse, or it tests nothing new: {overflow}"
+    );
+    let (conn, ch) = env.amqp();
+    let injected = Instant::now();
+    publish_raw(&ch, &env, &garbage_id, b"this is not an event {");
+    publish_raw(&ch, &env, &overflow_event.to_string(), overflow.as_bytes());
+    let created_at_injection = load.created();
+
+    let dlq = &env.broker.dead_letter_queue;
+    let dead_lettered_after = wait_until(
+        "both poison messages in the dead-letter queue",
+        Duration::from_secs(20),
+        || (env.queue_depth(dlq) >= 2).then(|| injected.elapsed()),
+    );
+    let flowed_meanwhile = load.created() - created_at_injection;
+    let log = load.stop();
+    converge(&env);
+
+    let mut dead: HashSet<String> = HashSet::new();
+    while let Some(m) = ch.basic_get(dlq.as_str(), false).unwrap() {
+        dead.insert(
+            m.delivery
+                .properties
+                .message_id()
+                .clone()
+                .unwrap_or_default(),
+        );
+        m.ack(&ch).unwrap();
+    }
+    drop(conn.close());
+    let expected: HashSet<String> = [garbage_id, overflow_event.to_string()].into();
+    assert_eq!(
+        dead, expected,
+        "exactly the poison messages are dead-lettered"
+    );
+    assert_eq!(
+        applied_among(&env, &[overflow_event]),
+        0,
+        "the poison event must not be recorded as processed"
+    );
+    let customer: i64 = env
+        .read()
+        .query_one(
+            "SELECT count(*) FROM customer_ltv_view WHERE customer_id = 999999",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(customer, 0, "the poison event must leave no trace");
+    let unexpected = log.unexpected(&[201], false);
+    assert!(unexpected.is_empty(), "{:?}: {unexpected:?}", log.summary());
+    let requeued = metric(consumer.consumer(), "consumer_requeued_total");
+    let dead_counter = metric(consumer.consumer(), "consumer_dead_lettered_total");
+    assert_eq!(dead_counter, 2, "consumer_dead_lettered_total");
+    // Each consumer thread counts failures on its own, so the bound is per thread.
+    let config = env.config();
+    let bound = config.consumer_threads as u64 * (u64::from(config.consumer_max_attempts) - 1);
+    assert!(
+        requeued <= bound,
+        "the unappliable event was retried {requeued} times, more than {bound}"
+    );
+    assert!(flowed_meanwhile > 0, "good orders kept flowing");
+    report(
+        "poison_message",
+        &env,
+        &log,
+        dead_lettered_after,
+        &format!(
+            "dead_lettered={dead_counter} poison_attempts={} orders_during_poison={flowed_meanwhile}",
+            requeued + 1
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Unroutable publishes stay in the outbox.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn unroutable_publishes_stay_in_the_outbox_until_routable() {
+    let env = TestEnv::new();
+    let command = env.start(Role::Command);
+    let _consumer = env.start(Role::Consumer);
+    let products = seed_products(command.command());
+    let load = Load::start(command.command(), &products, 4);
+    wait_for_orders(&load, 50, "orders before the unbinding");
+
+    let (conn, ch) = env.amqp();
+    ch.queue_unbind(
+        env.broker.order_queue.as_str(),
+        env.broker.exchange.as_str(),
+        "order-events",
+        FieldTable::new(),
+    )
+    .unwrap();
+    let returned_before = metric(command.command(), "outbox_returned_total");
+    let watermark: i64 = env
+        .write()
+        .query_one("SELECT coalesce(max(id), 0) FROM outbox", &[])
+        .unwrap()
+        .get(0);
+    let unbound_at = Instant::now();
+    wait_for_orders(&load, 100, "orders while unroutable");
+    thread::sleep(Duration::from_millis(500));
+    let stuck = |published: bool| -> i64 {
+        env.write()
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM outbox WHERE id > $1 AND topic = 'order-events'
+                     AND published_at IS {} NULL",
+                    if published { "NOT" } else { "" }
+                ),
+                &[&watermark],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let (held, leaked) = (stuck(false), stuck(true));
+    let returned = metric(command.command(), "outbox_returned_total") - returned_before;
+    assert!(held > 0, "orders were created while the queue was unbound");
+    assert_eq!(
+        leaked, 0,
+        "no unroutable order event may be marked published ({held} held)"
+    );
+    assert!(
+        returned >= held as u64,
+        "outbox_returned_total grew by {returned}, fewer than the {held} held rows"
+    );
+
+    cqrs_analytics::broker::declare_topology(&ch, &env.broker).unwrap();
+    drop(conn.close());
+    let fault_end = Instant::now();
+    let unbound_ms = (fault_end - unbound_at).as_millis();
+    let recovery = wait_recovered(&env, fault_end, Duration::from_secs(20));
+    wait_for_orders(&load, 50, "orders after the rebinding");
+    let log = load.stop();
+    converge(&env);
+    assert_eq!(stuck(false), 0, "the outbox drained after the rebinding");
+    let unexpected = log.unexpected(&[201], false);
+    assert!(unexpected.is_empty(), "{:?}: {unexpected:?}", log.summary());
+    report(
+        "unroutable_publish",
+        &env,
+        &log,
+        recovery,
+        &format!("held_in_outbox={held} returned={returned} unbound_ms={unbound_ms}"),
+    );
+}
