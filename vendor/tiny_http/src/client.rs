@@ -195,8 +195,6 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
-
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
@@ -205,71 +203,42 @@ impl Iterator for ClientConnection {
 
         loop {
             let rq = match self.read() {
+                // PATCHED: every rejection carries a JSON body, {"error": "..."}, so that
+                // clients of a JSON API always get JSON (upstream sent empty bodies, and no
+                // response at all for the cases marked new).
                 Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                    // we don't know where the next request would start, so we have to close
+                    return self.reject(400, HTTPVersion(1, 1), "malformed request line");
                 }
 
                 Err(ReadError::UriTooLong) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(414));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None;
+                    return self.reject(414, HTTPVersion(1, 1), "request line too long");
                 }
 
                 Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                    return self.reject(400, ver, "malformed header");
                 }
 
-                // PATCHED: a head that is too large gets 431, one that is not ASCII 400 (upstream
-                // closed the connection without a response).
+                // new: a head that is too large
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidData => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(431));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None;
+                    return self.reject(431, HTTPVersion(1, 1), "request head too large");
                 }
 
+                // new: a head that is not ASCII
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidInput => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None;
+                    return self.reject(400, HTTPVersion(1, 1), "request head is not ASCII");
                 }
 
-                // PATCHED: a socket read timeout (SO_RCVTIMEO) is WouldBlock on Unix.
+                // a socket read timeout (SO_RCVTIMEO) is WouldBlock on Unix
                 Err(ReadError::ReadIoError(ref err))
                     if err.kind() == ErrorKind::TimedOut || err.kind() == ErrorKind::WouldBlock =>
                 {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
+                    return self.reject(408, HTTPVersion(1, 1), "request timed out");
                 }
 
                 Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
+                    // TODO: should be recoverable, but needs handling in case of body
+                    return self.reject(417, ver, "unsupported Expect header");
                 }
 
                 Err(ReadError::ReadIoError(_)) => return None,
@@ -280,10 +249,7 @@ impl Iterator for ClientConnection {
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
                 let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
+                let response = json_error(505, "only HTTP/1.0 and HTTP/1.1 are supported");
                 response
                     .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
@@ -315,6 +281,30 @@ impl Iterator for ClientConnection {
             return Some(rq);
         }
     }
+}
+
+impl ClientConnection {
+    /// PATCHED: answers `status` with a JSON error body; the connection then closes.
+    fn reject(&mut self, status: u16, version: HTTPVersion, message: &str) -> Option<Request> {
+        let writer = self.sink.next().unwrap();
+        json_error(status, message)
+            .raw_print(writer, version, &[], false, None)
+            .ok();
+        None
+    }
+}
+
+/// PATCHED: `{"error": message}` as an application/json response.
+fn json_error(status: u16, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+    use crate::{Header, Response, StatusCode};
+    let body = format!("{{\"error\":\"{}\"}}", message.replace('"', "'"));
+    Response::from_string(body)
+        .with_status_code(StatusCode(status))
+        .with_header(
+            Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                .expect("static header"),
+        )
+        .with_header(Header::from_bytes(&b"Connection"[..], &b"close"[..]).expect("static header"))
 }
 
 /// Parses a "HTTP/1.1" string.
