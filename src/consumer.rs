@@ -8,7 +8,6 @@
 //! reason other than a lost database is replayed one event at a time to isolate the bad
 //! one, which is retried a bounded number of times and then dead-lettered.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -98,13 +97,12 @@ pub fn start(
             std::thread::Builder::new()
                 .name(format!("consumer-{i}"))
                 .spawn(move || {
-                    let mut attempts = Attempts::default();
                     broker::retry_forever(
                         "consumer",
                         &shutdown,
                         config.broker_reconnect_max,
                         || metrics.session_errors.inc(),
-                        || session(&config, &pool, &shutdown, &metrics, &mut attempts),
+                        || session(&config, &pool, &shutdown, &metrics),
                     )
                 })
                 .expect("spawning a consumer thread")
@@ -112,33 +110,37 @@ pub fn start(
         .collect()
 }
 
-/// Failed attempts per message, bounded: a message that fails `max` times is dead-lettered.
-#[derive(Default)]
-struct Attempts(HashMap<String, u32>);
-
-impl Attempts {
-    const CAPACITY: usize = 10_000;
-
-    fn record_failure(&mut self, key: &str) -> u32 {
-        if self.0.len() >= Self::CAPACITY {
-            self.0.clear();
-        }
-        let n = self.0.entry(key.to_string()).or_insert(0);
-        *n += 1;
-        *n
-    }
-
-    fn forget(&mut self, key: &str) {
-        self.0.remove(key);
-    }
+/// Records one more failed attempt at applying `key` in the read DB (`event_failures`,
+/// shared by every consumer thread and process, kept across restarts) and returns the
+/// attempts so far.
+fn record_failure(pool: &Pool, key: &str, error: &Error) -> Result<u32> {
+    let mut conn = pool.get()?;
+    let stmt = conn.prepared(RECORD_FAILURE)?;
+    let row = conn.client.query_one(&stmt, &[&key, &error.to_string()])?;
+    Ok(row.get::<_, i32>(0).max(0) as u32)
 }
+
+/// Forgets the failures of an event that finally applied.
+fn forget_failures(pool: &Pool, key: &str) -> Result<()> {
+    let mut conn = pool.get()?;
+    let stmt = conn.prepared(FORGET_FAILURES)?;
+    conn.client.execute(&stmt, &[&key])?;
+    Ok(())
+}
+
+const RECORD_FAILURE: &str = "
+INSERT INTO event_failures AS f (message_key, attempts, last_error) VALUES ($1, 1, $2)
+ON CONFLICT (message_key) DO UPDATE SET
+    attempts = f.attempts + 1, last_error = excluded.last_error, updated_at = now()
+RETURNING attempts";
+
+const FORGET_FAILURES: &str = "DELETE FROM event_failures WHERE message_key = $1";
 
 fn session(
     config: &Config,
     pool: &Pool,
     shutdown: &Shutdown,
     metrics: &ConsumerMetrics,
-    attempts: &mut Attempts,
 ) -> Result<()> {
     let mut connection = broker::connect(config)?;
     let channel = connection.open_channel(None)?;
@@ -175,7 +177,7 @@ fn session(
             };
             batch.push(delivery(Ok(next))?);
         }
-        process(&channel, pool, config, shutdown, metrics, attempts, batch)?;
+        process(&channel, pool, config, shutdown, metrics, batch)?;
     }
 }
 
@@ -211,7 +213,6 @@ fn process(
     config: &Config,
     shutdown: &Shutdown,
     metrics: &ConsumerMetrics,
-    attempts: &mut Attempts,
     batch: Vec<Delivery>,
 ) -> Result<()> {
     metrics.deliveries.add(batch.len() as u64);
@@ -252,7 +253,7 @@ fn process(
                 events.len()
             );
             for (d, event) in good {
-                isolate(channel, pool, config, shutdown, metrics, attempts, d, event)?;
+                isolate(channel, pool, config, shutdown, metrics, d, event)?;
             }
             Ok(())
         }
@@ -268,25 +269,31 @@ fn isolate(
     config: &Config,
     shutdown: &Shutdown,
     metrics: &ConsumerMetrics,
-    attempts: &mut Attempts,
     d: Delivery,
     event: Event,
 ) -> Result<()> {
     let key = message_key(&d);
+    // A redelivered message may have failed before (here or in another consumer).
+    let maybe_failed_before = d.redelivered;
     let single = std::slice::from_ref(&event);
     match apply_with_retry(pool, config, shutdown, single)? {
         Some(Ok(applied)) => {
             record_applied(metrics, single, applied);
-            attempts.forget(&key);
             d.ack(channel)?;
+            if maybe_failed_before {
+                if let Err(e) = forget_failures(pool, &key) {
+                    warn!("could not clear the failure record of {key}: {e}");
+                }
+            }
         }
         None => return Err(Error::unavailable("shutting down")),
         Some(Err(e)) => {
-            let n = attempts.record_failure(&key);
+            // If even the failure cannot be recorded, the database is gone: the session ends
+            // and the message is redelivered, uncounted.
+            let n = record_failure(pool, &key, &e)?;
             if n >= config.consumer_max_attempts {
                 error!("dead-lettering event {key} after {n} failed attempts: {e}");
                 metrics.dead_lettered.inc();
-                attempts.forget(&key);
                 d.nack(channel, false)?;
             } else {
                 warn!(

@@ -134,11 +134,18 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../sql/write/001_schema.sql"),
 }];
 
-pub const READ_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "read_schema",
-    sql: include_str!("../sql/read/001_schema.sql"),
-}];
+pub const READ_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "read_schema",
+        sql: include_str!("../sql/read/001_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "event_failures",
+        sql: include_str!("../sql/read/002_event_failures.sql"),
+    },
+];
 
 /// An arbitrary constant that serialises concurrent migrators of one database.
 const MIGRATION_LOCK_KEY: i64 = 0x6371_7273_6d69_6772;
