@@ -152,7 +152,7 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         // The publishers get their own small pool so HTTP load can never starve them.
         let publisher_pool = db::pool(
             &config.database_url,
-            config.outbox_publishers.max(1) as u32,
+            (config.outbox_publishers.max(1) * outbox::BATCHES_IN_FLIGHT) as u32,
             &config.db,
             "outbox-publisher",
             false,

@@ -48,7 +48,7 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
         ..Default::default()
     };
     channel.exchange_declare(
-        ExchangeType::Topic,
+        ExchangeType::Direct,
         names.exchange.as_str(),
         durable.clone(),
     )?;
@@ -107,6 +107,10 @@ fn queue_type_arg(args: &mut FieldTable, queue_type: QueueType) {
             "x-queue-type".into(),
             AmqpValue::LongString("quorum".into()),
         );
+    } else {
+        // Classic queue storage v2 (RabbitMQ 3.10+; older brokers ignore the argument):
+        // persistent messages are confirmed faster than with v1.
+        args.insert("x-queue-version".into(), AmqpValue::LongInt(2));
     }
 }
 

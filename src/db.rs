@@ -5,6 +5,7 @@
 //! connection must carry its statement cache: a cached statement is one round trip per
 //! query, an unnamed one is two, and the order transaction runs five of them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -17,16 +18,28 @@ use crate::error::{Error, Result};
 /// A pooled connection: the client and the statements prepared on it so far.
 pub struct Conn {
     pub client: Client,
-    statements: HashMap<&'static str, Statement>,
+    statements: HashMap<Cow<'static, str>, Statement>,
 }
 
 impl Conn {
     /// Returns the prepared statement for `sql`, preparing it on first use on this connection.
     pub fn prepared(&mut self, sql: &'static str) -> Result<Statement> {
-        if let Some(s) = self.statements.get(sql) {
+        self.prepared_cow(Cow::Borrowed(sql))
+    }
+
+    /// Like `prepared`, for SQL built at run time (e.g. with a literal the planner must see).
+    pub fn prepared_owned(&mut self, sql: &str) -> Result<Statement> {
+        match self.statements.get(sql) {
+            Some(s) => Ok(s.clone()),
+            None => self.prepared_cow(Cow::Owned(sql.to_string())),
+        }
+    }
+
+    fn prepared_cow(&mut self, sql: Cow<'static, str>) -> Result<Statement> {
+        if let Some(s) = self.statements.get(sql.as_ref()) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(sql)?;
+        let s = self.client.prepare(&sql)?;
         self.statements.insert(sql, s.clone());
         Ok(s)
     }

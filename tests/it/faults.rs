@@ -868,7 +868,10 @@ fn poison_messages_are_dead_lettered_while_good_ones_flow() {
         .query_one("SELECT max(attempts) FROM event_failures", &[])
         .unwrap()
         .get(0);
-    assert_eq!(attempts as u32, config.consumer_max_attempts, "recorded attempts");
+    assert_eq!(
+        attempts as u32, config.consumer_max_attempts,
+        "recorded attempts"
+    );
     assert!(flowed_meanwhile > 0, "good orders kept flowing");
     report(
         "poison_message",

@@ -69,11 +69,16 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
-            self.add_thread(Some(code));
-        } else {
+        // PATCHED: upstream queued the task whenever any thread was waiting, but a waiting
+        // thread stays counted until it wakes up, so a burst of connections could all be
+        // queued behind one idle thread and wait for busy ones (a client stalled in its
+        // body held such a thread for the whole read timeout). Queue only when there is an
+        // idle thread for every queued task, this one included; otherwise start a thread.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) > queue.len() {
             queue.push_back(code);
             self.sharing.condvar.notify_one();
+        } else {
+            self.add_thread(Some(code));
         }
     }
 
