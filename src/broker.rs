@@ -1,5 +1,5 @@
 //! RabbitMQ connections and topology. Whoever connects first declares everything
-//! (declarations are idempotent): a durable topic exchange, one durable queue per topic
+//! (declarations are idempotent): a durable direct exchange, one durable queue per topic
 //! bound by the topic name, and a dead-letter exchange and queue for events that cannot be
 //! applied. amiquip does not reconnect, so callers wrap sessions in `retry_forever`.
 
