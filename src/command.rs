@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
+use r2d2::PooledConnection;
 use tiny_http::Method;
 use uuid::Uuid;
 
@@ -149,18 +150,12 @@ impl CommandService {
 
     fn create_product(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
-        let key = idempotency_key(req)?;
         let product = parse_product(&req.body)?;
-        let request = key
-            .as_ref()
-            .map(|_| canonical_request("/api/products", &req.body));
-        let mut conn = self.pool.get()?;
-        if let (Some(k), Some(r)) = (&key, &request) {
-            if let Some(replay) = replay(&mut conn, k, r)? {
-                self.metrics.idempotent_replays.inc();
-                return Ok(replay);
-            }
-        }
+        let (mut conn, guard) = match self.checkout(req, "/api/products")? {
+            Checkout::Replay(response) => return Ok(response),
+            Checkout::Fresh(conn, guard) => (conn, guard),
+        };
+        let (key, request) = Guard::params(&guard);
         let event = Event::ProductCreated(ProductCreated {
             event_id: Uuid::new_v4(),
             timestamp: event::now_millis(),
@@ -193,7 +188,7 @@ impl CommandService {
             let row = tx.query_one(&stmt, &params)?;
             if !row.get::<_, bool>(1) {
                 drop(tx); // a concurrent request with the same key won the race; its response stands
-                return self.replay_after_race(&mut conn, key.as_deref(), request.as_deref());
+                return self.replay_after_race(&mut conn, guard.as_ref());
             }
             tx.commit()?;
             row.get(0)
@@ -203,34 +198,38 @@ impl CommandService {
         Ok(Response::json(201, format!(r#"{{"productId":{id}}}"#)))
     }
 
-    fn replay_after_race(
-        &self,
-        conn: &mut db::Conn,
-        key: Option<&str>,
-        request: Option<&str>,
-    ) -> Result<Response> {
-        match (key, request) {
-            (Some(k), Some(r)) => {
-                replay(conn, k, r)?.ok_or_else(|| Error::unavailable("idempotency key race; retry"))
+    /// Checks the Idempotency-Key, checks out a connection and, if the key already has a
+    /// recorded response for this request, returns that instead.
+    fn checkout(&self, req: &Request, route: &str) -> Result<Checkout> {
+        let guard = idempotency_key(req)?.map(|key| Guard {
+            key,
+            request: canonical_request(route, &req.body),
+        });
+        let mut conn = self.pool.get()?;
+        if let Some(g) = &guard {
+            if let Some(response) = replay(&mut conn, &g.key, &g.request)? {
+                self.metrics.idempotent_replays.inc();
+                return Ok(Checkout::Replay(response));
             }
-            _ => Err(Error::internal("replay without a key")),
         }
+        Ok(Checkout::Fresh(conn, guard))
+    }
+
+    /// A concurrent request with the same key committed first: its response stands.
+    fn replay_after_race(&self, conn: &mut db::Conn, guard: Option<&Guard>) -> Result<Response> {
+        let g = guard.ok_or_else(|| Error::internal("replay without a key"))?;
+        replay(conn, &g.key, &g.request)?
+            .ok_or_else(|| Error::unavailable("idempotency key race; retry"))
     }
 
     fn create_order(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
-        let key = idempotency_key(req)?;
         let order = parse_order(&req.body)?;
-        let request = key
-            .as_ref()
-            .map(|_| canonical_request("/api/orders", &req.body));
-        let mut conn = self.pool.get()?;
-        if let (Some(k), Some(r)) = (&key, &request) {
-            if let Some(replay) = replay(&mut conn, k, r)? {
-                self.metrics.idempotent_replays.inc();
-                return Ok(replay);
-            }
-        }
+        let (mut conn, guard) = match self.checkout(req, "/api/orders")? {
+            Checkout::Replay(response) => return Ok(response),
+            Checkout::Fresh(conn, guard) => (conn, guard),
+        };
+        let (key, request) = Guard::params(&guard);
         let mut ids: Vec<i64> = order.lines.iter().map(|l| l.product_id).collect();
         ids.sort_unstable();
         let lock = conn.prepared(LOCK_PRODUCTS)?;
@@ -310,7 +309,7 @@ impl CommandService {
         let key_written: bool = row.get(1);
         if key.is_some() && !key_written {
             drop(tx); // rolls back: the request that holds the key already wrote this order
-            return self.replay_after_race(&mut conn, key.as_deref(), request.as_deref());
+            return self.replay_after_race(&mut conn, guard.as_ref());
         }
         tx.commit()?;
         self.metrics.orders_created.inc();
@@ -322,6 +321,28 @@ impl CommandService {
 fn money_value(cents: i64) -> serde_json::Value {
     // Exact: any cents value below 2^53 divided by 100 prints as its two-decimal form.
     serde_json::Value::from(cents as f64 / 100.0)
+}
+
+/// An Idempotency-Key and the canonical request it guards.
+struct Guard {
+    key: String,
+    request: String,
+}
+
+impl Guard {
+    /// The key and request as SQL parameters (NULL without a key).
+    fn params(guard: &Option<Guard>) -> (Option<&str>, Option<&str>) {
+        match guard {
+            Some(g) => (Some(g.key.as_str()), Some(g.request.as_str())),
+            None => (None, None),
+        }
+    }
+}
+
+/// A checked-out connection and the request's key, or the response recorded for the key.
+enum Checkout {
+    Fresh(PooledConnection<db::Manager>, Option<Guard>),
+    Replay(Response),
 }
 
 /// The Idempotency-Key header, if present and well-formed (1 to 255 visible ASCII characters).
