@@ -340,6 +340,8 @@ impl Guard {
 }
 
 /// A checked-out connection and the request's key, or the response recorded for the key.
+/// It lives for one call, on the stack, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Checkout {
     Fresh(PooledConnection<db::Manager>, Option<Guard>),
     Replay(Response),
