@@ -72,3 +72,37 @@ fn malformed_variable_exits_2_naming_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn healthcheck_subcommand_reports_the_health_of_a_port() {
+    // The container health check: the runtime image has no curl.
+    let env = crate::harness::TestEnv::new();
+    let app = env.start(cqrs_analytics::app::Role::Query);
+    let port = app.query().port().to_string();
+    let ok = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+        .args(["healthcheck", &port])
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let down = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+        .args(["healthcheck", &closed])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    let usage = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+        .args(["healthcheck", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}
