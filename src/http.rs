@@ -196,9 +196,7 @@ impl HttpServer {
                 let metrics = metrics.clone();
                 std::thread::Builder::new()
                     .name(format!("{name}-http-{i}"))
-                    .spawn(move || {
-                        worker(name, &server, &stopping, &*service, &metrics, read_timeout)
-                    })
+                    .spawn(move || worker(name, &server, &stopping, &*service, &metrics))
                     .expect("spawning an HTTP worker thread")
             })
             .collect();
@@ -247,7 +245,6 @@ fn worker<S: Service>(
     stopping: &AtomicBool,
     service: &S,
     metrics: &HttpMetrics,
-    read_timeout: Duration,
 ) {
     while !stopping.load(Ordering::SeqCst) {
         let rq = match server.recv() {
@@ -256,7 +253,7 @@ fn worker<S: Service>(
             // thread.
             Err(_) => continue,
         };
-        serve_one(name, rq, service, metrics, read_timeout);
+        serve_one(name, rq, service, metrics);
     }
 }
 
@@ -265,10 +262,9 @@ fn serve_one<S: Service>(
     mut rq: tiny_http::Request,
     service: &S,
     metrics: &HttpMetrics,
-    read_timeout: Duration,
 ) {
     let started = Instant::now();
-    let (route, result) = match read_request(&mut rq, read_timeout) {
+    let (route, result) = match read_request(&mut rq) {
         Ok(req) => dispatch(name, &req, service, metrics),
         Err(e) => ("unmatched", Err(e)),
     };
@@ -351,10 +347,11 @@ fn health<S: Service>(service: &S) -> Result<Response> {
     }
 }
 
-/// Reads the head fields we use and the body, enforcing the size limit and an overall
-/// deadline (each read is also bounded by the socket timeout, so a client that trickles
-/// its body cannot hold a worker for longer than about twice `read_timeout`).
-fn read_request(rq: &mut tiny_http::Request, read_timeout: Duration) -> Result<Request> {
+/// Reads the head fields we use and the body, enforcing the size limit. The body is already
+/// in memory: our tiny_http reads bodies of up to 64 KiB (plus one byte, so a larger
+/// chunked body is still seen as too large) in the connection's thread, bounded by the
+/// socket timeout, so a slow client never holds this worker.
+fn read_request(rq: &mut tiny_http::Request) -> Result<Request> {
     let url = rq.url();
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
@@ -371,28 +368,13 @@ fn read_request(rq: &mut tiny_http::Request, read_timeout: Duration) -> Result<R
     if rq.body_length().is_some_and(|n| n > BODY_LIMIT_BYTES) {
         return Err(too_large());
     }
-    let deadline = Instant::now() + read_timeout;
     let mut body = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let reader = rq.as_reader();
-    loop {
-        let n = match reader.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(Error::bad_request("could not read the request body").with_cause(e))
-            }
-        };
-        if body.len() + n > BODY_LIMIT_BYTES {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk[..n]);
-        if Instant::now() > deadline {
-            return Err(Error::bad_request(
-                "the request body took too long to arrive",
-            ));
-        }
+    rq.as_reader()
+        .take(BODY_LIMIT_BYTES as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Error::bad_request("could not read the request body").with_cause(e))?;
+    if body.len() > BODY_LIMIT_BYTES {
+        return Err(too_large());
     }
     Ok(Request {
         method: rq.method().clone(),
