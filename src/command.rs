@@ -156,25 +156,22 @@ impl CommandService {
             Checkout::Fresh(conn, guard) => (conn, guard),
         };
         let (key, request) = Guard::params(&guard);
-        let event = Event::ProductCreated(ProductCreated {
+        let payload = Event::ProductCreated(ProductCreated {
             event_id: Uuid::new_v4(),
             timestamp: event::now_millis(),
             product_id: 0, // set by the database, in the same statement
-            name: product.name,
-            category: product.category,
+            name: product.name.clone(),
+            category: product.category.clone(),
             price_cents: product.price_cents,
             stock: product.stock,
-        });
-        let Event::ProductCreated(p) = &event else {
-            unreachable!()
-        };
+        })
+        .to_json();
         let stmt = conn.prepared(INSERT_PRODUCT)?;
-        let stock = p.stock as i32;
-        let payload = event.to_json();
+        let stock = product.stock as i32; // validated to fit
         let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
-            &p.name,
-            &p.category,
-            &p.price_cents,
+            &product.name,
+            &product.category,
+            &product.price_cents,
             &stock,
             &payload,
             &key,
