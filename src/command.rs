@@ -4,6 +4,7 @@
 //! locks taken in product-id order, so concurrent orders can neither oversell nor deadlock.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -146,6 +147,13 @@ impl CommandService {
         if let Some(tx) = &self.outbox_wake {
             let _ = tx.try_send(());
         }
+    }
+
+    /// Outbox rows not yet published.
+    fn outbox_backlog(&self) -> Result<i64> {
+        let mut conn = self.pool.get()?;
+        let stmt = conn.prepared("SELECT count(*) FROM outbox WHERE published_at IS NULL")?;
+        Ok(conn.client.query_one(&stmt, &[])?.get(0))
     }
 
     fn create_product(&self, req: &Request) -> Result<Response> {
@@ -463,6 +471,13 @@ impl Service for CommandService {
         crate::metrics::render_pool(out, "write", &self.pool);
         if let Some(o) = &self.outbox_metrics {
             o.render(out);
+        }
+        // The backlog is counted at scrape time: one index-only query per scrape.
+        if let Ok(backlog) = self.outbox_backlog() {
+            let _ = writeln!(
+                out,
+                "# TYPE outbox_backlog_events gauge\noutbox_backlog_events {backlog}"
+            );
         }
     }
 }

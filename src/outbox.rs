@@ -22,7 +22,7 @@ use crate::broker;
 use crate::config::Config;
 use crate::db::{Manager, Pool};
 use crate::error::{Error, Result};
-use crate::metrics::{Counter, Gauge, Histogram, BATCH_BOUNDS};
+use crate::metrics::{Counter, Histogram, BATCH_BOUNDS};
 use crate::shutdown::Shutdown;
 
 #[derive(Default)]
@@ -32,7 +32,6 @@ pub struct OutboxMetrics {
     pub nacked: Counter,
     pub returned: Counter,
     pub session_errors: Counter,
-    pub last_batch_rows: Gauge,
     pub batch_rows: Option<Histogram>,
 }
 
@@ -295,7 +294,6 @@ impl<'a> Publisher<'a> {
         batch.conn.client.batch_execute("COMMIT")?;
         batch.open = false;
         self.metrics.published.add(published_ids.len() as u64);
-        self.metrics.last_batch_rows.set(n as i64);
         if let Some(h) = &self.metrics.batch_rows {
             h.observe(n as f64);
         }

@@ -86,6 +86,7 @@ fn seed_end_to_end_flow_through_all() {
         assert_eq!(get(addr, "/health").status, 200);
     }
     assert!(metric(c, "outbox_published_total") >= 2.0);
+    assert_eq!(metric(c, "outbox_backlog_events"), 0.0);
     assert!(metric(app.consumer(), "consumer_events_applied_total") >= 2.0);
     assert_converges(&env, CONVERGE);
 }
