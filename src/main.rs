@@ -12,7 +12,21 @@ use cqrs_analytics::Config;
 const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT>";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Timestamps from chrono, which we have anyway: env_logger's own need its `humantime`
+    // feature, which pulls in the jiff crate.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            use std::io::Write;
+            let now = cqrs_analytics::event::format_timestamp(&cqrs_analytics::event::now_millis());
+            writeln!(
+                buf,
+                "{now} {:<5} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        })
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let role = match args.first().map(String::as_str) {
         Some("command-service") => Role::Command,
