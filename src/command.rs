@@ -8,11 +8,10 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
-use r2d2::PooledConnection;
 use tiny_http::Method;
 use uuid::Uuid;
 
-use crate::db::{self, Pool};
+use crate::db::{self, Pool, Tx};
 use crate::error::{Error, Kind, Result};
 use crate::event::{self, Event, OrderCreated, OrderItem, ProductCreated};
 use crate::http::{self, Request, Response, Service};
@@ -159,7 +158,7 @@ impl CommandService {
     fn create_product(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let product = parse_product(&req.body)?;
-        let (mut conn, guard) = match self.checkout(req, "/api/products")? {
+        let (conn, guard) = match self.checkout(req, "/api/products")? {
             Checkout::Replay(response) => return Ok(response),
             Checkout::Fresh(conn, guard) => (conn, guard),
         };
@@ -174,7 +173,8 @@ impl CommandService {
             stock: product.stock,
         })
         .to_json();
-        let stmt = conn.prepared(INSERT_PRODUCT)?;
+        let mut tx = Tx::begin(&self.pool, conn)?;
+        let stmt = tx.conn().prepared(INSERT_PRODUCT)?;
         let stock = product.stock as i32; // validated to fit
         let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
             &product.name,
@@ -185,19 +185,15 @@ impl CommandService {
             &key,
             &request,
         ];
-        let id: i64 = if key.is_none() {
-            // One statement is one transaction: the product and its outbox row commit together.
-            conn.client.query_one(&stmt, &params)?.get(0)
-        } else {
-            let mut tx = conn.client.transaction()?;
-            let row = tx.query_one(&stmt, &params)?;
-            if !row.get::<_, bool>(1) {
-                drop(tx); // a concurrent request with the same key won the race; its response stands
-                return self.replay_after_race(&mut conn, guard.as_ref());
-            }
-            tx.commit()?;
-            row.get(0)
-        };
+        // The product, its outbox row and the key commit together.
+        let row = tx.conn().client.query_one(&stmt, &params)?;
+        if key.is_some() && !row.get::<_, bool>(1) {
+            // A concurrent request with the same key won the race; its response stands.
+            let mut conn = tx.rollback()?;
+            return self.replay_after_race(&mut conn, guard.as_ref());
+        }
+        tx.commit()?;
+        let id: i64 = row.get(0);
         self.metrics.products_created.inc();
         self.wake_outbox();
         Ok(Response::json(201, format!(r#"{{"productId":{id}}}"#)))
@@ -230,17 +226,17 @@ impl CommandService {
     fn create_order(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let order = parse_order(&req.body)?;
-        let (mut conn, guard) = match self.checkout(req, "/api/orders")? {
+        let (conn, guard) = match self.checkout(req, "/api/orders")? {
             Checkout::Replay(response) => return Ok(response),
             Checkout::Fresh(conn, guard) => (conn, guard),
         };
         let (key, request) = Guard::params(&guard);
         let mut ids: Vec<i64> = order.lines.iter().map(|l| l.product_id).collect();
         ids.sort_unstable();
-        let lock = conn.prepared(LOCK_PRODUCTS)?;
-        let write = conn.prepared(INSERT_ORDER)?;
-        let mut tx = conn.client.transaction()?;
-        let rows = tx.query(&lock, &[&ids])?;
+        let mut tx = Tx::begin(&self.pool, conn)?;
+        let lock = tx.conn().prepared(LOCK_PRODUCTS)?;
+        let write = tx.conn().prepared(INSERT_ORDER)?;
+        let rows = tx.conn().client.query(&lock, &[&ids])?;
         let catalogue: HashMap<i64, (String, String, i64, i32)> = rows
             .iter()
             .map(|r| (r.get::<_, i64>(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
@@ -297,7 +293,7 @@ impl CommandService {
             items,
             total_cents,
         });
-        let row = tx.query_one(
+        let row = tx.conn().client.query_one(
             &write,
             &[
                 &product_ids,
@@ -313,7 +309,8 @@ impl CommandService {
         let id: i64 = row.get(0);
         let key_written: bool = row.get(1);
         if key.is_some() && !key_written {
-            drop(tx); // rolls back: the request that holds the key already wrote this order
+            // The request that holds the key already wrote this order: roll ours back.
+            let mut conn = tx.rollback()?;
             return self.replay_after_race(&mut conn, guard.as_ref());
         }
         tx.commit()?;
@@ -348,7 +345,7 @@ impl Guard {
 /// It lives for one call, on the stack, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum Checkout {
-    Fresh(PooledConnection<db::Manager>, Option<Guard>),
+    Fresh(db::Pooled, Option<Guard>),
     Replay(Response),
 }
 

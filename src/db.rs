@@ -100,6 +100,73 @@ impl r2d2::ManageConnection for Manager {
 
 pub type Pool = r2d2::Pool<Manager>;
 
+/// A pooled connection.
+pub type Pooled = r2d2::PooledConnection<Manager>;
+
+/// A transaction that owns its pooled connection and rolls back on drop unless committed.
+pub struct Tx {
+    conn: Option<Pooled>,
+}
+
+impl Tx {
+    /// Begins a transaction on `conn`. A pooled connection may have died while it sat in the
+    /// pool (the server was restarted, or `pg_terminate_backend`); that shows on `BEGIN`,
+    /// before anything could commit, so the transaction begins once more on a fresh
+    /// connection instead of failing the request.
+    pub fn begin(pool: &Pool, mut conn: Pooled) -> Result<Tx> {
+        if let Err(e) = conn.client.batch_execute("BEGIN") {
+            if !connection_lost(&e) {
+                return Err(e.into());
+            }
+            drop(conn); // `has_broken` sees it closed: the pool discards it
+            conn = pool.get()?;
+            conn.client.batch_execute("BEGIN")?;
+        }
+        Ok(Tx { conn: Some(conn) })
+    }
+
+    pub fn conn(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a Tx holds its connection until it ends")
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let mut conn = self
+            .conn
+            .take()
+            .expect("a Tx holds its connection until it ends");
+        conn.client.batch_execute("COMMIT")?;
+        Ok(())
+    }
+
+    /// Rolls back and hands the connection back for more work.
+    pub fn rollback(mut self) -> Result<Pooled> {
+        let mut conn = self
+            .conn
+            .take()
+            .expect("a Tx holds its connection until it ends");
+        conn.client.batch_execute("ROLLBACK")?;
+        Ok(conn)
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            let _ = conn.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+/// True when `e` means the connection itself is gone (closed socket, or the server ended
+/// the session), as opposed to an error in a statement.
+fn connection_lost(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error().is_none()
+        || e.code().is_some_and(|c| c.code().starts_with("57P"))
+}
+
 /// Builds a pool without connecting: connections are made on demand, so a service starts
 /// (and answers /health with 503) while its database is still coming up.
 pub fn pool(

@@ -16,11 +16,10 @@ use std::time::Instant;
 use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Publish, Return};
 use crossbeam_channel::{select, Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
-use r2d2::PooledConnection;
 
 use crate::broker;
 use crate::config::Config;
-use crate::db::{Manager, Pool};
+use crate::db::{Pool, Tx};
 use crate::error::{Error, Result};
 use crate::metrics::{Counter, Histogram, BATCH_BOUNDS};
 use crate::shutdown::Shutdown;
@@ -111,22 +110,13 @@ pub struct Publisher<'a> {
 }
 
 /// A claimed and published batch, waiting for its confirms. Its rows stay locked by the
-/// open transaction on `conn`; dropping the batch unfinished rolls that back, so the rows
-/// are simply claimed again later.
+/// open transaction; dropping the batch unfinished rolls that back, so the rows are simply
+/// claimed again later.
 struct InFlight {
-    conn: PooledConnection<Manager>,
-    open: bool,
+    tx: Tx,
     ids: Vec<i64>,
     event_ids: Vec<String>,
     first_tag: u64,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.open {
-            let _ = self.conn.client.batch_execute("ROLLBACK");
-        }
-    }
 }
 
 /// What one drain did.
@@ -218,22 +208,19 @@ impl<'a> Publisher<'a> {
 
     /// Claims up to a batch of unpublished rows in a new transaction and publishes them.
     fn claim_and_publish(&mut self, pool: &Pool) -> Result<Option<InFlight>> {
-        let mut conn = pool.get()?;
-        let claim = conn.prepared_owned(&self.claim_sql)?;
-        conn.client.batch_execute("BEGIN")?;
-        let mut batch = InFlight {
-            conn,
-            open: true,
-            ids: Vec::new(),
-            event_ids: Vec::new(),
-            first_tag: self.next_tag,
-        };
-        let rows = batch.conn.client.query(&claim, &[])?;
+        let mut tx = Tx::begin(pool, pool.get()?)?;
+        let claim = tx.conn().prepared_owned(&self.claim_sql)?;
+        let rows = tx.conn().client.query(&claim, &[])?;
         if rows.is_empty() {
-            batch.conn.client.batch_execute("COMMIT")?;
-            batch.open = false;
+            tx.commit()?;
             return Ok(None);
         }
+        let mut batch = InFlight {
+            tx,
+            ids: Vec::with_capacity(rows.len()),
+            event_ids: Vec::with_capacity(rows.len()),
+            first_tag: self.next_tag,
+        };
         for row in &rows {
             let topic: &str = row.get(1);
             let payload: &str = row.get(2);
@@ -289,10 +276,9 @@ impl<'a> Publisher<'a> {
         if refused > 0 {
             warn!("outbox: the broker returned or refused {refused} messages; they stay in the outbox");
         }
-        let mark = batch.conn.prepared(MARK)?;
-        batch.conn.client.execute(&mark, &[&published_ids])?;
-        batch.conn.client.batch_execute("COMMIT")?;
-        batch.open = false;
+        let mark = batch.tx.conn().prepared(MARK)?;
+        batch.tx.conn().client.execute(&mark, &[&published_ids])?;
+        batch.tx.commit()?;
         self.metrics.published.add(published_ids.len() as u64);
         if let Some(h) = &self.metrics.batch_rows {
             h.observe(n as f64);
