@@ -372,14 +372,7 @@ fn broker_outage_accepts_every_order_and_drains_the_outbox() {
     let before = load.created();
     thread::sleep(Duration::from_secs(4));
     let during_outage = load.created() - before;
-    let unpublished: i64 = env
-        .write()
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let unpublished: i64 = unpublished(&env);
     outage.start();
     let fault_end = Instant::now();
     let outage_ms = (fault_end - stopped_at).as_millis();
@@ -557,14 +550,7 @@ fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
     env.write()
         .batch_execute("DROP TRIGGER it_slow_mark ON outbox")
         .unwrap();
-    let in_limbo: i64 = env
-        .write()
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let in_limbo: i64 = unpublished(&env);
     thread::sleep(Duration::from_millis(500));
     let second = ChildService::spawn(&env, port, 2);
     let fault_end = Instant::now();

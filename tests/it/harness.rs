@@ -352,6 +352,32 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Rows in the write model's tables: (products, orders, order_items, outbox,
+/// idempotency_keys). A rejected request must leave all five unchanged.
+pub fn write_counts(env: &TestEnv) -> (i64, i64, i64, i64, i64) {
+    let r = env
+        .write()
+        .query_one(
+            "SELECT (SELECT count(*) FROM products), (SELECT count(*) FROM orders),
+                    (SELECT count(*) FROM order_items), (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM idempotency_keys)",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
+
+/// Outbox rows not yet published.
+pub fn unpublished(env: &TestEnv) -> i64 {
+    env.write()
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// Write-side totals: (orders, items quantity, revenue as text, customer spend as text).
 pub fn write_totals(c: &mut Client) -> (i64, i64, String, String) {
     let r = c

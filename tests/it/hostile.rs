@@ -16,19 +16,6 @@ use crate::harness::*;
 
 const JSON: &[(&str, &str)] = &[("Content-Type", "application/json")];
 
-fn counts(env: &TestEnv) -> (i64, i64, i64, i64, i64) {
-    let mut c = env.write();
-    let r = c
-        .query_one(
-            "SELECT (SELECT count(*) FROM products), (SELECT count(*) FROM orders),
-                    (SELECT count(*) FROM order_items), (SELECT count(*) FROM outbox),
-                    (SELECT count(*) FROM idempotency_keys)",
-            &[],
-        )
-        .unwrap();
-    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
-}
-
 /// What came back on a raw connection: the status, if any response arrived, and the text.
 struct Raw {
     status: Option<u16>,
@@ -130,7 +117,7 @@ fn bodies_over_64_kib_get_413_with_or_without_content_length() {
     let env = TestEnv::new();
     let app = env.start(Role::Command);
     let a = app.command();
-    let before = counts(&env);
+    let before = write_counts(&env);
     // A valid product padded with white space (still valid JSON) to just over the limit.
     let mut big = product_body().into_bytes();
     big.resize(64 * 1024 + 1, b' ');
@@ -151,7 +138,11 @@ fn bodies_over_64_kib_get_413_with_or_without_content_length() {
         req.extend_from_slice(&chunked(&vec![b' '; 1 << 20], 1 << 20));
         assert_status(&raw(a, &req, t), 413, "one 1 MiB chunk");
     }
-    assert_eq!(counts(&env), before, "an oversized body wrote something");
+    assert_eq!(
+        write_counts(&env),
+        before,
+        "an oversized body wrote something"
+    );
     // Exactly 64 KiB is allowed, with or without a declared length.
     let mut req = post_head(
         "/api/products",
@@ -172,7 +163,7 @@ fn content_length_lies_get_4xx_and_write_nothing() {
     let timeout = Duration::from_millis(300);
     let app = env.start_with(Role::Command, |c| c.http_read_timeout = timeout);
     let a = app.command();
-    let before = counts(&env);
+    let before = write_counts(&env);
     let body = product_body();
     let t = Duration::from_secs(10);
 
@@ -233,7 +224,11 @@ fn content_length_lies_get_4xx_and_write_nothing() {
         "lying chunk size: {:?}",
         r.text
     );
-    assert_eq!(counts(&env), before, "a lying request wrote something");
+    assert_eq!(
+        write_counts(&env),
+        before,
+        "a lying request wrote something"
+    );
     healthy(a);
 }
 
@@ -303,7 +298,7 @@ fn a_huge_declared_content_length_does_not_crash_the_server() {
     // afterwards must not depend on the number the client made up.
     let env = TestEnv::new();
     let mut svc = ChildService::start(&env);
-    let before = counts(&env);
+    let before = write_counts(&env);
     for declared in ["100000000000000", "18446744073709551615"] {
         let req = format!(
             "{}{}",
@@ -328,7 +323,7 @@ fn a_huge_declared_content_length_does_not_crash_the_server() {
             "health after Content-Length: {declared}"
         );
     }
-    assert_eq!(counts(&env), before);
+    assert_eq!(write_counts(&env), before);
 }
 
 #[test]
@@ -343,7 +338,7 @@ fn a_client_trickling_its_body_does_not_hold_a_worker() {
         c.command_http_workers = 1;
     });
     let a = app.command();
-    let before = counts(&env);
+    let before = write_counts(&env);
     let trickle_for = Duration::from_secs(6);
     let trickler = std::thread::spawn(move || {
         let started = Instant::now();
@@ -382,7 +377,7 @@ fn a_client_trickling_its_body_does_not_hold_a_worker() {
         trickler_saw.is_empty() || trickler_saw.starts_with("HTTP/1.1 4"),
         "the trickler should get a 4xx or nothing: {trickler_saw:?}"
     );
-    assert_eq!(counts(&env), before);
+    assert_eq!(write_counts(&env), before);
 }
 
 /// Opens `n` connections to `addr`, each sending `make(i)` and then nothing more.
@@ -435,7 +430,7 @@ fn hundreds_of_idle_sockets_do_not_starve_real_clients() {
     });
     real_clients_are_served(a, "idle");
     drop(idle);
-    assert_eq!(counts(&env).0, 10);
+    assert_eq!(write_counts(&env).0, 10);
 }
 
 #[test]
@@ -454,7 +449,7 @@ fn sockets_stalled_mid_body_do_not_starve_real_clients() {
     });
     real_clients_are_served(a, "stalled");
     drop(stalled);
-    assert_eq!(counts(&env).0, 10);
+    assert_eq!(write_counts(&env).0, 10);
 }
 
 #[test]
@@ -463,7 +458,7 @@ fn huge_numbers_get_400_and_write_nothing() {
     let app = env.start(Role::Command);
     let a = app.command();
     let pid = create_product(a, "p", "c", 2.0, 10);
-    let before = counts(&env);
+    let before = write_counts(&env);
     let long_digits = "9".repeat(60_000);
     let huge = [
         "1e400",
@@ -519,7 +514,7 @@ fn huge_numbers_get_400_and_write_nothing() {
             assert!(r.json()["error"].is_string(), "{}", r.body);
         }
     }
-    assert_eq!(counts(&env), before, "a huge number wrote something");
+    assert_eq!(write_counts(&env), before, "a huge number wrote something");
     healthy(a);
 }
 
@@ -529,7 +524,7 @@ fn deep_nesting_gets_400_and_does_not_crash() {
     let app = env.start(Role::Command);
     let a = app.command();
     let pid = create_product(a, "p", "c", 2.0, 10);
-    let before = counts(&env);
+    let before = write_counts(&env);
     // As deep as 64 KiB allows, at the top level and inside every field we read.
     let depth = 30_000;
     let arrays = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
@@ -562,7 +557,11 @@ fn deep_nesting_gets_400_and_does_not_crash() {
             assert_eq!(r.status, 400, "{path} nested {depth}: {}", r.body);
         }
     }
-    assert_eq!(counts(&env), before, "a nested document wrote something");
+    assert_eq!(
+        write_counts(&env),
+        before,
+        "a nested document wrote something"
+    );
     healthy(a);
 }
 
@@ -571,7 +570,7 @@ fn bodies_that_are_not_utf8_get_400_and_write_nothing() {
     let env = TestEnv::new();
     let app = env.start(Role::Command);
     let a = app.command();
-    let before = counts(&env);
+    let before = write_counts(&env);
     let bodies: [&[u8]; 7] = [
         b"{\"name\":\"\xff\",\"category\":\"c\",\"price\":1,\"stock\":1}",
         b"{\"\xc3\":\"n\",\"category\":\"c\",\"price\":1,\"stock\":1}",
@@ -590,7 +589,7 @@ fn bodies_that_are_not_utf8_get_400_and_write_nothing() {
             assert_eq!(r.status, 400, "{path} {body:?}: {}", r.body);
         }
     }
-    assert_eq!(counts(&env), before);
+    assert_eq!(write_counts(&env), before);
     healthy(a);
 }
 
@@ -600,7 +599,7 @@ fn bytes_that_are_not_ascii_in_the_request_head_get_400() {
     // something; silently closing the connection leaves the client guessing.
     let env = TestEnv::new();
     let app = env.start(Role::All);
-    let before = counts(&env);
+    let before = write_counts(&env);
     let t = Duration::from_secs(10);
     let body = product_body();
     let heads: [(SocketAddr, Vec<u8>); 3] = [
@@ -634,7 +633,7 @@ fn bytes_that_are_not_ascii_in_the_request_head_get_400() {
             r.text
         );
     }
-    assert_eq!(counts(&env), before);
+    assert_eq!(write_counts(&env), before);
     healthy(app.command());
     healthy(app.query());
 }

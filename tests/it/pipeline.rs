@@ -243,15 +243,8 @@ fn three_publishers_and_three_consumers_over_ten_thousand_orders() {
         );
     }
     assert_converges(&env, CONVERGE);
-    let published: i64 = env
-        .write()
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(published, 0, "unpublished rows remain");
+    assert_eq!(unpublished(&env), 0, "unpublished rows remain");
+
     let processed: i64 = env
         .read()
         .query_one("SELECT count(*) FROM processed_events", &[])

@@ -9,18 +9,6 @@ use serde_json::json;
 
 use crate::harness::*;
 
-fn counts(env: &TestEnv) -> (i64, i64, i64, i64) {
-    let mut c = env.write();
-    let r = c
-        .query_one(
-            "SELECT (SELECT count(*) FROM products), (SELECT count(*) FROM orders),
-                    (SELECT count(*) FROM order_items), (SELECT count(*) FROM outbox)",
-            &[],
-        )
-        .unwrap();
-    (r.get(0), r.get(1), r.get(2), r.get(3))
-}
-
 /// Sends `body` and checks the status, that the error names `needle`, and that nothing was written.
 fn check_rejected(
     env: &TestEnv,
@@ -31,7 +19,7 @@ fn check_rejected(
     status: u16,
     needle: &str,
 ) {
-    let before = counts(env);
+    let before = write_counts(env);
     let r = request(addr, "POST", path, headers, body);
     assert_eq!(
         r.status,
@@ -54,7 +42,7 @@ fn check_rejected(
         r.headers
     );
     assert_eq!(
-        counts(env),
+        write_counts(env),
         before,
         "a rejected request wrote something: {}",
         r.body
@@ -334,7 +322,7 @@ fn orders_are_validated_and_priced_from_the_catalogue() {
     );
 
     // A client price that differs from the catalogue: 409 naming the current price.
-    let before = counts(&env);
+    let before = write_counts(&env);
     let r = post_json(
         a,
         "/api/orders",
@@ -343,7 +331,7 @@ fn orders_are_validated_and_priced_from_the_catalogue() {
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(r.json()["currentPrice"], json!(29.99));
     assert_eq!(r.json()["productId"], json!(p1));
-    assert_eq!(counts(&env), before);
+    assert_eq!(write_counts(&env), before);
 
     // Insufficient stock on the second line: 409 with available/requested, nothing written.
     let r = post_json(
@@ -361,7 +349,7 @@ fn orders_are_validated_and_priced_from_the_catalogue() {
         ),
         (json!(p2), json!(1), json!(2))
     );
-    assert_eq!(counts(&env), before);
+    assert_eq!(write_counts(&env), before);
     let mut c = env.write();
     let stock: i32 = c
         .query_one("SELECT stock FROM products WHERE id = $1", &[&p1])
