@@ -56,11 +56,15 @@ drop_databases() {
     psql_admin "DROP DATABASE IF EXISTS $READ_DB WITH (FORCE)" || true
 }
 delete_broker_objects() {
-    # Best effort: the queues hold this run's events (the exchanges hold nothing).
+    # Best effort: this run's queues and exchanges, so repeated runs leave nothing behind
+    # (rabbitmqctl has no delete_exchange; eval calls the broker's own function).
     command -v rabbitmqctl >/dev/null 2>&1 || return 0
-    local q
+    local q x
     for q in "$PRODUCT_QUEUE" "$ORDER_QUEUE" "$DLQ"; do
         rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+    done
+    for x in "$EXCHANGE" "$DLX"; do
+        rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ci\">>)." >/dev/null 2>&1 || true
     done
 }
 cleanup() {
