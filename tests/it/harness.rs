@@ -61,6 +61,18 @@ fn templates() -> &'static (String, String) {
                 .unwrap();
             }
         }
+        // Templates of older schemas are of no further use.
+        let stale = admin
+            .query(
+                "SELECT datname FROM pg_database
+                 WHERE datname LIKE 'it\\_tpl\\_%' AND datname NOT IN ($1, $2)",
+                &[&w, &r],
+            )
+            .unwrap();
+        for row in stale {
+            let name: String = row.get(0);
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        }
         admin
             .execute("SELECT pg_advisory_unlock(7345)", &[])
             .unwrap();
