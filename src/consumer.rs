@@ -235,11 +235,11 @@ fn process(
     if good.is_empty() {
         return Ok(());
     }
-    let events: Vec<Event> = good.iter().map(|(_, e)| e.clone()).collect();
+    let (mut deliveries, events): (Vec<Delivery>, Vec<Event>) = good.into_iter().unzip();
     match apply_with_retry(pool, config, shutdown, &events)? {
         Some(Ok(applied)) => {
             record_applied(metrics, &events, applied);
-            let (last, _) = good.pop().expect("non-empty");
+            let last = deliveries.pop().expect("non-empty");
             last.ack_multiple(channel)?;
             Ok(())
         }
@@ -252,7 +252,7 @@ fn process(
                 "a batch of {} events failed ({e}); applying them one at a time",
                 events.len()
             );
-            for (d, event) in good {
+            for (d, event) in deliveries.into_iter().zip(events) {
                 isolate(channel, pool, config, shutdown, metrics, d, event)?;
             }
             Ok(())
