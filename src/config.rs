@@ -141,7 +141,11 @@ impl Config {
         let config = Config {
             database_url: url(&get, "DATABASE_URL", &["postgres://", "postgresql://"])?,
             read_database_url: url(&get, "READ_DATABASE_URL", &["postgres://", "postgresql://"])?,
-            broker_url: url(&get, "BROKER_URL", &["amqp://"])?,
+            broker_url: {
+                let v = url(&get, "BROKER_URL", &["amqp://"])?;
+                crate::broker::parse_url(&v)?;
+                v
+            },
             http_bind_addr: {
                 let v = get("HTTP_BIND_ADDR");
                 v.parse::<std::net::IpAddr>().map_err(|_| {

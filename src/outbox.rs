@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Publish, Return};
-use crossbeam_channel::{select, Receiver, RecvTimeoutError};
+use crossbeam_channel::{select, Receiver};
 use log::{debug, info, warn};
 
 use crate::broker;
@@ -142,7 +142,7 @@ impl<'a> Publisher<'a> {
             if shutdown.is_triggered() {
                 return Ok(());
             }
-            publisher.drain(pool, shutdown)?;
+            publisher.drain(pool, wake, shutdown)?;
             select! {
                 recv(wake) -> _ => {}
                 recv(shutdown.receiver()) -> _ => return Ok(()),
@@ -178,7 +178,14 @@ impl<'a> Publisher<'a> {
     /// Publishes everything claimable now, up to `BATCHES_IN_FLIGHT` batches at a time, and
     /// returns when the outbox has no more claimable rows (or a batch came back with rows
     /// the broker refused: those wait for the next poll instead of being retried hot).
-    pub fn drain(&mut self, pool: &Pool, shutdown: &Shutdown) -> Result<DrainOutcome> {
+    /// A commit that wakes us while we wait for confirms is claimed at once if the window
+    /// has room: a new order never waits for an earlier one's confirm.
+    pub fn drain(
+        &mut self,
+        pool: &Pool,
+        wake: &Receiver<()>,
+        shutdown: &Shutdown,
+    ) -> Result<DrainOutcome> {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
         let mut exhausted = false;
         let mut total = DrainOutcome::default();
@@ -192,10 +199,17 @@ impl<'a> Publisher<'a> {
                     None => exhausted = true,
                 }
             }
-            let Some(batch) = in_flight.pop_front() else {
+            let Some(oldest) = in_flight.front() else {
                 self.returned.clear();
                 return Ok(total);
             };
+            let room = in_flight.len() < BATCHES_IN_FLIGHT;
+            let woken = room.then_some(wake);
+            if self.await_confirms(oldest.first_tag, oldest.ids.len(), woken)? == Waited::Woken {
+                exhausted = false;
+                continue;
+            }
+            let batch = in_flight.pop_front().expect("the oldest batch");
             let claimed = batch.ids.len();
             let published = self.complete(batch)?;
             total.claimed += claimed;
@@ -254,7 +268,10 @@ impl<'a> Publisher<'a> {
     /// published, and commits. Returns how many were published.
     fn complete(&mut self, mut batch: InFlight) -> Result<usize> {
         let n = batch.ids.len();
-        let acked = self.await_confirms(batch.first_tag, n)?;
+        // `drain` waited for every confirm of this batch.
+        let acked: Vec<bool> = (batch.first_tag..batch.first_tag + n as u64)
+            .map(|t| self.confirmed.remove(&t).unwrap_or(false))
+            .collect();
         // A returned message is followed by its ack, so every return of this batch has
         // arrived by the time its last confirm has.
         let returns: Vec<String> = self
@@ -287,26 +304,34 @@ impl<'a> Publisher<'a> {
         Ok(published_ids.len())
     }
 
-    /// Waits for the confirms of tags `first_tag..first_tag + n`; returns acked per message.
-    /// Confirms of later batches that arrive meanwhile are kept for them. Failing to hear
-    /// back within the timeout abandons the channel (its tags would be out of step) and
-    /// leaves the rows unpublished.
-    fn await_confirms(&mut self, first_tag: u64, n: usize) -> Result<Vec<bool>> {
+    /// Waits until the confirms of tags `first_tag..first_tag + n` have all arrived (they
+    /// are kept in `confirmed`, with those of later batches), or until `wake` has a token.
+    /// Failing to hear back within the timeout abandons the channel (its tags would be out
+    /// of step) and leaves the rows unpublished.
+    fn await_confirms(
+        &mut self,
+        first_tag: u64,
+        n: usize,
+        wake: Option<&Receiver<()>>,
+    ) -> Result<Waited> {
         let end = first_tag + n as u64;
         let deadline = Instant::now() + self.config.publish_confirm_timeout;
+        let never = crossbeam_channel::never();
+        let wake = wake.unwrap_or(&never);
         while !(first_tag..end).all(|t| self.confirmed.contains_key(&t)) {
-            let raw = match self.confirms.recv_deadline(deadline) {
-                Ok(c) => c,
-                Err(RecvTimeoutError::Timeout) => {
+            let raw = select! {
+                recv(self.confirms) -> c => match c {
+                    Ok(c) => c,
+                    Err(_) => return Err(Error::unavailable(
+                        "broker connection lost while awaiting confirms",
+                    )),
+                },
+                recv(wake) -> _ => return Ok(Waited::Woken),
+                default(deadline.saturating_duration_since(Instant::now())) => {
                     return Err(Error::unavailable(format!(
                         "no publisher confirm within {} ms",
                         self.config.publish_confirm_timeout.as_millis()
                     )))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::unavailable(
-                        "broker connection lost while awaiting confirms",
-                    ))
                 }
             };
             for confirm in self.smoother.process(raw) {
@@ -322,10 +347,15 @@ impl<'a> Publisher<'a> {
                 self.confirmed.insert(payload.delivery_tag, ok);
             }
         }
-        Ok((first_tag..end)
-            .map(|t| self.confirmed.remove(&t).unwrap_or(false))
-            .collect())
+        Ok(Waited::Confirmed)
     }
+}
+
+/// Why `await_confirms` returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Waited {
+    Confirmed,
+    Woken,
 }
 
 /// The claim query. The batch size is a literal, not a parameter: with `LIMIT $1` the
