@@ -15,7 +15,7 @@ use crate::db::{self, Pool, Tx};
 use crate::error::{Error, Kind, Result};
 use crate::event::{self, Event, OrderCreated, OrderItem, ProductCreated};
 use crate::http::{self, Request, Response, Service};
-use crate::json::{self, Object};
+use crate::json::{self, ItemField, Object};
 use crate::metrics::Counter;
 
 const NAME_MAX_CHARS: usize = 200;
@@ -78,27 +78,27 @@ pub fn parse_order(body: &[u8]) -> Result<NewOrder> {
     }
     let mut lines: Vec<NewOrderLine> = Vec::with_capacity(list.len());
     for (i, raw) in list.iter().enumerate() {
-        let path = format!("items[{i}].");
-        let mut it = Object::parse_str(raw.get(), &format!("items[{i}]"))?;
+        let path = ItemField(i, "");
+        let mut it = Object::parse_str(raw.get(), format_args!("items[{i}]"))?;
         let line = NewOrderLine {
             product_id: json::integer(
-                it.required("productId", &path)?,
-                &format!("{path}productId"),
+                it.required("productId", path)?,
+                ItemField(i, "productId"),
                 1,
                 i64::MAX,
             )?,
             quantity: json::integer(
-                it.required("quantity", &path)?,
-                &format!("{path}quantity"),
+                it.required("quantity", path)?,
+                ItemField(i, "quantity"),
                 1,
                 QUANTITY_MAX,
             )?,
             price_cents: match it.optional("price") {
-                Some(raw) => Some(json::money(raw, &format!("{path}price"), PRICE_MAX_CENTS)?),
+                Some(raw) => Some(json::money(raw, ItemField(i, "price"), PRICE_MAX_CENTS)?),
                 None => None,
             },
         };
-        it.finish(&path)?;
+        it.finish(path)?;
         if lines.iter().any(|l| l.product_id == line.product_id) {
             return Err(Error::bad_request(format!(
                 "product {} appears more than once in the order",

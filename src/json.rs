@@ -49,7 +49,7 @@ impl<'a> Object<'a> {
     }
 
     /// Parses `text` as a JSON object; `what` names it in errors.
-    pub fn parse_str(text: &'a str, what: &str) -> Result<Object<'a>> {
+    pub fn parse_str(text: &'a str, what: impl fmt::Display) -> Result<Object<'a>> {
         serde_json::from_str::<Object<'a>>(text).map_err(|e| {
             let msg = e.to_string();
             // serde_json appends " at line L column C"; keep that, it helps the client.
@@ -62,7 +62,7 @@ impl<'a> Object<'a> {
     }
 
     /// Removes and returns field `name`, or fails naming it when it is missing or null.
-    pub fn required(&mut self, name: &str, path: &str) -> Result<&'a RawValue> {
+    pub fn required(&mut self, name: &str, path: impl fmt::Display) -> Result<&'a RawValue> {
         match self.optional(name) {
             Some(v) => Ok(v),
             None => Err(Error::bad_request(format!("`{path}{name}` is required"))
@@ -78,7 +78,7 @@ impl<'a> Object<'a> {
     }
 
     /// Fails naming the first field nobody took.
-    pub fn finish(self, path: &str) -> Result<()> {
+    pub fn finish(self, path: impl fmt::Display) -> Result<()> {
         match self.fields.first() {
             Some((k, _)) => Err(Error::bad_request(format!("unknown field `{path}{k}`"))
                 .with_field("field", format!("{path}{k}"))),
@@ -87,45 +87,66 @@ impl<'a> Object<'a> {
     }
 }
 
-fn field_error(field: &str, what: &str) -> Error {
+fn field_error(field: impl fmt::Display, what: &str) -> Error {
     Error::bad_request(format!("`{field}` must be {what}")).with_field("field", field.to_string())
 }
 
+// The validators below take the field's name as `impl Display` and build every message
+// only on failure: the happy path formats nothing (callgrind showed `fmt` at 11% of an
+// order's instructions when these were eager).
+
 /// A non-empty string (after trimming) of at most `max_chars` characters.
-pub fn string(raw: &RawValue, field: &str, max_chars: usize) -> Result<String> {
-    let what = format!("a non-empty string of at most {max_chars} characters");
-    let s: String = serde_json::from_str(raw.get()).map_err(|_| field_error(field, &what))?;
+pub fn string(raw: &RawValue, field: impl fmt::Display, max_chars: usize) -> Result<String> {
+    let fail = || {
+        field_error(
+            &field,
+            &format!("a non-empty string of at most {max_chars} characters"),
+        )
+    };
+    let s: String = serde_json::from_str(raw.get()).map_err(|_| fail())?;
     let s = s.trim();
     if s.is_empty() || s.chars().count() > max_chars || s.contains('\0') {
-        return Err(field_error(field, &what));
+        return Err(fail());
     }
     Ok(s.to_string())
 }
 
 /// An integer in `min..=max`, written without fraction or exponent.
-pub fn integer(raw: &RawValue, field: &str, min: i64, max: i64) -> Result<i64> {
+pub fn integer(raw: &RawValue, field: impl fmt::Display, min: i64, max: i64) -> Result<i64> {
+    let fail = || field_error(&field, &format!("an integer from {min} to {max}"));
     let text = raw.get();
     let digits = text.strip_prefix('-').unwrap_or(text);
-    let what = format!("an integer from {min} to {max}");
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(field_error(field, &what));
+        return Err(fail());
     }
     match text.parse::<i64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(field_error(field, &what)),
+        _ => Err(fail()),
     }
 }
 
 /// An amount of money greater than 0 and below `max_cents`, with at most two decimals,
 /// returned in cents.
-pub fn money(raw: &RawValue, field: &str, max_cents: i64) -> Result<i64> {
-    let what = format!(
-        "a number greater than 0 and below {} with at most 2 decimals",
-        format_cents(max_cents)
-    );
+pub fn money(raw: &RawValue, field: impl fmt::Display, max_cents: i64) -> Result<i64> {
     match parse_cents(raw.get()) {
         Ok(c) if c > 0 && c < i128::from(max_cents) => Ok(c as i64),
-        _ => Err(field_error(field, &what)),
+        _ => Err(field_error(
+            &field,
+            &format!(
+                "a number greater than 0 and below {} with at most 2 decimals",
+                format_cents(max_cents)
+            ),
+        )),
+    }
+}
+
+/// A field of one order line, `items[i].name`, formatted only when an error needs it.
+#[derive(Clone, Copy)]
+pub struct ItemField(pub usize, pub &'static str);
+
+impl fmt::Display for ItemField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "items[{}].{}", self.0, self.1)
     }
 }
 
