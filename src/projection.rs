@@ -4,7 +4,7 @@
 //! `processed_events` in the same transaction, and only the ids that were not there yet
 //! are folded: a redelivered or duplicated event changes nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -203,15 +203,6 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<Applied> {
         applied,
         duplicates: events.len() - applied,
     })
-}
-
-/// Event ids already applied, among `ids` (for tests and tools).
-pub fn already_processed(conn: &mut Conn, ids: &[Uuid]) -> Result<BTreeSet<Uuid>> {
-    let rows = conn.client.query(
-        "SELECT event_id FROM processed_events WHERE event_id = ANY($1)",
-        &[&ids],
-    )?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 const INSERT_PROCESSED: &str = "

@@ -12,13 +12,9 @@ use signal_hook::iterator::{Handle, Signals};
 
 use crate::error::Result;
 
-/// Fires shutdown when dropped or when `fire` is called.
+/// Fires shutdown when dropped.
 pub struct Trigger {
     _tx: Sender<()>,
-}
-
-impl Trigger {
-    pub fn fire(self) {}
 }
 
 /// A cloneable view of the shutdown state.

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -409,14 +409,6 @@ fn broker_outage_accepts_every_order_and_drains_the_outbox() {
 // ---------------------------------------------------------------------------------------
 
 /// A free loopback port: bound, read and released.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The real binary running `command-service` for this test; killed on drop.
 struct ChildService {
     child: Child,
@@ -428,28 +420,15 @@ impl ChildService {
     fn spawn(env: &TestEnv, port: u16, generation: u32) -> ChildService {
         let log_path = std::env::temp_dir().join(format!("faults-{}-{generation}.log", env.id));
         let log = std::fs::File::create(&log_path).unwrap();
-        let b = &env.broker;
-        let child = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
-            .arg("command-service")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+        let child = env
+            .binary("command-service")
             .env("RUST_LOG", "info")
-            .env("DATABASE_URL", env.write_url())
-            .env("READ_DATABASE_URL", env.read_url())
-            .env("BROKER_URL", broker_url())
-            .env("BROKER_EXCHANGE", &b.exchange)
-            .env("BROKER_PRODUCT_QUEUE", &b.product_queue)
-            .env("BROKER_ORDER_QUEUE", &b.order_queue)
-            .env("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange)
-            .env("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue)
-            .env("HTTP_BIND_ADDR", "127.0.0.1")
             .env("COMMAND_SERVICE_PORT", port.to_string())
             .env("COMMAND_HTTP_WORKERS", "8")
             .env("WRITE_POOL_SIZE", "8")
             .env("OUTBOX_POLL_INTERVAL_MS", "200")
             .env("BROKER_RECONNECT_MAX_MS", "500")
             .env("MIGRATE_ON_START", "true")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

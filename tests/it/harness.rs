@@ -198,6 +198,28 @@ impl TestEnv {
         (conn, ch)
     }
 
+    /// The real binary running `subcommand` against this test's databases and broker names,
+    /// listening on loopback, with a clean environment (PATH only) and `RUST_LOG=warn`.
+    pub fn binary(&self, subcommand: &str) -> std::process::Command {
+        let b = &self.broker;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"));
+        cmd.arg(subcommand)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("DATABASE_URL", self.write_url())
+            .env("READ_DATABASE_URL", self.read_url())
+            .env("BROKER_URL", broker_url())
+            .env("HTTP_BIND_ADDR", "127.0.0.1")
+            .env("BROKER_EXCHANGE", &b.exchange)
+            .env("BROKER_PRODUCT_QUEUE", &b.product_queue)
+            .env("BROKER_ORDER_QUEUE", &b.order_queue)
+            .env("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange)
+            .env("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue)
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
     /// Messages ready in a queue of this test.
     pub fn queue_depth(&self, queue: &str) -> u32 {
         let mut conn = amiquip::Connection::insecure_open(&broker_url()).unwrap();
@@ -281,6 +303,15 @@ impl Reply {
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
+}
+
+/// A loopback port that was free a moment ago (for a child process to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Sends one request on a fresh connection and reads the whole response.

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use cqrs_analytics::app::Role;
@@ -241,26 +241,10 @@ struct ChildService {
 
 impl ChildService {
     fn start(env: &TestEnv) -> ChildService {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let b = &env.broker;
-        let child = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
-            .arg("command-service")
-            .env_clear()
-            .env("DATABASE_URL", env.write_url())
-            .env("READ_DATABASE_URL", env.read_url())
-            .env("BROKER_URL", broker_url())
-            .env("HTTP_BIND_ADDR", "127.0.0.1")
+        let port = free_port();
+        let child = env
+            .binary("command-service")
             .env("COMMAND_SERVICE_PORT", port.to_string())
-            .env("BROKER_EXCHANGE", &b.exchange)
-            .env("BROKER_PRODUCT_QUEUE", &b.product_queue)
-            .env("BROKER_ORDER_QUEUE", &b.order_queue)
-            .env("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange)
-            .env("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

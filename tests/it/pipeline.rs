@@ -274,29 +274,12 @@ fn three_publishers_and_three_consumers_over_ten_thousand_orders() {
 #[test]
 fn sigterm_stops_the_binary_cleanly() {
     let env = TestEnv::new();
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let (cp, qp, kp) = (free_port(), free_port(), free_port());
-    let b = &env.broker;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
-        .arg("all")
-        .env("DATABASE_URL", env.write_url())
-        .env("READ_DATABASE_URL", env.read_url())
-        .env("BROKER_URL", broker_url())
-        .env("HTTP_BIND_ADDR", "127.0.0.1")
+    let mut child = env
+        .binary("all")
         .env("COMMAND_SERVICE_PORT", cp.to_string())
         .env("QUERY_SERVICE_PORT", qp.to_string())
         .env("CONSUMER_SERVICE_PORT", kp.to_string())
-        .env("BROKER_EXCHANGE", &b.exchange)
-        .env("BROKER_PRODUCT_QUEUE", &b.product_queue)
-        .env("BROKER_ORDER_QUEUE", &b.order_queue)
-        .env("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange)
-        .env("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
