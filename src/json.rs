@@ -201,7 +201,7 @@ pub fn parse_cents(text: &str) -> std::result::Result<i128, CentsError> {
         if digits.len().saturating_add(add) > 30 {
             return Err(CentsError::OutOfRange);
         }
-        digits.extend(std::iter::repeat('0').take(add));
+        digits.extend(std::iter::repeat_n('0', add));
     }
     if digits.len() > 30 {
         return Err(CentsError::OutOfRange);

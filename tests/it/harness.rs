@@ -61,7 +61,9 @@ fn templates() -> &'static (String, String) {
                 .unwrap();
             }
         }
-        // Templates of older schemas are of no further use.
+        // Templates of older schemas are of no further use, unless another checkout on this
+        // machine (a branch with other migrations) is testing with them right now.
+        let keep = std::env::var_os("IT_KEEP_TEMPLATES").is_some();
         let stale = admin
             .query(
                 "SELECT datname FROM pg_database
@@ -69,7 +71,7 @@ fn templates() -> &'static (String, String) {
                 &[&w, &r],
             )
             .unwrap();
-        for row in stale {
+        for row in stale.iter().filter(|_| !keep) {
             let name: String = row.get(0);
             let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
         }
@@ -84,9 +86,27 @@ fn templates() -> &'static (String, String) {
 /// every other test holds it for reading, so they never overlap.
 static SHARED_SERVICES: RwLock<()> = RwLock::new(());
 
+/// The same rule across processes (two test runs on one machine share the broker): a file
+/// lock, shared or exclusive, held beside the in-process lock for the test's lifetime.
+fn services_file_lock(exclusive: bool) -> std::fs::File {
+    let path = std::env::temp_dir().join("cqrs-analytics-it-services.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("opening the services lock file");
+    if exclusive {
+        file.lock().expect("locking the services lock file");
+    } else {
+        file.lock_shared().expect("locking the services lock file");
+    }
+    file
+}
+
 enum ServiceGuard {
-    Shared(RwLockReadGuard<'static, ()>),
-    Exclusive(RwLockWriteGuard<'static, ()>),
+    Shared(RwLockReadGuard<'static, ()>, std::fs::File),
+    Exclusive(RwLockWriteGuard<'static, ()>, std::fs::File),
 }
 
 /// A pair of fresh databases and unique broker names for one test.
@@ -102,13 +122,13 @@ impl TestEnv {
     /// An environment for a test that leaves the shared services running.
     pub fn new() -> TestEnv {
         let guard = SHARED_SERVICES.read().unwrap_or_else(|e| e.into_inner());
-        Self::with_guard(ServiceGuard::Shared(guard))
+        Self::with_guard(ServiceGuard::Shared(guard, services_file_lock(false)))
     }
 
     /// An environment for a test that stops shared services: no other test runs meanwhile.
     pub fn exclusive() -> TestEnv {
         let guard = SHARED_SERVICES.write().unwrap_or_else(|e| e.into_inner());
-        Self::with_guard(ServiceGuard::Exclusive(guard))
+        Self::with_guard(ServiceGuard::Exclusive(guard, services_file_lock(true)))
     }
 
     fn with_guard(guard: ServiceGuard) -> TestEnv {
