@@ -158,8 +158,8 @@ esac
 #   negative_data_rejection       input the document forbids is rejected with a 4xx
 # Left out:
 #   positive_data_acceptance      would require schema-valid input to succeed, but validity
-#                                 here also depends on state (unknown productId -> 400, stock
-#                                 -> 409, reused Idempotency-Key -> 422) and on rules no JSON
+#                                 here also depends on state (unknown productId or stock -> 400,
+#                                 price -> 409, reused Idempotency-Key -> 422) and on rules no JSON
 #                                 Schema expresses (trimming, 2 decimals, unique productIds)
 #   unsupported_method,           probe methods the document does not list (TRACE, DELETE...),
 #   allow_header_conformance      so they test RFC 9110, not the document. The server answers

@@ -265,9 +265,10 @@ impl CommandService {
             }
             if i64::from(*stock) < line.quantity {
                 self.metrics.orders_rejected_stock.inc();
-                return Err(Error::conflict(format!(
-                    "insufficient stock for product {}",
-                    line.product_id
+                // 400, not 409: the original system answers 400 and its clients expect it.
+                return Err(Error::bad_request(format!(
+                    "Insufficient stock for product {}: available {}, requested {}",
+                    line.product_id, stock, line.quantity
                 ))
                 .with_field("productId", line.product_id)
                 .with_field("available", *stock)

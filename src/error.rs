@@ -17,7 +17,8 @@ pub enum Kind {
     NotFound,
     /// The route exists with another method (405).
     MethodNotAllowed,
-    /// The request conflicts with the current state: stock, price (409).
+    /// The request conflicts with the current state: a client price that is not the
+    /// catalogue's (409). (Insufficient stock is a 400, as in the original system.)
     Conflict,
     /// The body is larger than the limit (413).
     PayloadTooLarge,

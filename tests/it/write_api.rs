@@ -333,21 +333,22 @@ fn orders_are_validated_and_priced_from_the_catalogue() {
     assert_eq!(r.json()["productId"], json!(p1));
     assert_eq!(write_counts(&env), before);
 
-    // Insufficient stock on the second line: 409 with available/requested, nothing written.
+    // Insufficient stock on the second line: 400 (as the original system answers) with
+    // available/requested, nothing written.
     let r = post_json(
         a,
         "/api/orders",
         &json!({"customerId": 1, "items": [{"productId": p1, "quantity": 1}, {"productId": p2, "quantity": 2}]}),
     );
-    assert_eq!(r.status, 409, "{}", r.body);
-    let b = r.json();
+    assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(
-        (
-            b["productId"].clone(),
-            b["available"].clone(),
-            b["requested"].clone()
-        ),
-        (json!(p2), json!(1), json!(2))
+        r.json(),
+        json!({
+            "error": format!("Insufficient stock for product {p2}: available 1, requested 2"),
+            "productId": p2,
+            "available": 1,
+            "requested": 2
+        })
     );
     assert_eq!(write_counts(&env), before);
     let mut c = env.write();
@@ -443,8 +444,8 @@ fn concurrent_orders_never_oversell() {
         .collect();
     let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let created = statuses.iter().filter(|s| **s == 201).count();
-    let conflicts = statuses.iter().filter(|s| **s == 409).count();
-    assert_eq!((created, conflicts), (30, 90), "statuses: {statuses:?}");
+    let out_of_stock = statuses.iter().filter(|s| **s == 400).count();
+    assert_eq!((created, out_of_stock), (30, 90), "statuses: {statuses:?}");
     let mut c = env.write();
     let stock: i32 = c
         .query_one("SELECT stock FROM products WHERE id = $1", &[&pid])
