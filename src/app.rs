@@ -2,7 +2,7 @@
 //! consumer threads, and stops them in order (HTTP first, so in-flight requests finish and
 //! their events reach the outbox; then the background threads).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use crate::command::CommandService;
 use crate::config::Config;
 use crate::consumer::{self, ConsumerHttp, ConsumerMetrics};
 use crate::db;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::http::HttpServer;
 use crate::outbox::{self, OutboxMetrics};
 use crate::query::QueryService;
@@ -81,28 +81,20 @@ impl Running {
 pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<()> {
     if role == Role::All {
         retry_until(wait, || {
-            db::ensure_database(&config.database_url, config.db.connect)
+            db::ensure_database(&config.write_db, config.db.connect)
         })?;
         retry_until(wait, || {
-            db::ensure_database(&config.read_database_url, config.db.connect)
+            db::ensure_database(&config.read_db, config.db.connect)
         })?;
     }
     if role.runs_command() {
         retry_until(wait, || {
-            db::migrate(
-                &config.database_url,
-                db::WRITE_MIGRATIONS,
-                config.db.connect,
-            )
+            db::migrate(&config.write_db, db::WRITE_MIGRATIONS, config.db.connect)
         })?;
     }
     if role.runs_consumer() || role.runs_query() {
         retry_until(wait, || {
-            db::migrate(
-                &config.read_database_url,
-                db::READ_MIGRATIONS,
-                config.db.connect,
-            )
+            db::migrate(&config.read_db, db::READ_MIGRATIONS, config.db.connect)
         })?;
     }
     Ok(())
@@ -124,10 +116,7 @@ fn retry_until(wait: Duration, mut f: impl FnMut() -> Result<()>) -> Result<()> 
 
 /// Starts the services of `role`. Ports come from `config` (0 picks a free port).
 pub fn start(config: &Config, role: Role) -> Result<Running> {
-    let ip: IpAddr = config
-        .http_bind_addr
-        .parse()
-        .map_err(|_| Error::config("HTTP_BIND_ADDR is not an IP address"))?;
+    let ip = config.http_bind_addr;
     let (trigger, shutdown) = shutdown::channel();
     let mut running = Running {
         command_addr: None,
@@ -141,22 +130,22 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
     let timeout = config.http_read_timeout;
     if role.runs_command() {
         let pool = db::pool(
-            &config.database_url,
+            &config.write_db,
             config.write_pool_size,
             &config.db,
             "command-service",
             false,
-        )?;
+        );
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let outbox_metrics = Arc::new(OutboxMetrics::new());
         // The publishers get their own small pool so HTTP load can never starve them.
         let publisher_pool = db::pool(
-            &config.database_url,
+            &config.write_db,
             (config.outbox_publishers.max(1) * outbox::BATCHES_IN_FLIGHT) as u32,
             &config.db,
             "outbox-publisher",
             false,
-        )?;
+        );
         running.threads.extend(outbox::start(
             config,
             publisher_pool,
@@ -181,12 +170,12 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
     }
     if role.runs_consumer() {
         let pool = db::pool(
-            &config.read_database_url,
+            &config.read_db,
             config.consumer_threads as u32 + 1,
             &config.db,
             "consumer-service",
             false,
-        )?;
+        );
         let metrics = Arc::new(ConsumerMetrics::new());
         running.threads.extend(consumer::start(
             config,
@@ -206,19 +195,19 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
     }
     if role.runs_query() {
         let read = db::pool(
-            &config.read_database_url,
+            &config.read_db,
             config.read_pool_size,
             &config.db,
             "query-service",
             true,
-        )?;
+        );
         let write = db::pool(
-            &config.database_url,
+            &config.write_db,
             2,
             &config.db,
             "query-service-outbox",
             true,
-        )?;
+        );
         let service = Arc::new(QueryService::new(read, Some(write), config.clone()));
         let server = HttpServer::start(
             "query-service",

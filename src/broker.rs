@@ -13,100 +13,24 @@ use amiquip::{
 };
 use log::warn;
 
-use crate::config::{BrokerNames, Config, QueueType};
+use crate::config::{AmqpTarget, BrokerNames, Config, QueueType};
 use crate::error::{Error, Result};
 use crate::event::{ORDER_TOPIC, PRODUCT_TOPIC};
 use crate::shutdown::Shutdown;
-
-/// Where and how to connect, from an `amqp://user:pass@host:port/vhost?heartbeat=N` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AmqpTarget {
-    pub host: String,
-    pub port: u16,
-    pub username: String,
-    pub password: String,
-    pub vhost: String,
-    pub heartbeat_secs: Option<u16>,
-    pub connection_timeout_ms: Option<u64>,
-}
-
-/// Parses a broker URL the way RabbitMQ's URI spec reads it: guest/guest, port 5672 and
-/// vhost `/` by default, percent-encoded parts decoded.
-pub fn parse_url(url: &str) -> Result<AmqpTarget> {
-    let bad = |why: &str| Error::config(format!("BROKER_URL is not a valid amqp:// URL: {why}"));
-    let rest = url
-        .strip_prefix("amqp://")
-        .ok_or_else(|| bad("it must start with amqp://"))?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("", authority));
-    let decode =
-        |s: &str| crate::http::percent_decode(s, false).map_err(|_| bad("bad percent-encoding"));
-    let (username, password) = match userinfo.split_once(':') {
-        _ if userinfo.is_empty() => ("guest".to_string(), "guest".to_string()),
-        Some((u, p)) => (decode(u)?, decode(p)?),
-        None => (decode(userinfo)?, String::new()),
-    };
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| bad("unclosed [ in the host"))?;
-        (h.to_string(), after.strip_prefix(':').unwrap_or(""))
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p),
-            None => (hostport.to_string(), ""),
-        }
-    };
-    let host = if host.is_empty() {
-        "localhost".to_string()
-    } else {
-        decode(&host)?
-    };
-    let port = if port.is_empty() {
-        5672
-    } else {
-        port.parse().map_err(|_| bad("bad port"))?
-    };
-    let vhost = if vhost.is_empty() {
-        "/".to_string()
-    } else {
-        decode(vhost)?
-    };
-    let mut target = AmqpTarget {
-        host,
-        port,
-        username,
-        password,
-        vhost,
-        heartbeat_secs: None,
-        connection_timeout_ms: None,
-    };
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("heartbeat", v)) => {
-                target.heartbeat_secs = Some(v.parse().map_err(|_| bad("bad heartbeat"))?)
-            }
-            Some(("connection_timeout", v)) => {
-                target.connection_timeout_ms =
-                    Some(v.parse().map_err(|_| bad("bad connection_timeout"))?)
-            }
-            _ => return Err(bad(&format!("unsupported query parameter {pair:?}"))),
-        }
-    }
-    Ok(target)
-}
 
 /// Opens a connection. We connect the socket ourselves, for one reason: TCP_NODELAY. amiquip
 /// writes a publish as three frames in separate writes, and with Nagle's algorithm on, the
 /// second waits for the broker to acknowledge the first, which a delayed ACK can hold for
 /// 40 ms: that was the tail of our end-to-end latency (p99 about 50 ms, p50 4 ms).
 pub fn connect(config: &Config) -> Result<Connection> {
-    let target = parse_url(&config.broker_url)?;
+    connect_to(config, &config.broker_target)
+}
+
+fn connect_to(config: &Config, target: &AmqpTarget) -> Result<Connection> {
     let timeout = target
         .connection_timeout_ms
         .map(Duration::from_millis)
-        .unwrap_or(config.db.connect);
+        .unwrap_or(config.broker_connect_timeout);
     let options = ConnectionOptions::<Auth>::default()
         .auth(Auth::Plain {
             username: target.username.clone(),
@@ -240,53 +164,6 @@ pub fn retry_forever(
                 }
                 backoff = (backoff * 2).min(max_backoff);
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_parse_like_rabbitmq_reads_them() {
-        let t = parse_url("amqp://guest:guest@localhost:5672/%2f").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.port, t.vhost.as_str()),
-            ("localhost", 5672, "/")
-        );
-        let t =
-            parse_url("amqp://app:p%40ss@broker/prod?heartbeat=5&connection_timeout=2000").unwrap();
-        assert_eq!(
-            (t.username.as_str(), t.password.as_str(), t.host.as_str()),
-            ("app", "p@ss", "broker")
-        );
-        assert_eq!(
-            (
-                t.port,
-                t.vhost.as_str(),
-                t.heartbeat_secs,
-                t.connection_timeout_ms
-            ),
-            (5672, "prod", Some(5), Some(2000))
-        );
-        let t = parse_url("amqp://[::1]:5673").unwrap();
-        assert_eq!(
-            (
-                t.host.as_str(),
-                t.port,
-                t.username.as_str(),
-                t.vhost.as_str()
-            ),
-            ("::1", 5673, "guest", "/")
-        );
-        for bad in [
-            "http://x",
-            "amqp://h:notaport",
-            "amqp://h/?frame_max=1",
-            "amqp://h/%zz",
-        ] {
-            assert!(parse_url(bad).is_err(), "{bad}");
         }
     }
 }

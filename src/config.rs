@@ -2,56 +2,87 @@
 //! function so tests can pass a closure instead of mutating the process environment.
 //! Every variable has a default for a local machine; a malformed value is an error that
 //! names the variable, and the binary turns it into one line on stderr and exit code 2.
+//! URLs are parsed here, once, into the typed targets the connecting code uses.
+//!
+//! This module depends on nothing of ours but `error`. To add a variable: one entry in
+//! `VARIABLES` (name, default, range), one field in `Config`, one line in `from_lookup`,
+//! one line in `.env.example` and README's table.
 
-use std::str::FromStr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// Every variable the binary reads, with its default. `.env.example` must list each one
-/// (a test checks it), so this table is the single source of truth.
-pub const VARIABLES: &[(&str, &str)] = &[
-    (
-        "DATABASE_URL",
-        "postgresql://postgres@localhost:5432/write_db",
-    ),
-    (
-        "READ_DATABASE_URL",
-        "postgresql://postgres@localhost:5432/read_db",
-    ),
-    ("BROKER_URL", "amqp://guest:guest@localhost:5672/%2f"),
-    ("HTTP_BIND_ADDR", "0.0.0.0"),
-    ("COMMAND_SERVICE_PORT", "8080"),
-    ("QUERY_SERVICE_PORT", "8081"),
-    ("CONSUMER_SERVICE_PORT", "8082"),
-    ("MIGRATE_ON_START", "true"),
-    ("COMMAND_HTTP_WORKERS", "16"),
-    ("QUERY_HTTP_WORKERS", "8"),
-    ("HTTP_READ_TIMEOUT_MS", "5000"),
-    ("WRITE_POOL_SIZE", "16"),
-    ("READ_POOL_SIZE", "8"),
-    ("DB_POOL_TIMEOUT_MS", "2000"),
-    ("DB_CONNECT_TIMEOUT_MS", "3000"),
-    ("DB_STATEMENT_TIMEOUT_MS", "5000"),
-    ("DB_LOCK_TIMEOUT_MS", "2000"),
-    ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "15000"),
-    ("OUTBOX_PUBLISHERS", "1"),
-    ("OUTBOX_BATCH_SIZE", "500"),
-    ("OUTBOX_POLL_INTERVAL_MS", "500"),
-    ("PUBLISH_CONFIRM_TIMEOUT_MS", "5000"),
-    ("CONSUMER_THREADS", "1"),
-    ("CONSUMER_PREFETCH", "2000"),
-    ("CONSUMER_BATCH_SIZE", "1000"),
-    ("CONSUMER_BATCH_WAIT_MS", "0"),
-    ("CONSUMER_MAX_ATTEMPTS", "5"),
-    ("BROKER_HEARTBEAT_SECS", "10"),
-    ("BROKER_RECONNECT_MAX_MS", "5000"),
-    ("BROKER_EXCHANGE", "analytics.events"),
-    ("BROKER_PRODUCT_QUEUE", "analytics.product-events"),
-    ("BROKER_ORDER_QUEUE", "analytics.order-events"),
-    ("BROKER_DEAD_LETTER_EXCHANGE", "analytics.dead-letter"),
-    ("BROKER_DEAD_LETTER_QUEUE", "analytics.dead-letter"),
-    ("BROKER_QUEUE_TYPE", "classic"),
+/// One environment variable: its name, its default, and for numbers the inclusive range.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub min: u64,
+    pub max: u64,
+}
+
+/// A variable whose value is text (a URL, a name, an address): no range.
+const fn text(name: &'static str, default: &'static str) -> Variable {
+    Variable {
+        name,
+        default,
+        min: 0,
+        max: 0,
+    }
+}
+
+/// A numeric variable (a count, a port, a duration in its unit) within `min..=max`.
+const fn int(name: &'static str, default: &'static str, min: u64, max: u64) -> Variable {
+    Variable {
+        name,
+        default,
+        min,
+        max,
+    }
+}
+
+/// Every variable the binary reads, with its default and range. `.env.example` must list
+/// each one (a test checks it), so this table is the single source of truth.
+#[rustfmt::skip]
+pub const VARIABLES: &[Variable] = &[
+    text("DATABASE_URL", "postgresql://postgres@localhost:5432/write_db"),
+    text("READ_DATABASE_URL", "postgresql://postgres@localhost:5432/read_db"),
+    text("BROKER_URL", "amqp://guest:guest@localhost:5672/%2f"),
+    text("HTTP_BIND_ADDR", "0.0.0.0"),
+    int("COMMAND_SERVICE_PORT", "8080", 0, 65_535),
+    int("QUERY_SERVICE_PORT", "8081", 0, 65_535),
+    int("CONSUMER_SERVICE_PORT", "8082", 0, 65_535),
+    text("MIGRATE_ON_START", "true"),
+    int("COMMAND_HTTP_WORKERS", "16", 1, 1024),
+    int("QUERY_HTTP_WORKERS", "8", 1, 1024),
+    int("HTTP_READ_TIMEOUT_MS", "5000", 10, 600_000),
+    int("WRITE_POOL_SIZE", "16", 1, 1024),
+    int("READ_POOL_SIZE", "8", 1, 1024),
+    int("DB_POOL_TIMEOUT_MS", "2000", 1, 600_000),
+    int("DB_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
+    int("DB_STATEMENT_TIMEOUT_MS", "5000", 1, 3_600_000),
+    int("DB_LOCK_TIMEOUT_MS", "2000", 1, 3_600_000),
+    int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "15000", 1, 3_600_000),
+    int("DB_RETRY_MAX_MS", "5000", 10, 600_000),
+    int("OUTBOX_PUBLISHERS", "1", 0, 64),
+    int("OUTBOX_BATCH_SIZE", "500", 1, 10_000),
+    int("OUTBOX_POLL_INTERVAL_MS", "500", 1, 600_000),
+    int("PUBLISH_CONFIRM_TIMEOUT_MS", "5000", 1, 600_000),
+    int("CONSUMER_THREADS", "1", 1, 64),
+    int("CONSUMER_PREFETCH", "2000", 1, 65_535),
+    int("CONSUMER_BATCH_SIZE", "1000", 1, 10_000),
+    int("CONSUMER_BATCH_WAIT_MS", "0", 0, 10_000),
+    int("CONSUMER_MAX_ATTEMPTS", "5", 1, 1000),
+    int("BROKER_HEARTBEAT_SECS", "10", 0, 3600),
+    int("BROKER_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
+    int("BROKER_RECONNECT_MAX_MS", "5000", 10, 600_000),
+    text("BROKER_EXCHANGE", "analytics.events"),
+    text("BROKER_PRODUCT_QUEUE", "analytics.product-events"),
+    text("BROKER_ORDER_QUEUE", "analytics.order-events"),
+    text("BROKER_DEAD_LETTER_EXCHANGE", "analytics.dead-letter"),
+    text("BROKER_DEAD_LETTER_QUEUE", "analytics.dead-letter"),
+    text("BROKER_QUEUE_TYPE", "classic"),
 ];
 
 /// Whether the broker's queues are classic (one node) or quorum (replicated, for clusters).
@@ -80,14 +111,31 @@ pub struct DbTimeouts {
     pub statement: Duration,
     pub lock: Duration,
     pub idle_in_transaction: Duration,
+    /// The longest wait between two attempts at work the database refused for a transient
+    /// reason (it is down, a deadlock, a lock timeout).
+    pub retry_max: Duration,
+}
+
+/// One broker endpoint, from an `amqp://user:pass@host:port/vhost?heartbeat=N` URL. The
+/// query parameters, when present, override `BROKER_HEARTBEAT_SECS` and
+/// `BROKER_CONNECT_TIMEOUT_MS` for this endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+    pub vhost: String,
+    pub heartbeat_secs: Option<u16>,
+    pub connection_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub database_url: String,
-    pub read_database_url: String,
-    pub broker_url: String,
-    pub http_bind_addr: String,
+    pub write_db: postgres::Config,
+    pub read_db: postgres::Config,
+    pub broker_target: AmqpTarget,
+    pub http_bind_addr: IpAddr,
     pub command_port: u16,
     pub query_port: u16,
     pub consumer_port: u16,
@@ -99,15 +147,16 @@ pub struct Config {
     pub read_pool_size: u32,
     pub db: DbTimeouts,
     pub outbox_publishers: usize,
-    pub outbox_batch_size: usize,
+    pub outbox_batch_size_max: usize,
     pub outbox_poll_interval: Duration,
     pub publish_confirm_timeout: Duration,
     pub consumer_threads: usize,
     pub consumer_prefetch: u16,
-    pub consumer_batch_size: usize,
+    pub consumer_batch_size_max: usize,
     pub consumer_batch_wait: Duration,
-    pub consumer_max_attempts: u32,
+    pub consumer_attempts_max: u32,
     pub broker_heartbeat_secs: u16,
+    pub broker_connect_timeout: Duration,
     pub broker_reconnect_max: Duration,
     pub broker: BrokerNames,
 }
@@ -120,180 +169,256 @@ impl Config {
 
     /// Reads configuration through `lookup`; unset or empty variables take their defaults.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
-        let get = |name: &str| -> String {
-            match lookup(name) {
-                Some(v) if !v.trim().is_empty() => v.trim().to_string(),
-                _ => default_of(name).to_string(),
-            }
-        };
-        let ms = |name: &str, min: u64, max: u64| -> Result<Duration> {
-            parse_in(name, &get(name), min, max).map(Duration::from_millis)
-        };
-        let queue_type = match get("BROKER_QUEUE_TYPE").as_str() {
-            "classic" => QueueType::Classic,
-            "quorum" => QueueType::Quorum,
-            other => {
-                return Err(Error::config(format!(
-                    "BROKER_QUEUE_TYPE must be `classic` or `quorum`, got {other:?}"
-                )))
-            }
-        };
+        let v = Values(&lookup);
         let config = Config {
-            database_url: url(&get, "DATABASE_URL", &["postgres://", "postgresql://"])?,
-            read_database_url: url(&get, "READ_DATABASE_URL", &["postgres://", "postgresql://"])?,
-            broker_url: {
-                let v = url(&get, "BROKER_URL", &["amqp://"])?;
-                crate::broker::parse_url(&v)?;
-                v
-            },
-            http_bind_addr: {
-                let v = get("HTTP_BIND_ADDR");
-                v.parse::<std::net::IpAddr>().map_err(|_| {
-                    Error::config(format!("HTTP_BIND_ADDR must be an IP address, got {v:?}"))
-                })?;
-                v
-            },
-            command_port: parse_in(
-                "COMMAND_SERVICE_PORT",
-                &get("COMMAND_SERVICE_PORT"),
-                0,
-                65535,
-            )?,
-            query_port: parse_in("QUERY_SERVICE_PORT", &get("QUERY_SERVICE_PORT"), 0, 65535)?,
-            consumer_port: parse_in(
-                "CONSUMER_SERVICE_PORT",
-                &get("CONSUMER_SERVICE_PORT"),
-                0,
-                65535,
-            )?,
-            migrate_on_start: parse_bool("MIGRATE_ON_START", &get("MIGRATE_ON_START"))?,
-            command_http_workers: parse_in(
-                "COMMAND_HTTP_WORKERS",
-                &get("COMMAND_HTTP_WORKERS"),
-                1,
-                1024,
-            )?,
-            query_http_workers: parse_in(
-                "QUERY_HTTP_WORKERS",
-                &get("QUERY_HTTP_WORKERS"),
-                1,
-                1024,
-            )?,
-            http_read_timeout: ms("HTTP_READ_TIMEOUT_MS", 10, 600_000)?,
-            write_pool_size: parse_in("WRITE_POOL_SIZE", &get("WRITE_POOL_SIZE"), 1, 1024)?,
-            read_pool_size: parse_in("READ_POOL_SIZE", &get("READ_POOL_SIZE"), 1, 1024)?,
+            write_db: v.postgres("DATABASE_URL")?,
+            read_db: v.postgres("READ_DATABASE_URL")?,
+            broker_target: v.amqp("BROKER_URL")?,
+            http_bind_addr: v.ip("HTTP_BIND_ADDR")?,
+            command_port: v.int("COMMAND_SERVICE_PORT")?,
+            query_port: v.int("QUERY_SERVICE_PORT")?,
+            consumer_port: v.int("CONSUMER_SERVICE_PORT")?,
+            migrate_on_start: v.bool("MIGRATE_ON_START")?,
+            command_http_workers: v.int("COMMAND_HTTP_WORKERS")?,
+            query_http_workers: v.int("QUERY_HTTP_WORKERS")?,
+            http_read_timeout: v.ms("HTTP_READ_TIMEOUT_MS")?,
+            write_pool_size: v.int("WRITE_POOL_SIZE")?,
+            read_pool_size: v.int("READ_POOL_SIZE")?,
             db: DbTimeouts {
-                pool_checkout: ms("DB_POOL_TIMEOUT_MS", 1, 600_000)?,
-                connect: ms("DB_CONNECT_TIMEOUT_MS", 1, 600_000)?,
-                statement: ms("DB_STATEMENT_TIMEOUT_MS", 1, 3_600_000)?,
-                lock: ms("DB_LOCK_TIMEOUT_MS", 1, 3_600_000)?,
-                idle_in_transaction: ms("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 1, 3_600_000)?,
+                pool_checkout: v.ms("DB_POOL_TIMEOUT_MS")?,
+                connect: v.ms("DB_CONNECT_TIMEOUT_MS")?,
+                statement: v.ms("DB_STATEMENT_TIMEOUT_MS")?,
+                lock: v.ms("DB_LOCK_TIMEOUT_MS")?,
+                idle_in_transaction: v.ms("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS")?,
+                retry_max: v.ms("DB_RETRY_MAX_MS")?,
             },
-            outbox_publishers: parse_in("OUTBOX_PUBLISHERS", &get("OUTBOX_PUBLISHERS"), 0, 64)?,
-            outbox_batch_size: parse_in("OUTBOX_BATCH_SIZE", &get("OUTBOX_BATCH_SIZE"), 1, 10_000)?,
-            outbox_poll_interval: ms("OUTBOX_POLL_INTERVAL_MS", 1, 600_000)?,
-            publish_confirm_timeout: ms("PUBLISH_CONFIRM_TIMEOUT_MS", 1, 600_000)?,
-            consumer_threads: parse_in("CONSUMER_THREADS", &get("CONSUMER_THREADS"), 1, 64)?,
-            consumer_prefetch: parse_in("CONSUMER_PREFETCH", &get("CONSUMER_PREFETCH"), 1, 65_535)?,
-            consumer_batch_size: parse_in(
-                "CONSUMER_BATCH_SIZE",
-                &get("CONSUMER_BATCH_SIZE"),
-                1,
-                10_000,
-            )?,
-            consumer_batch_wait: ms("CONSUMER_BATCH_WAIT_MS", 0, 10_000)?,
-            consumer_max_attempts: parse_in(
-                "CONSUMER_MAX_ATTEMPTS",
-                &get("CONSUMER_MAX_ATTEMPTS"),
-                1,
-                1000,
-            )?,
-            broker_heartbeat_secs: parse_in(
-                "BROKER_HEARTBEAT_SECS",
-                &get("BROKER_HEARTBEAT_SECS"),
-                0,
-                3600,
-            )?,
-            broker_reconnect_max: ms("BROKER_RECONNECT_MAX_MS", 10, 600_000)?,
+            outbox_publishers: v.int("OUTBOX_PUBLISHERS")?,
+            outbox_batch_size_max: v.int("OUTBOX_BATCH_SIZE")?,
+            outbox_poll_interval: v.ms("OUTBOX_POLL_INTERVAL_MS")?,
+            publish_confirm_timeout: v.ms("PUBLISH_CONFIRM_TIMEOUT_MS")?,
+            consumer_threads: v.int("CONSUMER_THREADS")?,
+            consumer_prefetch: v.int("CONSUMER_PREFETCH")?,
+            consumer_batch_size_max: v.int("CONSUMER_BATCH_SIZE")?,
+            consumer_batch_wait: v.ms("CONSUMER_BATCH_WAIT_MS")?,
+            consumer_attempts_max: v.int("CONSUMER_MAX_ATTEMPTS")?,
+            broker_heartbeat_secs: v.int("BROKER_HEARTBEAT_SECS")?,
+            broker_connect_timeout: v.ms("BROKER_CONNECT_TIMEOUT_MS")?,
+            broker_reconnect_max: v.ms("BROKER_RECONNECT_MAX_MS")?,
             broker: BrokerNames {
-                exchange: name(&get, "BROKER_EXCHANGE")?,
-                product_queue: name(&get, "BROKER_PRODUCT_QUEUE")?,
-                order_queue: name(&get, "BROKER_ORDER_QUEUE")?,
-                dead_letter_exchange: name(&get, "BROKER_DEAD_LETTER_EXCHANGE")?,
-                dead_letter_queue: name(&get, "BROKER_DEAD_LETTER_QUEUE")?,
-                queue_type,
+                exchange: v.broker_name("BROKER_EXCHANGE")?,
+                product_queue: v.broker_name("BROKER_PRODUCT_QUEUE")?,
+                order_queue: v.broker_name("BROKER_ORDER_QUEUE")?,
+                dead_letter_exchange: v.broker_name("BROKER_DEAD_LETTER_EXCHANGE")?,
+                dead_letter_queue: v.broker_name("BROKER_DEAD_LETTER_QUEUE")?,
+                queue_type: v.queue_type("BROKER_QUEUE_TYPE")?,
             },
         };
-        if config.consumer_batch_size > usize::from(config.consumer_prefetch) {
+        if config.consumer_batch_size_max > usize::from(config.consumer_prefetch) {
             return Err(Error::config(format!(
                 "CONSUMER_BATCH_SIZE ({}) must not exceed CONSUMER_PREFETCH ({})",
-                config.consumer_batch_size, config.consumer_prefetch
+                config.consumer_batch_size_max, config.consumer_prefetch
             )));
         }
         Ok(config)
     }
 }
 
-fn default_of(name: &str) -> &'static str {
-    VARIABLES
-        .iter()
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| *v)
-        .unwrap_or("")
-}
+/// The variables' values as `lookup` gives them, each parsed by the rule of its type.
+struct Values<'a>(&'a dyn Fn(&str) -> Option<String>);
 
-fn parse_in<T>(name: &str, value: &str, min: u64, max: u64) -> Result<T>
-where
-    T: FromStr + TryFrom<u64>,
-{
-    match value.parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => {
-            T::try_from(n).map_err(|_| Error::config(format!("{name} is out of range: {value:?}")))
+impl Values<'_> {
+    /// The value of `name` (trimmed; unset or empty means the default) and its table entry.
+    fn get(&self, name: &str) -> (String, &'static Variable) {
+        let var = VARIABLES
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("{name} is read but not listed in VARIABLES"));
+        let value = match (self.0)(name) {
+            Some(v) if !v.trim().is_empty() => v.trim().to_string(),
+            _ => var.default.to_string(),
+        };
+        (value, var)
+    }
+
+    /// An integer within the variable's range, in the field's type.
+    fn int<T: TryFrom<u64>>(&self, name: &str) -> Result<T> {
+        let (value, var) = self.get(name);
+        match value.parse::<u64>() {
+            Ok(n) if (var.min..=var.max).contains(&n) => T::try_from(n)
+                .map_err(|_| Error::config(format!("{name} is out of range: {value:?}"))),
+            _ => Err(Error::config(format!(
+                "{name} must be an integer from {} to {}, got {value:?}",
+                var.min, var.max
+            ))),
         }
-        _ => Err(Error::config(format!(
-            "{name} must be an integer from {min} to {max}, got {value:?}"
-        ))),
     }
-}
 
-fn parse_bool(name: &str, value: &str) -> Result<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(Error::config(format!(
-            "{name} must be true or false, got {value:?}"
-        ))),
+    fn ms(&self, name: &str) -> Result<Duration> {
+        self.int(name).map(Duration::from_millis)
     }
-}
 
-fn url(get: &impl Fn(&str) -> String, name: &str, schemes: &[&str]) -> Result<String> {
-    let v = get(name);
-    if !schemes.iter().any(|s| v.starts_with(s)) {
-        return Err(Error::config(format!(
-            "{name} must start with {}, got {:?}",
-            schemes.join(" or "),
-            redact(&v)
-        )));
+    fn bool(&self, name: &str) -> Result<bool> {
+        let (value, _) = self.get(name);
+        match value.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(Error::config(format!(
+                "{name} must be true or false, got {value:?}"
+            ))),
+        }
     }
-    if schemes[0].starts_with("postgres") {
-        v.parse::<postgres::Config>().map_err(|e| {
+
+    fn ip(&self, name: &str) -> Result<IpAddr> {
+        let (value, _) = self.get(name);
+        value
+            .parse()
+            .map_err(|_| Error::config(format!("{name} must be an IP address, got {value:?}")))
+    }
+
+    fn postgres(&self, name: &str) -> Result<postgres::Config> {
+        let (value, _) = self.get(name);
+        if !value.starts_with("postgres://") && !value.starts_with("postgresql://") {
+            return Err(Error::config(format!(
+                "{name} must start with postgres:// or postgresql://, got {:?}",
+                redact(&value)
+            )));
+        }
+        value.parse().map_err(|e| {
             Error::config(format!(
                 "{name} is not a valid PostgreSQL URL ({e}): {:?}",
-                redact(&v)
+                redact(&value)
             ))
-        })?;
+        })
     }
-    Ok(v)
+
+    fn amqp(&self, name: &str) -> Result<AmqpTarget> {
+        let (value, _) = self.get(name);
+        if !value.starts_with("amqp://") {
+            return Err(Error::config(format!(
+                "{name} must start with amqp://, got {:?}",
+                redact(&value)
+            )));
+        }
+        parse_amqp_url(&value)
+    }
+
+    fn broker_name(&self, name: &str) -> Result<String> {
+        let (value, _) = self.get(name);
+        if value.len() > 255 || value.chars().any(|c| c.is_control()) {
+            return Err(Error::config(format!(
+                "{name} must be a broker name of at most 255 characters"
+            )));
+        }
+        Ok(value)
+    }
+
+    fn queue_type(&self, name: &str) -> Result<QueueType> {
+        match self.get(name).0.as_str() {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(Error::config(format!(
+                "{name} must be `classic` or `quorum`, got {other:?}"
+            ))),
+        }
+    }
 }
 
-fn name(get: &impl Fn(&str) -> String, var: &str) -> Result<String> {
-    let v = get(var);
-    if v.len() > 255 || v.chars().any(|c| c.is_control()) {
-        return Err(Error::config(format!(
-            "{var} must be a broker name of at most 255 characters"
-        )));
+/// Parses a broker URL the way RabbitMQ's URI spec reads it: guest/guest, port 5672 and
+/// vhost `/` by default, percent-encoded parts decoded.
+pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
+    let bad = |why: &str| Error::config(format!("BROKER_URL is not a valid amqp:// URL: {why}"));
+    let rest = url
+        .strip_prefix("amqp://")
+        .ok_or_else(|| bad("it must start with amqp://"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("", authority));
+    let decode = |s: &str| percent_decode(s, false).map_err(|_| bad("bad percent-encoding"));
+    let (username, password) = match userinfo.split_once(':') {
+        _ if userinfo.is_empty() => ("guest".to_string(), "guest".to_string()),
+        Some((u, p)) => (decode(u)?, decode(p)?),
+        None => (decode(userinfo)?, String::new()),
+    };
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed [ in the host"))?;
+            (h.to_string(), after.strip_prefix(':').unwrap_or(""))
+        }
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (hostport.to_string(), ""),
+        },
+    };
+    let mut target = AmqpTarget {
+        host: if host.is_empty() {
+            "localhost".into()
+        } else {
+            decode(&host)?
+        },
+        port: if port.is_empty() {
+            5672
+        } else {
+            port.parse().map_err(|_| bad("bad port"))?
+        },
+        username,
+        password,
+        vhost: if vhost.is_empty() {
+            "/".into()
+        } else {
+            decode(vhost)?
+        },
+        heartbeat_secs: None,
+        connection_timeout_ms: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("heartbeat", v)) => {
+                target.heartbeat_secs = Some(v.parse().map_err(|_| bad("bad heartbeat"))?)
+            }
+            Some(("connection_timeout", v)) => {
+                target.connection_timeout_ms =
+                    Some(v.parse().map_err(|_| bad("bad connection_timeout"))?)
+            }
+            _ => return Err(bad(&format!("unsupported query parameter {pair:?}"))),
+        }
     }
-    Ok(v)
+    Ok(target)
+}
+
+/// Decodes `%XX` escapes (and `+` as space in query strings); the result must be UTF-8.
+/// Used for URLs from the environment and from HTTP requests alike.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                match byte {
+                    Some(b) => out.push(b),
+                    None => {
+                        return Err(Error::bad_request("malformed percent-encoding in the URL"))
+                    }
+                }
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| Error::bad_request("the URL does not decode to UTF-8"))
 }
 
 /// Hides the password of a connection URL so it never reaches a log line.
@@ -338,5 +463,47 @@ mod tests {
             "postgresql://u:***@h/db"
         );
         assert_eq!(redact("amqp://guest@h"), "amqp://guest@h");
+    }
+
+    #[test]
+    fn urls_parse_like_rabbitmq_reads_them() {
+        let t = parse_amqp_url("amqp://guest:guest@localhost:5672/%2f").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.vhost.as_str()),
+            ("localhost", 5672, "/")
+        );
+        let t = parse_amqp_url("amqp://app:p%40ss@broker/prod?heartbeat=5&connection_timeout=2000")
+            .unwrap();
+        assert_eq!(
+            (t.username.as_str(), t.password.as_str(), t.host.as_str()),
+            ("app", "p@ss", "broker")
+        );
+        assert_eq!(
+            (
+                t.port,
+                t.vhost.as_str(),
+                t.heartbeat_secs,
+                t.connection_timeout_ms
+            ),
+            (5672, "prod", Some(5), Some(2000))
+        );
+        let t = parse_amqp_url("amqp://[::1]:5673").unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.username.as_str(),
+                t.vhost.as_str()
+            ),
+            ("::1", 5673, "guest", "/")
+        );
+        for bad in [
+            "http://x",
+            "amqp://h:notaport",
+            "amqp://h/?frame_max=1",
+            "amqp://h/%zz",
+        ] {
+            assert!(parse_amqp_url(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -165,7 +165,7 @@ fn session(
         };
         let mut batch = vec![delivery(first)?];
         let deadline = Instant::now() + config.consumer_batch_wait;
-        while batch.len() < config.consumer_batch_size {
+        while batch.len() < config.consumer_batch_size_max {
             // Take what is already here without waiting, then wait until the deadline.
             let next = match prx.try_recv().or_else(|_| orx.try_recv()) {
                 Ok(m) => m,
@@ -291,14 +291,14 @@ fn isolate(
             // If even the failure cannot be recorded, the database is gone: the session ends
             // and the message is redelivered, uncounted.
             let n = record_failure(pool, &key, &e)?;
-            if n >= config.consumer_max_attempts {
+            if n >= config.consumer_attempts_max {
                 error!("dead-lettering event {key} after {n} failed attempts: {e}");
                 metrics.dead_lettered.inc();
                 d.nack(channel, false)?;
             } else {
                 warn!(
                     "event {key} failed (attempt {n} of {}): {e}",
-                    config.consumer_max_attempts
+                    config.consumer_attempts_max
                 );
                 metrics.requeued.inc();
                 d.nack(channel, true)?;
@@ -331,7 +331,7 @@ fn apply_with_retry(
                 if shutdown.sleep(backoff) {
                     return Ok(None);
                 }
-                backoff = (backoff * 2).min(config.broker_reconnect_max);
+                backoff = (backoff * 2).min(config.db.retry_max);
             }
             other => return Ok(Some(other)),
         }

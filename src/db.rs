@@ -52,12 +52,12 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(
-        url: &str,
+        target: &postgres::Config,
         timeouts: &DbTimeouts,
         application_name: &str,
         read_only: bool,
-    ) -> Result<Manager> {
-        let mut config = parse_url(url)?;
+    ) -> Manager {
+        let mut config = target.clone();
         let mut options = format!(
             "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
             timeouts.statement.as_millis(),
@@ -73,7 +73,7 @@ impl Manager {
             .connect_timeout(timeouts.connect)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30));
-        Ok(Manager { config })
+        Manager { config }
     }
 }
 
@@ -170,14 +170,14 @@ fn connection_lost(e: &postgres::Error) -> bool {
 /// Builds a pool without connecting: connections are made on demand, so a service starts
 /// (and answers /health with 503) while its database is still coming up.
 pub fn pool(
-    url: &str,
+    target: &postgres::Config,
     size: u32,
     timeouts: &DbTimeouts,
     application_name: &str,
     read_only: bool,
-) -> Result<Pool> {
-    let manager = Manager::new(url, timeouts, application_name, read_only)?;
-    Ok(r2d2::Pool::builder()
+) -> Pool {
+    let manager = Manager::new(target, timeouts, application_name, read_only);
+    r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(timeouts.pool_checkout)
@@ -186,7 +186,7 @@ pub fn pool(
         .test_on_check_out(false)
         .idle_timeout(Some(Duration::from_secs(300)))
         .error_handler(Box::new(r2d2::NopErrorHandler))
-        .build_unchecked(manager))
+        .build_unchecked(manager)
 }
 
 /// Answers whether the pool's database responds, for /health.
@@ -194,11 +194,6 @@ pub fn ping(pool: &Pool) -> Result<()> {
     let mut conn = pool.get()?;
     conn.client.simple_query("SELECT 1")?;
     Ok(())
-}
-
-pub fn parse_url(url: &str) -> Result<postgres::Config> {
-    url.parse::<postgres::Config>()
-        .map_err(|e| Error::config(format!("invalid PostgreSQL URL: {e}")))
 }
 
 /// One migration: a version, a name and the SQL it runs.
@@ -232,8 +227,12 @@ const MIGRATION_LOCK_KEY: i64 = 0x6371_7273_6d69_6772;
 
 /// Applies the migrations not yet applied, each in its own transaction, under an advisory
 /// lock so that several instances starting at once apply each migration exactly once.
-pub fn migrate(url: &str, migrations: &[Migration], connect_timeout: Duration) -> Result<()> {
-    let mut config = parse_url(url)?;
+pub fn migrate(
+    target: &postgres::Config,
+    migrations: &[Migration],
+    connect_timeout: Duration,
+) -> Result<()> {
+    let mut config = target.clone();
     config
         .connect_timeout(connect_timeout)
         .application_name("cqrs-analytics-migrate");
@@ -274,10 +273,9 @@ fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<()> {
     Ok(())
 }
 
-/// Creates the database named in `url` when it does not exist, connecting to the server's
+/// Creates the database named in `target` when it does not exist, connecting to the server's
 /// `postgres` database with the same credentials. Used by `all` so a fresh machine works.
-pub fn ensure_database(url: &str, connect_timeout: Duration) -> Result<()> {
-    let target = parse_url(url)?;
+pub fn ensure_database(target: &postgres::Config, connect_timeout: Duration) -> Result<()> {
     let name = target
         .get_dbname()
         .ok_or_else(|| Error::config("the database URL names no database"))?

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use tiny_http::{Header, Method, Server};
 
+pub use crate::config::percent_decode;
 use crate::error::{Error, Kind, Result};
 
 /// The largest request body accepted; larger ones get 413.
@@ -391,39 +392,6 @@ fn too_large() -> Error {
         Kind::PayloadTooLarge,
         format!("request body exceeds {BODY_LIMIT_BYTES} bytes"),
     )
-}
-
-/// Decodes `%XX` escapes (and `+` as space in query strings); the result must be UTF-8.
-pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-                match byte {
-                    Some(b) => out.push(b),
-                    None => {
-                        return Err(Error::bad_request("malformed percent-encoding in the URL"))
-                    }
-                }
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| Error::bad_request("the URL does not decode to UTF-8"))
 }
 
 /// Sends `GET path` and returns the status code: the health-check client, std only.

@@ -171,7 +171,7 @@ impl<'a> Publisher<'a> {
             confirmed: HashMap::new(),
             returned: HashSet::new(),
             metrics,
-            claim_sql: claim_sql(config.outbox_batch_size),
+            claim_sql: claim_sql(config.outbox_batch_size_max),
         })
     }
 
@@ -193,7 +193,7 @@ impl<'a> Publisher<'a> {
             while !exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !shutdown.is_triggered() {
                 match self.claim_and_publish(pool)? {
                     Some(batch) => {
-                        exhausted = batch.ids.len() < self.config.outbox_batch_size;
+                        exhausted = batch.ids.len() < self.config.outbox_batch_size_max;
                         in_flight.push_back(batch);
                     }
                     None => exhausted = true,

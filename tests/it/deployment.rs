@@ -21,7 +21,7 @@ fn env_example_lists_every_variable_the_binary_reads() {
     let keys = env_example_keys();
     let missing: Vec<&str> = VARIABLES
         .iter()
-        .map(|(k, _)| *k)
+        .map(|v| v.name)
         .filter(|k| !keys.contains(*k))
         .collect();
     assert!(missing.is_empty(), ".env.example lacks {missing:?}");

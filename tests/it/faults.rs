@@ -613,7 +613,7 @@ fn consumer_dying_after_commit_before_ack_changes_nothing_on_redelivery() {
         }
     }
     let pool =
-        cqrs_analytics::db::pool(&env.read_url(), 1, &env.config().db, "doomed", false).unwrap();
+        cqrs_analytics::db::pool(&env.config().read_db, 1, &env.config().db, "doomed", false);
     let applied =
         cqrs_analytics::projection::apply_batch(&mut pool.get().unwrap(), &events).unwrap();
     assert_eq!(applied.applied, TAKEN, "the doomed consumer's commit");
@@ -826,7 +826,7 @@ fn poison_messages_are_dead_lettered_while_good_ones_flow() {
     assert_eq!(dead_counter, 2, "consumer_dead_lettered_total");
     // Failures are counted in the read DB, across consumer threads: exactly max attempts.
     let config = env.config();
-    let bound = u64::from(config.consumer_max_attempts) - 1;
+    let bound = u64::from(config.consumer_attempts_max) - 1;
     assert_eq!(requeued, bound, "requeues before dead-lettering");
     let attempts: i32 = env
         .read()
@@ -834,7 +834,7 @@ fn poison_messages_are_dead_lettered_while_good_ones_flow() {
         .unwrap()
         .get(0);
     assert_eq!(
-        attempts as u32, config.consumer_max_attempts,
+        attempts as u32, config.consumer_attempts_max,
         "recorded attempts"
     );
     assert!(flowed_meanwhile > 0, "good orders kept flowing");

@@ -54,7 +54,7 @@ fn templates() -> &'static (String, String) {
                     .batch_execute(&format!("CREATE DATABASE {name}"))
                     .unwrap();
                 db::migrate(
-                    &format!("{}/{name}", pg_base()),
+                    &format!("{}/{name}", pg_base()).parse().unwrap(),
                     migrations,
                     Duration::from_secs(5),
                 )
@@ -170,11 +170,14 @@ impl TestEnv {
 
     /// A configuration for this test: its databases and broker names, ports 0, small pools.
     pub fn config(&self) -> Config {
-        let mut c = Config::from_lookup(|_| None).unwrap();
-        c.database_url = self.write_url();
-        c.read_database_url = self.read_url();
-        c.broker_url = broker_url();
-        c.http_bind_addr = "127.0.0.1".into();
+        let mut c = Config::from_lookup(|k| match k {
+            "DATABASE_URL" => Some(self.write_url()),
+            "READ_DATABASE_URL" => Some(self.read_url()),
+            "BROKER_URL" => Some(broker_url()),
+            "HTTP_BIND_ADDR" => Some("127.0.0.1".into()),
+            _ => None,
+        })
+        .unwrap();
         c.command_port = 0;
         c.query_port = 0;
         c.consumer_port = 0;
@@ -184,6 +187,7 @@ impl TestEnv {
         c.read_pool_size = 4;
         c.outbox_poll_interval = Duration::from_millis(200);
         c.broker_reconnect_max = Duration::from_millis(500);
+        c.db.retry_max = Duration::from_millis(500);
         c.broker = self.broker.clone();
         c
     }

@@ -640,7 +640,7 @@ fn ten_orders_at_ten_cents_sum_to_exactly_one() {
 fn database_down_gives_503_not_a_hang() {
     let env = TestEnv::new();
     let app = env.start_with(Role::Command, |c| {
-        c.database_url = "postgresql://postgres@127.0.0.1:1/nowhere".into();
+        c.write_db = "postgresql://postgres@127.0.0.1:1/nowhere".parse().unwrap();
         c.db.connect = std::time::Duration::from_millis(300);
         c.db.pool_checkout = std::time::Duration::from_millis(500);
     });
