@@ -18,7 +18,26 @@
 #   * bash -n / sh -n and shellcheck on deploy/postgres/*.sh and this script;
 #   * submission.json.
 # Exits non-zero if any check fails; runs them all first.
+#
+#   .ci/static-checks.sh --is-compose-v2 "$(docker compose version)"
+#
+# only answers (exit 0 or 1) whether that version line is a Compose v2 or later
+# (the tests check the rule against every form a release prints).
 set -euo pipefail
+
+# Compose v2 and later print "Docker Compose version v2.40.3" (Docker's builds),
+# "Docker Compose version 2.26.1-4" (Debian's plugin: no "v", a Debian revision)
+# or, with --short, "2.26.1"; v1 prints "docker-compose version 1.29.2, build ...".
+# Compose went from v2 to v5 (no v3/v4); any major >= 2 is the Go rewrite.
+is_compose_v2() { # version-line
+    printf '%s\n' "$1" | head -n1 \
+        | grep -Eq '^((Docker Compose version|docker-compose version) )?v?([2-9]|[1-9][0-9]+)\.[0-9]+\.[0-9]+'
+}
+
+if [ "${1:-}" = "--is-compose-v2" ]; then
+    is_compose_v2 "${2:-}"
+    exit
+fi
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -124,7 +143,10 @@ install_tools() {
         fi
         COMPOSE_V2=("$bin")
     fi
-    "${COMPOSE_V2[@]}" version | grep -q 'v2\.'
+    is_compose_v2 "$("${COMPOSE_V2[@]}" version)" || {
+        echo "not a Compose v2: $("${COMPOSE_V2[@]}" version)" >&2
+        return 1
+    }
 
     log "tools: $("$COMPOSE_V1" version --short 2>/dev/null || "$COMPOSE_V1" version | head -n1)" \
         "(v1), $("${COMPOSE_V2[@]}" version --short) (v2), $(hadolint --version)," \
@@ -216,6 +238,17 @@ for name, port in (("command-service", 8080), ("query-service", 8081)):
     pub = [(str(p.get("published")), p.get("target")) for p in svcs[name].get("ports", [])]
     need((str(port), port) in pub, f"{name}: must publish {port}:{port}")
 need(not any(s.get("container_name") for s in svcs.values()), "no container_name anywhere")
+
+# The databases and the broker carry default passwords: loopback only by default.
+for name in ("db", "read_db", "broker"):
+    for p in svcs[name].get("ports", []):
+        need(p.get("host_ip") == "127.0.0.1",
+             f"{name}: port {p.get('target')} must be published on 127.0.0.1, not {p.get('host_ip')!r}")
+# One image for the four app services, so that it is built once.
+app_svcs = ("migrate", "command-service", "consumer-service", "query-service")
+images = {svcs[n].get("image") for n in app_svcs}
+need(len(images) == 1 and None not in images, f"app services must share one image name, have {images}")
+need(all(svcs[n].get("build") for n in app_svcs), "app services must keep their build section")
 
 mig = svcs["migrate"]
 need(mig.get("command") == ["migrate"], "migrate: command must be [\"migrate\"]")

@@ -77,8 +77,8 @@ impl Running {
 }
 
 /// Applies the migrations of the databases `role` uses, waiting for each database to come
-/// up for at most `wait`.
-pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<()> {
+/// up for at most `wait`; says what it did, one report per database.
+pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<Vec<db::MigrationReport>> {
     if role == Role::All {
         retry_until(wait, || {
             db::ensure_database(&config.write_db, config.db.connect)
@@ -87,24 +87,25 @@ pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<()> {
             db::ensure_database(&config.read_db, config.db.connect)
         })?;
     }
+    let mut reports = Vec::new();
     if role.runs_command() {
-        retry_until(wait, || {
+        reports.push(retry_until(wait, || {
             db::migrate(&config.write_db, db::WRITE_MIGRATIONS, config.db.connect)
-        })?;
+        })?);
     }
     if role.runs_consumer() || role.runs_query() {
-        retry_until(wait, || {
+        reports.push(retry_until(wait, || {
             db::migrate(&config.read_db, db::READ_MIGRATIONS, config.db.connect)
-        })?;
+        })?);
     }
-    Ok(())
+    Ok(reports)
 }
 
-fn retry_until(wait: Duration, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+fn retry_until<T>(wait: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + wait;
     loop {
         match f() {
-            Ok(()) => return Ok(()),
+            Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && Instant::now() < deadline => {
                 warn!("{e}; retrying");
                 std::thread::sleep(Duration::from_millis(500));

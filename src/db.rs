@@ -225,26 +225,81 @@ pub const READ_MIGRATIONS: &[Migration] = &[
 /// An arbitrary constant that serialises concurrent migrators of one database.
 const MIGRATION_LOCK_KEY: i64 = 0x6371_7273_6d69_6772;
 
+/// What `migrate` did to one database: the `migrate` subcommand prints one per database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// The database's name and server, e.g. `write_db at db:5432`.
+    pub database: String,
+    /// Versions this run applied, in order (empty when the schema was up to date).
+    pub applied: Vec<i32>,
+    /// The highest version recorded in the database afterwards.
+    pub version: i32,
+}
+
+impl std::fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.applied.is_empty() {
+            return write!(
+                f,
+                "{}: up to date (schema version {})",
+                self.database, self.version
+            );
+        }
+        let applied: Vec<String> = self.applied.iter().map(i32::to_string).collect();
+        write!(
+            f,
+            "{}: applied {} (schema version {})",
+            self.database,
+            applied.join(", "),
+            self.version
+        )
+    }
+}
+
 /// Applies the migrations not yet applied, each in its own transaction, under an advisory
 /// lock so that several instances starting at once apply each migration exactly once.
 pub fn migrate(
     target: &postgres::Config,
     migrations: &[Migration],
     connect_timeout: Duration,
-) -> Result<()> {
+) -> Result<MigrationReport> {
     let mut config = target.clone();
     config
         .connect_timeout(connect_timeout)
         .application_name("cqrs-analytics-migrate");
+    let database = describe(&config);
     let mut client = config.connect(NoTls)?;
     client.batch_execute("SET client_min_messages = warning")?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])?;
     let result = apply_pending(&mut client, migrations);
     let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]);
-    result
+    let applied = result?;
+    let version: Option<i32> = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])?
+        .get(0);
+    Ok(MigrationReport {
+        database,
+        applied,
+        version: version.unwrap_or(0),
+    })
 }
 
-fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<()> {
+/// `dbname at host:port`, for reports (never the credentials).
+fn describe(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{} at {host}:{port}",
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<Vec<i32>> {
+    let mut applied = Vec::new();
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version INTEGER PRIMARY KEY,
@@ -269,17 +324,27 @@ fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<()> {
         )?;
         tx.commit()?;
         info!("applied migration {} {}", m.version, m.name);
+        applied.push(m.version);
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// Creates the database named in `target` when it does not exist, connecting to the server's
 /// `postgres` database with the same credentials. Used by `all` so a fresh machine works.
+/// A database that exists is not looked up there: an owner who may not connect to the
+/// maintenance database (as the compose roles may not) can still run `migrate`.
 pub fn ensure_database(target: &postgres::Config, connect_timeout: Duration) -> Result<()> {
+    let mut target = target.clone();
+    target.connect_timeout(connect_timeout);
     let name = target
         .get_dbname()
         .ok_or_else(|| Error::config("the database URL names no database"))?
         .to_string();
+    match target.connect(NoTls) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::INVALID_CATALOG_NAME) => {}
+        Err(e) => return Err(e.into()),
+    }
     let mut admin = target.clone();
     admin.dbname("postgres").connect_timeout(connect_timeout);
     let mut client = admin.connect(NoTls)?;

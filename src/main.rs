@@ -62,7 +62,9 @@ fn main() -> ExitCode {
 
 fn run(config: &Config, role: Role) -> cqrs_analytics::Result<()> {
     if config.migrate_on_start {
-        app::migrate(config, role, Duration::from_secs(60))?;
+        for report in app::migrate(config, role, Duration::from_secs(60))? {
+            log::info!("migrate: {report}");
+        }
     }
     let mut running = app::start(config, role)?;
     let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
@@ -74,7 +76,13 @@ fn run(config: &Config, role: Role) -> cqrs_analytics::Result<()> {
 
 fn run_migrate() -> ExitCode {
     match Config::from_env().and_then(|c| app::migrate(&c, Role::All, Duration::from_secs(60))) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(reports) => {
+            // One line per database on stdout: what a deployment log should show.
+            for report in reports {
+                println!("migrate: {report}");
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) if e.kind() == Kind::Config => {
             eprintln!("configuration error: {e}");
             ExitCode::from(2)

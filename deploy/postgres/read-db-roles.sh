@@ -4,9 +4,10 @@
 # Run once by the postgres image's entrypoint, from /docker-entrypoint-initdb.d,
 # when the data volume is first initialised (`docker compose down -v` to rerun).
 # It connects as the owner (POSTGRES_USER). It only creates the roles and lets
-# them connect: table privileges are granted by the app's migrations
-# (`cqrs-analytics migrate`, run as the owner), which GRANT to these roles
-# when they exist.
+# them connect to this database only (not to the `postgres` and `template1`
+# maintenance databases): table privileges are granted by the app's
+# migrations (`cqrs-analytics migrate`, run as the owner), which GRANT to
+# these roles when they exist.
 #
 #   consumer_app  the consumer service: reads/writes the *_view tables,
 #                 processed_events and sync_status.
@@ -30,6 +31,11 @@ ALTER ROLE consumer_app WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
       NOINHERIT NOREPLICATION NOBYPASSRLS PASSWORD :'consumer_pw';
 ALTER ROLE query_app WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
       NOINHERIT NOREPLICATION NOBYPASSRLS PASSWORD :'query_pw';
+
+-- The maintenance databases are the owner's. PUBLIC may connect to them by default,
+-- so a leaked app password would open a session there too.
+REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE template1 FROM PUBLIC;
 
 -- Only the owner and these roles may connect to the application database.
 REVOKE CONNECT, TEMPORARY ON DATABASE :"db" FROM PUBLIC;

@@ -106,3 +106,258 @@ fn healthcheck_subcommand_reports_the_health_of_a_port() {
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
 }
+
+#[test]
+fn static_checks_accept_every_compose_v2_version_line() {
+    // What `docker compose version` prints, release by release; only v1 is refused.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/static-checks.sh");
+    let answer = |line: &str| {
+        Command::new("bash")
+            .args([script, "--is-compose-v2", line])
+            .status()
+            .unwrap()
+            .success()
+    };
+    for v2 in [
+        "Docker Compose version v2.40.3",
+        "Docker Compose version 2.26.1-4", // Debian trixie's plugin: no "v"
+        "Docker Compose version v2.0.0-rc.3",
+        "Docker Compose version v5.0.0", // after v2 came v5
+        "docker-compose version 2.2.3",  // the standalone binary of early v2
+        "2.26.1",                        // --short
+        "v2.40.3",
+    ] {
+        assert!(answer(v2), "{v2:?} is a Compose v2 but was refused");
+    }
+    for not_v2 in [
+        "docker-compose version 1.29.2, build unknown",
+        "docker-compose version 1.25.0, build 0a186604",
+        "1.29.2",
+        "",
+        "docker: 'compose' is not a docker command.",
+    ] {
+        assert!(
+            !answer(not_v2),
+            "{not_v2:?} is not a Compose v2 but was accepted"
+        );
+    }
+}
+
+/// `migrate: DB at HOST:PORT: ...` lines, as (database, rest).
+fn migrate_lines(stdout: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| {
+            let l = l
+                .strip_prefix("migrate: ")
+                .unwrap_or_else(|| panic!("{l:?}"));
+            let (db, rest) = l.split_once(" at ").unwrap_or_else(|| panic!("{l:?}"));
+            let (_, rest) = rest.split_once(": ").unwrap_or_else(|| panic!("{l:?}"));
+            (db.to_string(), rest.to_string())
+        })
+        .collect()
+}
+
+fn latest(migrations: &[cqrs_analytics::db::Migration]) -> i32 {
+    migrations.iter().map(|m| m.version).max().unwrap()
+}
+
+#[test]
+fn migrate_prints_one_line_per_database_with_the_versions_applied() {
+    use cqrs_analytics::db::{READ_MIGRATIONS, WRITE_MIGRATIONS};
+    let env = crate::harness::TestEnv::new();
+    // The write database is migrated (a template clone); the read database starts empty.
+    let mut admin = postgres::Client::connect(
+        &format!("{}/postgres", crate::harness::pg_base()),
+        postgres::NoTls,
+    )
+    .unwrap();
+    for sql in ["DROP DATABASE {} WITH (FORCE)", "CREATE DATABASE {}"] {
+        admin
+            .batch_execute(&sql.replace("{}", &env.read_db))
+            .unwrap();
+    }
+    let all_read: Vec<String> = READ_MIGRATIONS
+        .iter()
+        .map(|m| m.version.to_string())
+        .collect();
+    let first = env.binary("migrate").output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        migrate_lines(&first.stdout),
+        vec![
+            (
+                env.write_db.clone(),
+                format!("up to date (schema version {})", latest(WRITE_MIGRATIONS))
+            ),
+            (
+                env.read_db.clone(),
+                format!(
+                    "applied {} (schema version {})",
+                    all_read.join(", "),
+                    latest(READ_MIGRATIONS)
+                )
+            ),
+        ],
+        "{}",
+        String::from_utf8_lossy(&first.stdout)
+    );
+    let again = env.binary("migrate").output().unwrap();
+    assert!(again.status.success());
+    let lines = migrate_lines(&again.stdout);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines.iter().all(|(_, rest)| rest.starts_with("up to date")),
+        "{lines:?}"
+    );
+}
+
+/// Whether `role` may open a session on `db` of the scratch server; any refusal other than
+/// "no CONNECT privilege" or "no such role" fails the test.
+fn can_connect(pg: &crate::harness::ScratchPostgres, role: &str, db: &str) -> bool {
+    use postgres::error::SqlState;
+    match postgres::Client::connect(&pg.url(role, db), postgres::NoTls) {
+        Ok(_) => true,
+        Err(e)
+            if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+                || e.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION) =>
+        {
+            false
+        }
+        Err(e) => panic!("{role}@{db}: {e} {:?}", e.as_db_error()),
+    }
+}
+
+/// A fresh server with `db`, set up the way the postgres image does it: the role script run
+/// by the owner, then `cqrs-analytics migrate` as the owner.
+fn scratch_database(script: &str, db: &str) -> crate::harness::ScratchPostgres {
+    let pg = crate::harness::ScratchPostgres::start();
+    let mut owner =
+        postgres::Client::connect(&pg.url("postgres", "postgres"), postgres::NoTls).unwrap();
+    owner
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let out = Command::new("bash")
+        .arg(format!(
+            "{}/deploy/postgres/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port.to_string())
+        .env("POSTGRES_USER", "postgres")
+        .env("POSTGRES_DB", db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg
+}
+
+#[test]
+fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
+    let write = scratch_database("write-db-roles.sh", "write_db");
+    let read = scratch_database("read-db-roles.sh", "read_db");
+    let migrate = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+        .arg("migrate")
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("DATABASE_URL", write.url("postgres", "write_db"))
+        .env("READ_DATABASE_URL", read.url("postgres", "read_db"))
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let cases = [
+        (&write, "command_app", "write_db", true),
+        (&write, "query_app", "write_db", true),
+        (&write, "command_app", "postgres", false),
+        (&write, "command_app", "template1", false),
+        (&write, "query_app", "postgres", false),
+        (&write, "consumer_app", "write_db", false),
+        (&write, "postgres", "postgres", true), // the owner keeps its maintenance database
+        (&read, "consumer_app", "read_db", true),
+        (&read, "query_app", "read_db", true),
+        (&read, "consumer_app", "postgres", false),
+        (&read, "consumer_app", "template1", false),
+        (&read, "query_app", "postgres", false),
+        (&read, "command_app", "read_db", false),
+    ];
+    for (pg, role, db, allowed) in cases {
+        assert_eq!(
+            can_connect(pg, role, db),
+            allowed,
+            "{role} connecting to {db}: want allowed={allowed}"
+        );
+    }
+    // The migrations' grants still hold with the revokes: each role reaches what it needs.
+    let mut command =
+        postgres::Client::connect(&write.url("command_app", "write_db"), postgres::NoTls).unwrap();
+    command
+        .query_one("SELECT count(*) FROM products", &[])
+        .unwrap();
+    let mut query =
+        postgres::Client::connect(&write.url("query_app", "write_db"), postgres::NoTls).unwrap();
+    query.query_one("SELECT count(*) FROM outbox", &[]).unwrap();
+    assert!(query
+        .query_one("SELECT count(*) FROM products", &[])
+        .is_err());
+    let mut consumer =
+        postgres::Client::connect(&read.url("consumer_app", "read_db"), postgres::NoTls).unwrap();
+    consumer
+        .query_one("SELECT count(*) FROM processed_events", &[])
+        .unwrap();
+    assert!(consumer.batch_execute("CREATE TABLE x (i int)").is_err());
+}
+
+#[test]
+fn compose_file_keeps_infrastructure_on_loopback_and_builds_one_image() {
+    // `.ci/static-checks.sh` checks the same on the resolved configuration with Compose
+    // itself; this reads the file as written, so it runs where Compose is not installed.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+        .unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for container_port in [":5432\"", ":5672\"", ":15672\""] {
+        let published: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("- \"") && l.ends_with(container_port))
+            .collect();
+        assert!(!published.is_empty(), "no port mapping to {container_port}");
+        for l in published {
+            assert!(
+                l.starts_with("- \"${INFRA_BIND_ADDR:-127.0.0.1}:"),
+                "published beyond loopback by default: {l}"
+            );
+        }
+    }
+    for (var, port) in [("COMMAND_HOST_PORT", 8080), ("QUERY_HOST_PORT", 8081)] {
+        let mapping = format!("- \"${{{var}:-{port}}}:{port}\"");
+        assert!(lines.contains(&mapping.as_str()), "missing {mapping}");
+        assert!(env_example_keys().contains(var), ".env.example lacks {var}");
+    }
+    assert!(env_example_keys().contains("INFRA_BIND_ADDR"));
+    // The four app services merge the one anchor that names the image and builds it.
+    let count = |needle: &str| lines.iter().filter(|l| l.starts_with(needle)).count();
+    assert_eq!(count("build:"), 1, "one build section, in the x-app anchor");
+    assert_eq!(
+        count("image: ${APP_IMAGE"),
+        1,
+        "one image name, in the x-app anchor"
+    );
+    let merges = lines.iter().filter(|l| **l == "<<: *app").count();
+    assert_eq!(merges, 4, "four app services merge the anchor");
+}

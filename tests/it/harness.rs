@@ -499,3 +499,146 @@ pub fn assert_converges(env: &TestEnv, timeout: Duration) {
     assert_eq!(hourly_revenue, expected.3, "hourly revenue");
     assert_eq!(category_revenue, expected.2, "category revenue");
 }
+
+/// A private PostgreSQL server in a temporary directory, for tests that change what is
+/// server-wide (roles, the `postgres` database's privileges) and so must not touch the
+/// shared server. initdb refuses to run as root, so as root the server runs as the
+/// `postgres` system user. Stopped (immediate mode) and deleted on drop.
+pub struct ScratchPostgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl ScratchPostgres {
+    pub fn start() -> ScratchPostgres {
+        let bin = pg_bindir();
+        let dir = std::env::temp_dir().join(format!(
+            "cqrs-it-pg-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = ScratchPostgres {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        if is_root() {
+            let ok = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&scratch.dir)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "chown of {}", scratch.dir.display());
+        }
+        let data = scratch.dir.join("data");
+        scratch.pg("initdb", |c| {
+            c.arg("-D").arg(&data).args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]);
+        });
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            scratch.port,
+            scratch.dir.display()
+        );
+        scratch.pg("pg_ctl", |c| {
+            c.arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(scratch.dir.join("log"))
+                .args(["-o", &options, "-w", "start"]);
+        });
+        scratch
+    }
+
+    /// `postgresql://ROLE@127.0.0.1:PORT/DB` (trust authentication).
+    pub fn url(&self, role: &str, db: &str) -> String {
+        format!("postgresql://{role}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A PostgreSQL program, run as the `postgres` user when we are root.
+    fn command(&self, program: &str) -> std::process::Command {
+        let path = self.bin.join(program);
+        if !is_root() {
+            return std::process::Command::new(&path);
+        }
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&path);
+        c
+    }
+
+    /// Runs a PostgreSQL program; panics on failure.
+    fn pg(&self, program: &str, args: impl FnOnce(&mut std::process::Command)) {
+        let mut cmd = self.command(program);
+        args(&mut cmd);
+        let out = cmd.output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// The directory of initdb and pg_ctl: `pg_config --bindir`, else the newest
+/// /usr/lib/postgresql/N/bin (Debian), else wherever PATH finds them.
+fn pg_bindir() -> std::path::PathBuf {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
+        let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .unwrap_or_else(|| std::path::PathBuf::from(""))
+}
