@@ -16,6 +16,7 @@ use crate::db;
 use crate::error::Result;
 use crate::http::HttpServer;
 use crate::outbox::{self, OutboxMetrics};
+use crate::progress::Progress;
 use crate::query::QueryService;
 use crate::shutdown::{self, Shutdown, Trigger};
 
@@ -170,26 +171,29 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         running.servers.push(server);
     }
     if role.runs_consumer() {
+        // One connection per consumer thread, one for the progress reporter, one for /health.
         let pool = db::pool(
             &config.read_db,
-            config.consumer_threads as u32 + 1,
+            config.consumer_threads as u32 + 2,
             &config.db,
             "consumer-service",
             false,
         );
         let metrics = Arc::new(ConsumerMetrics::new());
+        let progress = Progress::new(config.consumer_threads, config.consumer_stall);
         running.threads.extend(consumer::start(
             config,
             pool.clone(),
             &shutdown,
             metrics.clone(),
+            progress.clone(),
         ));
         let server = HttpServer::start(
             "consumer-service",
             SocketAddr::new(ip, config.consumer_port),
             2,
             timeout,
-            Arc::new(ConsumerHttp { pool, metrics }),
+            Arc::new(ConsumerHttp::new(pool, metrics, progress, config)),
         )?;
         running.consumer_addr = Some(server.addr);
         running.servers.push(server);

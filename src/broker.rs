@@ -125,6 +125,66 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
     Ok(())
 }
 
+/// A connection kept for asking the broker how many messages are ready in the two event
+/// queues (a passive declare). After a failed connection attempt the broker is not asked
+/// again for a few seconds, so a status route stays fast while the broker is down.
+#[derive(Default)]
+pub struct QueueProbe {
+    state: std::sync::Mutex<ProbeState>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    channel: Option<(Connection, Channel)>,
+    failed_at: Option<std::time::Instant>,
+}
+
+const PROBE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl QueueProbe {
+    /// Ready (not unacked) messages in the product and order queues, or None when the broker
+    /// cannot be asked.
+    pub fn ready(&self, config: &Config) -> Option<(i64, i64)> {
+        let mut probe = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..2 {
+            if probe.channel.is_none() {
+                if probe
+                    .failed_at
+                    .is_some_and(|t| t.elapsed() < PROBE_RETRY_AFTER)
+                {
+                    return None;
+                }
+                match connect(config).and_then(|mut conn| {
+                    let channel = conn.open_channel(None)?;
+                    Ok((conn, channel))
+                }) {
+                    Ok(pair) => probe.channel = Some(pair),
+                    Err(_) => {
+                        probe.failed_at = Some(std::time::Instant::now());
+                        return None;
+                    }
+                }
+            }
+            let (_, channel) = probe.channel.as_ref().expect("just set");
+            let depth = |q: &str| {
+                channel
+                    .queue_declare_passive(q)
+                    .map(|q| i64::from(q.declared_message_count().unwrap_or(0)))
+            };
+            match (
+                depth(&config.broker.product_queue),
+                depth(&config.broker.order_queue),
+            ) {
+                (Ok(p), Ok(o)) => return Some((p, o)),
+                // A failed passive declare closes the channel (e.g. no such queue yet), and a
+                // broker restart closes the connection: start over once.
+                _ => probe.channel = None,
+            }
+        }
+        None
+    }
+}
+
 fn queue_type_arg(args: &mut FieldTable, queue_type: QueueType) {
     if queue_type == QueueType::Quorum {
         args.insert(

@@ -22,6 +22,7 @@ use crate::db::Pool;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::metrics::{Counter, Gauge, Histogram, BATCH_BOUNDS, LATENCY_BOUNDS_SECONDS};
+use crate::progress::Progress;
 use crate::projection;
 use crate::shutdown::Shutdown;
 
@@ -81,33 +82,56 @@ impl Default for ConsumerMetrics {
     }
 }
 
-/// Starts `config.consumer_threads` consumer threads.
+/// Starts `config.consumer_threads` consumer threads and the thread that reports what they
+/// hold (`progress`, sized for that many threads).
 pub fn start(
     config: &Config,
     pool: Pool,
     shutdown: &Shutdown,
     metrics: Arc<ConsumerMetrics>,
+    progress: Arc<Progress>,
 ) -> Vec<JoinHandle<()>> {
-    (0..config.consumer_threads)
-        .map(|i| {
+    let mut threads: Vec<JoinHandle<()>> = (0..config.consumer_threads)
+        .map(|thread| {
             let config = config.clone();
             let pool = pool.clone();
             let shutdown = shutdown.clone();
             let metrics = metrics.clone();
+            let progress = progress.clone();
             std::thread::Builder::new()
-                .name(format!("consumer-{i}"))
+                .name(format!("consumer-{thread}"))
                 .spawn(move || {
+                    let ctx = Ctx {
+                        config: &config,
+                        pool: &pool,
+                        shutdown: &shutdown,
+                        metrics: &metrics,
+                        progress: &progress,
+                        thread,
+                    };
                     broker::retry_forever(
                         "consumer",
                         &shutdown,
                         config.broker_reconnect_max,
                         || metrics.session_errors.inc(),
-                        || session(&config, &pool, &shutdown, &metrics),
+                        || session(&ctx),
                     )
                 })
                 .expect("spawning a consumer thread")
         })
-        .collect()
+        .collect();
+    threads.push(crate::progress::start_reporter(pool, progress, shutdown));
+    threads
+}
+
+/// What a consumer thread works with.
+struct Ctx<'a> {
+    config: &'a Config,
+    pool: &'a Pool,
+    shutdown: &'a Shutdown,
+    metrics: &'a ConsumerMetrics,
+    progress: &'a Progress,
+    thread: usize,
 }
 
 /// Records one more failed attempt at applying `key` in the read DB (`event_failures`,
@@ -136,12 +160,8 @@ RETURNING attempts";
 
 const FORGET_FAILURES: &str = "DELETE FROM event_failures WHERE message_key = $1";
 
-fn session(
-    config: &Config,
-    pool: &Pool,
-    shutdown: &Shutdown,
-    metrics: &ConsumerMetrics,
-) -> Result<()> {
+fn session(ctx: &Ctx) -> Result<()> {
+    let (config, shutdown) = (ctx.config, ctx.shutdown);
     let mut connection = broker::connect(config)?;
     let channel = connection.open_channel(None)?;
     broker::declare_topology(&channel, &config.broker)?;
@@ -155,8 +175,11 @@ fn session(
         ConsumerOptions::default(),
     )?;
     info!("consumer connected to the broker");
-    let _connected = ConnectedGuard::new(&metrics.connected);
+    let _connected = ConnectedGuard::new(&ctx.metrics.connected);
     let (prx, orx) = (products.receiver(), orders.receiver());
+    let _attached = ctx
+        .progress
+        .attach(ctx.thread, vec![prx.clone(), orx.clone()]);
     loop {
         let first = select! {
             recv(prx) -> m => m,
@@ -177,7 +200,7 @@ fn session(
             };
             batch.push(delivery(Ok(next))?);
         }
-        process(&channel, pool, config, shutdown, metrics, batch)?;
+        process(ctx, &channel, batch)?;
     }
 }
 
@@ -207,14 +230,9 @@ fn message_key(d: &Delivery) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(&d.body[..d.body.len().min(256)]).into_owned())
 }
 
-fn process(
-    channel: &Channel,
-    pool: &Pool,
-    config: &Config,
-    shutdown: &Shutdown,
-    metrics: &ConsumerMetrics,
-    batch: Vec<Delivery>,
-) -> Result<()> {
+fn process(ctx: &Ctx, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {
+    let metrics = ctx.metrics;
+    let held = batch.len();
     metrics.deliveries.add(batch.len() as u64);
     metrics.batch_size.observe(batch.len() as f64);
     // Messages that are not events at all can never succeed: dead-letter them at once.
@@ -236,9 +254,11 @@ fn process(
         return Ok(());
     }
     let (mut deliveries, events): (Vec<Delivery>, Vec<Event>) = good.into_iter().unzip();
-    match apply_with_retry(pool, config, shutdown, &events)? {
+    let oldest = events.iter().map(Event::timestamp).min();
+    let _held = ctx.progress.hold(ctx.thread, held, oldest);
+    match apply_with_retry(ctx, &events)? {
         Some(Ok(applied)) => {
-            record_applied(metrics, &events, applied);
+            record_applied(ctx, &events, applied);
             let last = deliveries.pop().expect("non-empty");
             last.ack_multiple(channel)?;
             Ok(())
@@ -253,7 +273,7 @@ fn process(
                 events.len()
             );
             for (d, event) in deliveries.into_iter().zip(events) {
-                isolate(channel, pool, config, shutdown, metrics, d, event)?;
+                isolate(ctx, channel, d, event)?;
             }
             Ok(())
         }
@@ -262,23 +282,15 @@ fn process(
 
 /// Applies one event alone; on a permanent failure, requeues it or, after
 /// `consumer_max_attempts` failures, dead-letters it.
-#[allow(clippy::too_many_arguments)]
-fn isolate(
-    channel: &Channel,
-    pool: &Pool,
-    config: &Config,
-    shutdown: &Shutdown,
-    metrics: &ConsumerMetrics,
-    d: Delivery,
-    event: Event,
-) -> Result<()> {
+fn isolate(ctx: &Ctx, channel: &Channel, d: Delivery, event: Event) -> Result<()> {
+    let (pool, config, metrics) = (ctx.pool, ctx.config, ctx.metrics);
     let key = message_key(&d);
     // A redelivered message may have failed before (here or in another consumer).
     let maybe_failed_before = d.redelivered;
     let single = std::slice::from_ref(&event);
-    match apply_with_retry(pool, config, shutdown, single)? {
+    match apply_with_retry(ctx, single)? {
         Some(Ok(applied)) => {
-            record_applied(metrics, single, applied);
+            record_applied(ctx, single, applied);
             d.ack(channel)?;
             if maybe_failed_before {
                 if let Err(e) = forget_failures(pool, &key) {
@@ -310,12 +322,8 @@ fn isolate(
 
 /// Applies a batch, waiting out transient failures (database down, deadlock, timeout) with
 /// backoff. Returns None on shutdown, Some(Err) for a permanent failure.
-fn apply_with_retry(
-    pool: &Pool,
-    config: &Config,
-    shutdown: &Shutdown,
-    events: &[Event],
-) -> Result<Option<Result<projection::Applied>>> {
+fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Result<Option<Result<projection::Applied>>> {
+    let (pool, config, shutdown) = (ctx.pool, ctx.config, ctx.shutdown);
     let mut backoff = Duration::from_millis(50);
     loop {
         let result = pool
@@ -338,7 +346,9 @@ fn apply_with_retry(
     }
 }
 
-fn record_applied(metrics: &ConsumerMetrics, events: &[Event], applied: projection::Applied) {
+fn record_applied(ctx: &Ctx, events: &[Event], applied: projection::Applied) {
+    let metrics = ctx.metrics;
+    ctx.progress.applied(ctx.thread);
     metrics.applied.add(applied.applied as u64);
     metrics.duplicates.add(applied.duplicates as u64);
     let now = crate::event::now_millis();
@@ -368,6 +378,59 @@ impl Drop for ConnectedGuard<'_> {
 pub struct ConsumerHttp {
     pub pool: Pool,
     pub metrics: Arc<ConsumerMetrics>,
+    pub progress: Arc<Progress>,
+    pub config: Config,
+    pub probe: broker::QueueProbe,
+    /// Since when the broker has been seen with ready messages while nothing was applied.
+    pub ready_since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ConsumerHttp {
+    pub fn new(
+        pool: Pool,
+        metrics: Arc<ConsumerMetrics>,
+        progress: Arc<Progress>,
+        config: &Config,
+    ) -> Self {
+        ConsumerHttp {
+            pool,
+            metrics,
+            progress,
+            config: config.clone(),
+            probe: broker::QueueProbe::default(),
+            ready_since: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Stalled: a thread has held deliveries for `CONSUMER_STALL_SECS` without applying any,
+    /// or messages have been ready in the queues that long while nothing was applied.
+    fn stall_check(&self) -> Result<()> {
+        let snap = self.progress.snapshot();
+        if let Some(reason) = snap.stalled {
+            return Err(Error::unavailable(reason));
+        }
+        let stall = self.progress.stall();
+        let last_applied = self.progress.last_applied();
+        let mut since = self.ready_since.lock().unwrap_or_else(|e| e.into_inner());
+        if snap.held_messages > 0 || last_applied.is_some_and(|t| t.elapsed() < stall) {
+            *since = None;
+            return Ok(());
+        }
+        // Nothing held and nothing applied lately: idle, unless messages wait on the broker.
+        let ready = self.probe.ready(&self.config).map_or(0, |(p, o)| p + o);
+        if ready == 0 {
+            *since = None;
+            return Ok(());
+        }
+        let first = *since.get_or_insert_with(Instant::now);
+        if first.elapsed() >= stall {
+            return Err(Error::unavailable(format!(
+                "consumer stalled: {ready} messages have been ready for {} s and none was applied",
+                first.elapsed().as_secs()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl crate::http::Service for ConsumerHttp {
@@ -383,11 +446,19 @@ impl crate::http::Service for ConsumerHttp {
                 "broker unreachable: no consumer is connected",
             ));
         }
-        Ok(())
+        self.stall_check()
     }
 
     fn metrics(&self, out: &mut String) {
         self.metrics.render(out);
+        let snap = self.progress.snapshot();
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# TYPE consumer_held_messages gauge\nconsumer_held_messages {}\n# TYPE consumer_stalled gauge\nconsumer_stalled {}",
+            snap.held_messages,
+            u8::from(snap.stalled.is_some())
+        );
         crate::metrics::render_pool(out, "read", &self.pool);
     }
 }

@@ -220,6 +220,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         name: "event_failures",
         sql: include_str!("../sql/read/002_event_failures.sql"),
     },
+    Migration {
+        version: 3,
+        name: "consumer_progress",
+        sql: include_str!("../sql/read/003_consumer_progress.sql"),
+    },
 ];
 
 /// An arbitrary constant that serialises concurrent migrators of one database.

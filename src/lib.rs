@@ -17,6 +17,7 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 pub mod outbox;
+pub mod progress;
 pub mod projection;
 pub mod query;
 pub mod shutdown;

@@ -2,9 +2,6 @@
 //! consumer keeps up to date; the query service never writes. Money comes out of
 //! PostgreSQL as NUMERIC text and goes into the JSON as that same text, so it is exact.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use tiny_http::Method;
@@ -23,7 +20,7 @@ pub struct QueryService {
     /// The write DB, read-only, to see events still waiting in the outbox.
     write: Option<Pool>,
     config: Config,
-    broker: Mutex<BrokerProbe>,
+    broker: crate::broker::QueueProbe,
 }
 
 impl QueryService {
@@ -32,7 +29,7 @@ impl QueryService {
             read,
             write,
             config,
-            broker: Mutex::default(),
+            broker: crate::broker::QueueProbe::default(),
         }
     }
 
@@ -141,35 +138,56 @@ impl QueryService {
         Ok(Response::json(200, body))
     }
 
+    /// The pipeline's state, gathered from the read DB, the write DB and the broker. This is
+    /// the one place sync-status is computed.
+    ///
+    /// `lagSeconds` is the age of the oldest committed event not yet applied, wherever it
+    /// waits: unpublished in the outbox, ready in a queue (the n-th newest published row,
+    /// n = ready messages: queues are FIFO), or held unacked by a consumer (its batch and
+    /// prefetch window, from `consumer_progress`). `consumerStalled`: a consumer says it holds
+    /// deliveries it has not applied for `CONSUMER_STALL_SECS`, or events have waited that
+    /// long while nothing was applied (e.g. no consumer runs at all).
     fn sync_status(&self) -> Result<Response> {
         let mut conn = self.read.get()?;
         let status = conn.client.query_one(SYNC_STATUS, &[])?;
         let last: Option<DateTime<Utc>> = status.get(0);
         let applied: i64 = status.get(1);
+        let idle_secs: Option<f64> = status.get(2);
         let latency = conn.client.query_one(LATENCY, &[])?;
         let samples: i64 = latency.get(0);
         let p50: Option<f64> = latency.get(1);
         let p99: Option<f64> = latency.get(2);
+        let held = conn.client.query_one(
+            CONSUMERS_HOLDING,
+            &[&(crate::progress::ROW_FRESH_SECS as f64)],
+        )?;
+        let held_messages: i64 = held.get(0);
+        let oldest_held: Option<DateTime<Utc>> = held.get(1);
+        let consumer_says_stalled: bool = held.get(2);
         drop(conn);
 
-        let queued = self.broker_depth();
+        let queued = self.broker.ready(&self.config);
         let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.0 + q.1));
         let now = crate::event::now_millis();
         let mut lag_ms: i64 = 0;
-        if let Ok(b) = &outbox {
-            for oldest in [b.oldest_unpublished, b.oldest_queued]
-                .into_iter()
-                .flatten()
-            {
-                lag_ms = lag_ms.max((now - oldest).num_milliseconds());
-            }
+        let waiting = outbox
+            .as_ref()
+            .map(|b| [b.oldest_unpublished, b.oldest_queued])
+            .unwrap_or_default();
+        for oldest in waiting.into_iter().chain([oldest_held]).flatten() {
+            lag_ms = lag_ms.max((now - oldest).num_milliseconds());
         }
+        let stall_secs = self.config.consumer_stall.as_secs_f64();
+        let waited_too_long =
+            lag_ms as f64 / 1000.0 >= stall_secs && idle_secs.is_none_or(|idle| idle >= stall_secs);
         let body = json!({
             "lastProcessedEventTimestamp": last.map(|t| format_timestamp(&t)),
             "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
             "eventsApplied": applied,
             "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
             "pendingBrokerMessages": queued.as_ref().map(|q| q.0 + q.1),
+            "pendingConsumerMessages": held_messages,
+            "consumerStalled": consumer_says_stalled || waited_too_long,
             "endToEndLatencyMs": {
                 "windowSeconds": 60,
                 "samples": samples,
@@ -207,59 +225,7 @@ impl QueryService {
             oldest_queued,
         })
     }
-
-    /// Ready messages in the two event queues, or None when the broker cannot be asked.
-    /// After a failed connection attempt the broker is not asked again for a few seconds,
-    /// so sync-status stays fast while the broker is down.
-    fn broker_depth(&self) -> Option<(i64, i64)> {
-        let mut probe = self.broker.lock().unwrap_or_else(|e| e.into_inner());
-        for _ in 0..2 {
-            if probe.channel.is_none() {
-                if probe
-                    .failed_at
-                    .is_some_and(|t| t.elapsed() < BROKER_RETRY_AFTER)
-                {
-                    return None;
-                }
-                match crate::broker::connect(&self.config).and_then(|mut conn| {
-                    let channel = conn.open_channel(None)?;
-                    Ok((conn, channel))
-                }) {
-                    Ok(pair) => probe.channel = Some(pair),
-                    Err(_) => {
-                        probe.failed_at = Some(Instant::now());
-                        return None;
-                    }
-                }
-            }
-            let (_, channel) = probe.channel.as_ref().expect("just set");
-            let depth = |q: &str| {
-                channel
-                    .queue_declare_passive(q)
-                    .map(|q| i64::from(q.declared_message_count().unwrap_or(0)))
-            };
-            match (
-                depth(&self.config.broker.product_queue),
-                depth(&self.config.broker.order_queue),
-            ) {
-                (Ok(p), Ok(o)) => return Some((p, o)),
-                // A failed passive declare closes the channel (e.g. no such queue yet), and a
-                // broker restart closes the connection: start over once.
-                _ => probe.channel = None,
-            }
-        }
-        None
-    }
 }
-
-/// The query service's connection for asking the broker about queue depths.
-#[derive(Default)]
-struct BrokerProbe {
-    channel: Option<(amiquip::Connection, amiquip::Channel)>,
-    failed_at: Option<Instant>,
-}
-
-const BROKER_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Events committed on the write side and not yet applied.
 struct Backlog {
@@ -295,8 +261,14 @@ const HOURLY: &str = "
 SELECT hour_timestamp, total_orders, total_revenue::text FROM hourly_sales_view
 WHERE ($1::timestamptz IS NULL OR hour_timestamp >= $1) AND ($2::timestamptz IS NULL OR hour_timestamp < $2)
 ORDER BY hour_timestamp LIMIT $3";
-const SYNC_STATUS: &str =
-    "SELECT last_processed_event_timestamp, events_applied FROM sync_status WHERE id = 1";
+const SYNC_STATUS: &str = "
+SELECT last_processed_event_timestamp, events_applied,
+       extract(epoch FROM now() - last_applied_at)::float8
+FROM sync_status WHERE id = 1";
+const CONSUMERS_HOLDING: &str = "
+SELECT coalesce(sum(held_messages), 0)::bigint, min(oldest_held_event_at),
+       coalesce(bool_or(stalled_reason IS NOT NULL), false)
+FROM consumer_progress WHERE updated_at > now() - make_interval(secs => $1)";
 const LATENCY: &str = "
 SELECT count(*),
        percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - event_timestamp))::float8,

@@ -33,7 +33,7 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What one request came back with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Status(u16, String),
     /// Connection refused or reset: the server process was not there (SIGKILL scenario).
     Io(String),
@@ -42,7 +42,7 @@ enum Outcome {
 }
 
 /// Posts one order on a fresh connection, with connect and read timeouts.
-fn post_order(addr: SocketAddr, body: &str) -> Outcome {
+pub(crate) fn post_order(addr: SocketAddr, body: &str) -> Outcome {
     let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
         Ok(s) => s,
         Err(e) => return Outcome::Io(e.kind().to_string()),
@@ -79,12 +79,12 @@ fn post_order(addr: SocketAddr, body: &str) -> Outcome {
 
 /// Every outcome the load saw, with when it came back.
 #[derive(Default)]
-struct LoadLog {
+pub(crate) struct LoadLog {
     outcomes: Vec<(Instant, Outcome)>,
 }
 
 impl LoadLog {
-    fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
+    pub(crate) fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
         self.outcomes.iter().filter(|(_, o)| pred(o)).count()
     }
 
@@ -92,12 +92,12 @@ impl LoadLog {
         self.count(|o| matches!(o, Outcome::Status(201, _)))
     }
 
-    fn status_5xx(&self) -> usize {
+    pub(crate) fn status_5xx(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Status(s, _) if *s >= 500))
     }
 
     /// A histogram of outcomes, for failure messages.
-    fn summary(&self) -> BTreeMap<String, usize> {
+    pub(crate) fn summary(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for (_, o) in &self.outcomes {
             let k = match o {
@@ -111,7 +111,7 @@ impl LoadLog {
     }
 
     /// The outcomes other than `allowed` statuses (and, if `io_ok`, I/O errors).
-    fn unexpected(&self, allowed: &[u16], io_ok: bool) -> Vec<Outcome> {
+    pub(crate) fn unexpected(&self, allowed: &[u16], io_ok: bool) -> Vec<Outcome> {
         self.outcomes
             .iter()
             .map(|(_, o)| o)
@@ -128,14 +128,14 @@ impl LoadLog {
 
 /// A steady order load: `threads` clients posting orders for `products` (a few ms apart)
 /// until stopped. Stops and joins its threads on drop too, so a failing test cleans up.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<LoadLog>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Load {
-    fn start(addr: SocketAddr, products: &[i64], threads: usize) -> Load {
+    pub(crate) fn start(addr: SocketAddr, products: &[i64], threads: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(LoadLog::default()));
         let threads = (0..threads)
@@ -177,12 +177,12 @@ impl Load {
         Load { stop, log, threads }
     }
 
-    fn created(&self) -> usize {
+    pub(crate) fn created(&self) -> usize {
         self.log.lock().unwrap().created()
     }
 
     /// Stops the clients, joins them and returns what they saw.
-    fn stop(mut self) -> LoadLog {
+    pub(crate) fn stop(mut self) -> LoadLog {
         self.halt();
         std::mem::take(&mut *self.log.lock().unwrap())
     }
@@ -202,7 +202,7 @@ impl Drop for Load {
 }
 
 /// Four products in two categories with plenty of stock; returns their ids.
-fn seed_products(addr: SocketAddr) -> Vec<i64> {
+pub(crate) fn seed_products(addr: SocketAddr) -> Vec<i64> {
     [
         ("Laptop", "Electronics", 1299.99),
         ("Mouse", "Electronics", 19.99),
@@ -219,7 +219,7 @@ fn seed_products(addr: SocketAddr) -> Vec<i64> {
 // ---------------------------------------------------------------------------------------
 
 /// The value of an unlabelled Prometheus sample `name` at `addr`'s /metrics.
-fn metric(addr: SocketAddr, name: &str) -> u64 {
+pub(crate) fn metric(addr: SocketAddr, name: &str) -> u64 {
     let r = get(addr, "/metrics");
     assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
     r.body
@@ -229,7 +229,7 @@ fn metric(addr: SocketAddr, name: &str) -> u64 {
 }
 
 /// The event ids of every outbox row committed so far.
-fn outbox_event_ids(env: &TestEnv) -> Vec<Uuid> {
+pub(crate) fn outbox_event_ids(env: &TestEnv) -> Vec<Uuid> {
     env.write()
         .query("SELECT (payload->>'eventId')::uuid FROM outbox", &[])
         .unwrap()
@@ -239,7 +239,7 @@ fn outbox_event_ids(env: &TestEnv) -> Vec<Uuid> {
 }
 
 /// How many of `ids` the read model has applied.
-fn applied_among(env: &TestEnv, ids: &[Uuid]) -> usize {
+pub(crate) fn applied_among(env: &TestEnv, ids: &[Uuid]) -> usize {
     let n: i64 = env
         .read()
         .query_one(
@@ -265,7 +265,7 @@ fn wait_recovered(env: &TestEnv, since: Instant, timeout: Duration) -> Duration 
 
 /// Waits for the read model to equal the write model, printing both sides if it does not,
 /// then runs the harness's full check (every view).
-fn converge(env: &TestEnv) {
+pub(crate) fn converge(env: &TestEnv) {
     let (mut w, mut r) = (env.write(), env.read());
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     loop {

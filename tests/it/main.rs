@@ -9,6 +9,7 @@ mod harness;
 mod deployment;
 mod faults;
 mod hostile;
+mod operations;
 mod pipeline;
 mod read_api;
 mod write_api;

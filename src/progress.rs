@@ -1,0 +1,245 @@
+//! What the consumer threads of this process hold and when they last applied something:
+//! the stall check behind the consumer service's `/health`, and the reporter thread that
+//! writes the same facts to `consumer_progress` in the read DB for sync-status.
+//!
+//! A delivery is "held" from the moment a consumer thread takes it (or the broker pushes it
+//! into the thread's prefetch buffer) until it is acked or nacked. Held deliveries are
+//! unacked on the broker, where a passive queue declare does not count them: without this
+//! record a consumer stuck on a lock looks idle (lag 0, healthy). The reporter writes
+//! outside the apply transactions, so the row stays current while an apply is blocked.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::ConsumerMessage;
+use chrono::{DateTime, Utc};
+use crossbeam_channel::Receiver;
+use log::warn;
+use uuid::Uuid;
+
+use crate::db::Pool;
+use crate::error::Result;
+use crate::shutdown::Shutdown;
+
+/// How often the reporter writes this process's row.
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// Rows older than this belong to processes that are gone; readers ignore them.
+pub const ROW_FRESH_SECS: i64 = 10;
+/// Rows of processes gone this long are deleted by any reporter.
+const ROW_EXPIRY_SECS: i64 = 86_400;
+
+/// One consumer thread's state.
+#[derive(Default)]
+struct Slot {
+    /// Deliveries taken into the current batch and not yet acked or nacked.
+    held: usize,
+    /// The oldest event timestamp in the current batch.
+    oldest_event: Option<DateTime<Utc>>,
+    /// When the thread last made progress: took a batch or applied events.
+    progress_at: Option<Instant>,
+    /// The thread's consumer receivers; their length is the prefetched, untaken deliveries.
+    buffers: Vec<Receiver<ConsumerMessage>>,
+}
+
+/// A summary of the process's consumers at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub held_messages: usize,
+    pub oldest_held_event: Option<DateTime<Utc>>,
+    /// Why the process is stalled, if it is.
+    pub stalled: Option<String>,
+}
+
+pub struct Progress {
+    pub instance_id: Uuid,
+    stall: Duration,
+    slots: Vec<Mutex<Slot>>,
+    last_applied: Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    pub fn new(threads: usize, stall: Duration) -> Arc<Progress> {
+        Arc::new(Progress {
+            instance_id: Uuid::new_v4(),
+            stall,
+            slots: (0..threads).map(|_| Mutex::default()).collect(),
+            last_applied: Mutex::new(None),
+        })
+    }
+
+    fn slot(&self, thread: usize) -> std::sync::MutexGuard<'_, Slot> {
+        self.slots[thread].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A consumer session started on `thread` with these receivers; the guard detaches them.
+    pub fn attach(&self, thread: usize, buffers: Vec<Receiver<ConsumerMessage>>) -> Attached<'_> {
+        self.slot(thread).buffers = buffers;
+        Attached(self, thread)
+    }
+
+    /// `thread` took `n` deliveries whose oldest event is `oldest`; the guard releases them.
+    pub fn hold(&self, thread: usize, n: usize, oldest: Option<DateTime<Utc>>) -> Held<'_> {
+        let mut s = self.slot(thread);
+        s.held = n;
+        s.oldest_event = oldest;
+        s.progress_at = Some(Instant::now());
+        Held(self, thread)
+    }
+
+    /// `thread` committed a transaction that applied events.
+    pub fn applied(&self, thread: usize) {
+        let now = Instant::now();
+        self.slot(thread).progress_at = Some(now);
+        *self.last_applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    }
+
+    /// When any thread of this process last applied events.
+    pub fn last_applied(&self) -> Option<Instant> {
+        *self.last_applied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stall(&self) -> Duration {
+        self.stall
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot {
+            held_messages: 0,
+            oldest_held_event: None,
+            stalled: None,
+        };
+        for (i, slot) in self.slots.iter().enumerate() {
+            let s = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let buffered: usize = s.buffers.iter().map(Receiver::len).sum();
+            snap.held_messages += s.held + buffered;
+            if s.held == 0 {
+                continue;
+            }
+            if let Some(t) = s.oldest_event {
+                snap.oldest_held_event = Some(snap.oldest_held_event.map_or(t, |o| o.min(t)));
+            }
+            let idle = s.progress_at.map_or(Duration::ZERO, |t| t.elapsed());
+            if idle >= self.stall && snap.stalled.is_none() {
+                snap.stalled = Some(format!(
+                    "consumer stalled: thread {i} has held {} deliveries for {} s without applying any",
+                    s.held + buffered,
+                    idle.as_secs()
+                ));
+            }
+        }
+        snap
+    }
+}
+
+/// Detaches a session's receivers when the session ends.
+pub struct Attached<'a>(&'a Progress, usize);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.slot(self.1);
+        s.buffers.clear();
+        s.held = 0;
+        s.oldest_event = None;
+    }
+}
+
+/// Releases a batch's deliveries once they are acked or nacked (or the session ends).
+pub struct Held<'a>(&'a Progress, usize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.slot(self.1);
+        s.held = 0;
+        s.oldest_event = None;
+    }
+}
+
+/// Starts the thread that writes this process's row every `REPORT_INTERVAL` and deletes it
+/// at shutdown.
+pub fn start_reporter(pool: Pool, progress: Arc<Progress>, shutdown: &Shutdown) -> JoinHandle<()> {
+    let shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("consumer-progress".into())
+        .spawn(move || {
+            let mut ticks: u64 = 0;
+            loop {
+                if let Err(e) = report(&pool, &progress, ticks.is_multiple_of(120)) {
+                    warn!("could not record consumer progress: {e}");
+                }
+                ticks += 1;
+                if shutdown.sleep(REPORT_INTERVAL) {
+                    break;
+                }
+            }
+            if let Err(e) = forget(&pool, progress.instance_id) {
+                warn!("could not delete this consumer's progress row: {e}");
+            }
+        })
+        .expect("spawning the consumer progress thread")
+}
+
+fn report(pool: &Pool, progress: &Progress, expire: bool) -> Result<()> {
+    let snap = progress.snapshot();
+    let mut conn = pool.get()?;
+    let held = i32::try_from(snap.held_messages).unwrap_or(i32::MAX);
+    let stmt = conn.prepared(UPSERT_PROGRESS)?;
+    conn.client.execute(
+        &stmt,
+        &[
+            &progress.instance_id,
+            &held,
+            &snap.oldest_held_event,
+            &snap.stalled,
+        ],
+    )?;
+    if expire {
+        let stmt = conn.prepared(EXPIRE_PROGRESS)?;
+        conn.client.execute(&stmt, &[&(ROW_EXPIRY_SECS as f64)])?;
+    }
+    Ok(())
+}
+
+fn forget(pool: &Pool, instance_id: Uuid) -> Result<()> {
+    let mut conn = pool.get()?;
+    conn.client.execute(
+        "DELETE FROM consumer_progress WHERE instance_id = $1",
+        &[&instance_id],
+    )?;
+    Ok(())
+}
+
+const UPSERT_PROGRESS: &str = "
+INSERT INTO consumer_progress AS p (instance_id, held_messages, oldest_held_event_at, stalled_reason, updated_at)
+VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (instance_id) DO UPDATE SET
+    held_messages = excluded.held_messages,
+    oldest_held_event_at = excluded.oldest_held_event_at,
+    stalled_reason = excluded.stalled_reason,
+    updated_at = excluded.updated_at";
+
+const EXPIRE_PROGRESS: &str =
+    "DELETE FROM consumer_progress WHERE updated_at < now() - make_interval(secs => $1)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_batch_without_progress_is_a_stall_and_idle_is_not() {
+        let p = Progress::new(2, Duration::from_millis(20));
+        assert_eq!(p.snapshot().stalled, None);
+        let t = crate::event::now_millis();
+        let held = p.hold(1, 3, Some(t));
+        let s = p.snapshot();
+        assert_eq!((s.held_messages, s.oldest_held_event), (3, Some(t)));
+        assert_eq!(s.stalled, None);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(p.snapshot().stalled.unwrap().contains("thread 1"));
+        p.applied(1);
+        assert_eq!(p.snapshot().stalled, None);
+        drop(held);
+        let s = p.snapshot();
+        assert_eq!((s.held_messages, s.stalled), (0, None));
+    }
+}
