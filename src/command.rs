@@ -3,7 +3,6 @@
 //! and, when the client sent one, the Idempotency-Key record. Stock is checked under row
 //! locks taken in product-id order, so concurrent orders can neither oversell nor deadlock.
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -11,9 +10,9 @@ use crossbeam_channel::Sender;
 use tiny_http::Method;
 use uuid::Uuid;
 
-use crate::db::{self, Pool, Tx};
+use crate::db::{self, Pool};
 use crate::error::{Error, Kind, Result};
-use crate::event::{self, Event, OrderCreated, OrderItem, ProductCreated};
+use crate::event::{self, Event, ProductCreated};
 use crate::http::{self, Request, Response, Service};
 use crate::json::{self, ItemField, Object};
 use crate::metrics::Counter;
@@ -158,7 +157,7 @@ impl CommandService {
     fn create_product(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let product = parse_product(&req.body)?;
-        let (conn, guard) = match self.checkout(req, "/api/products")? {
+        let (mut conn, guard) = match self.checkout(req, "/api/products")? {
             Checkout::Replay(response) => return Ok(response),
             Checkout::Fresh(conn, guard) => (conn, guard),
         };
@@ -173,8 +172,7 @@ impl CommandService {
             stock: product.stock,
         })
         .to_json();
-        let mut tx = Tx::begin(&self.pool, conn)?;
-        let stmt = tx.conn().prepared(INSERT_PRODUCT)?;
+        let stmt = conn.prepared(INSERT_PRODUCT)?;
         let stock = product.stock as i32; // validated to fit
         let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
             &product.name,
@@ -185,14 +183,12 @@ impl CommandService {
             &key,
             &request,
         ];
-        // The product, its outbox row and the key commit together.
-        let row = tx.conn().client.query_one(&stmt, &params)?;
-        if key.is_some() && !row.get::<_, bool>(1) {
+        // The product, its outbox row and the key: one statement, one implicit transaction.
+        let row = conn.client.query_one(&stmt, &params)?;
+        if !row.get::<_, bool>(1) {
             // A concurrent request with the same key won the race; its response stands.
-            let mut conn = tx.rollback()?;
             return self.replay_after_race(&mut conn, guard.as_ref());
         }
-        tx.commit()?;
         let id: i64 = row.get(0);
         self.metrics.products_created.inc();
         self.wake_outbox();
@@ -226,98 +222,86 @@ impl CommandService {
     fn create_order(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let order = parse_order(&req.body)?;
-        let (conn, guard) = match self.checkout(req, "/api/orders")? {
+        let (mut conn, guard) = match self.checkout(req, "/api/orders")? {
             Checkout::Replay(response) => return Ok(response),
             Checkout::Fresh(conn, guard) => (conn, guard),
         };
         let (key, request) = Guard::params(&guard);
-        let mut ids: Vec<i64> = order.lines.iter().map(|l| l.product_id).collect();
-        ids.sort_unstable();
-        let mut tx = Tx::begin(&self.pool, conn)?;
-        let lock = tx.conn().prepared(LOCK_PRODUCTS)?;
-        let write = tx.conn().prepared(INSERT_ORDER)?;
-        let rows = tx.conn().client.query(&lock, &[&ids])?;
-        let catalogue: HashMap<i64, (String, String, i64, i32)> = rows
-            .iter()
-            .map(|r| (r.get::<_, i64>(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
-            .collect();
-        let mut items = Vec::with_capacity(order.lines.len());
-        let mut total_cents: i64 = 0;
-        for line in &order.lines {
-            let Some((name, category, price_cents, stock)) = catalogue.get(&line.product_id) else {
-                return Err(Error::bad_request(format!(
-                    "product {} does not exist",
-                    line.product_id
-                ))
-                .with_field("productId", line.product_id));
-            };
-            if let Some(client_price) = line.price_cents {
-                if client_price != *price_cents {
-                    return Err(Error::conflict(format!(
-                        "the price of product {} is {}, not {}",
-                        line.product_id,
-                        json::format_cents(*price_cents),
-                        json::format_cents(client_price)
-                    ))
-                    .with_field("productId", line.product_id)
-                    .with_field("currentPrice", money_value(*price_cents)));
-                }
-            }
-            if i64::from(*stock) < line.quantity {
-                self.metrics.orders_rejected_stock.inc();
-                // 400, not 409: the original system answers 400 and its clients expect it.
-                return Err(Error::bad_request(format!(
-                    "Insufficient stock for product {}: available {}, requested {}",
-                    line.product_id, stock, line.quantity
-                ))
-                .with_field("productId", line.product_id)
-                .with_field("available", *stock)
-                .with_field("requested", line.quantity));
-            }
-            total_cents += price_cents * line.quantity;
-            items.push(OrderItem {
-                product_id: line.product_id,
-                product_name: name.clone(),
-                category: category.clone(),
-                quantity: line.quantity,
-                price_cents: *price_cents,
-            });
-        }
-        let product_ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
-        let quantities: Vec<i32> = items.iter().map(|i| i.quantity as i32).collect();
-        let prices: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
-        let event = Event::OrderCreated(OrderCreated {
-            event_id: Uuid::new_v4(),
-            timestamp: event::now_millis(),
-            order_id: 0, // set by the database, in the same statement
-            customer_id: order.customer_id,
-            items,
-            total_cents,
-        });
-        let row = tx.conn().client.query_one(
-            &write,
+        let ids: Vec<i64> = order.lines.iter().map(|l| l.product_id).collect();
+        let quantities: Vec<i32> = order.lines.iter().map(|l| l.quantity as i32).collect();
+        let prices: Vec<Option<i64>> = order.lines.iter().map(|l| l.price_cents).collect();
+        let timestamp = event::format_timestamp(&event::now_millis());
+        let stmt = conn.prepared(PLACE_ORDER)?;
+        // Row locks, validation and every write: one statement in an implicit transaction
+        // (sql/write/003_place_order.sql).
+        let row = conn.client.query_one(
+            &stmt,
             &[
-                &product_ids,
+                &ids,
                 &quantities,
                 &prices,
                 &order.customer_id,
-                &total_cents,
-                &event.to_json(),
+                &Uuid::new_v4(),
+                &timestamp,
                 &key,
                 &request,
             ],
         )?;
-        let id: i64 = row.get(0);
-        let key_written: bool = row.get(1);
-        if key.is_some() && !key_written {
-            // The request that holds the key already wrote this order: roll ours back.
-            let mut conn = tx.rollback()?;
-            return self.replay_after_race(&mut conn, guard.as_ref());
+        match row.get::<_, Option<&str>>(0) {
+            Some("ok") => {
+                let id: i64 = row.get(1);
+                self.metrics.orders_created.inc();
+                self.wake_outbox();
+                Ok(Response::json(201, format!(r#"{{"orderId":{id}}}"#)))
+            }
+            Some("key") => {
+                // A request with the same key committed first: its response stands.
+                let stored: Option<String> = row.get(6);
+                let stored =
+                    stored.ok_or_else(|| Error::unavailable("idempotency key race; retry"))?;
+                recorded_response(&stored, request.unwrap_or(""), row.get(7), row.get(8))
+            }
+            _ => Err(self.order_rejected(&row, &order)),
         }
-        tx.commit()?;
-        self.metrics.orders_created.inc();
-        self.wake_outbox();
-        Ok(Response::json(201, format!(r#"{{"orderId":{id}}}"#)))
+    }
+
+    /// The error for an order `place_order` rejected (nothing was written).
+    fn order_rejected(&self, row: &postgres::Row, order: &NewOrder) -> Error {
+        let product_id: i64 = row.get(2);
+        match row.get::<_, Option<&str>>(0) {
+            Some("missing") => Error::bad_request(format!("product {product_id} does not exist"))
+                .with_field("productId", product_id),
+            Some("price") => {
+                let price_cents: i64 = row.get(5);
+                let client_price = order
+                    .lines
+                    .iter()
+                    .find(|l| l.product_id == product_id)
+                    .and_then(|l| l.price_cents)
+                    .unwrap_or_default();
+                Error::conflict(format!(
+                    "the price of product {product_id} is {}, not {}",
+                    json::format_cents(price_cents),
+                    json::format_cents(client_price)
+                ))
+                .with_field("productId", product_id)
+                .with_field("currentPrice", money_value(price_cents))
+            }
+            Some("stock") => {
+                self.metrics.orders_rejected_stock.inc();
+                let (available, requested): (i32, i32) = (row.get(3), row.get(4));
+                // 400, not 409: the original system answers 400 and its clients expect it.
+                let message = format!(
+                    "Insufficient stock for product {product_id}: \
+                     available {available}, requested {requested}"
+                );
+                Error::bad_request(message)
+                    .with_field("productId", product_id)
+                    .with_field("available", available)
+                    .with_field("requested", requested)
+            }
+            other => Error::internal(format!("place_order answered {other:?}")),
+        }
     }
 }
 
@@ -383,62 +367,50 @@ fn replay(conn: &mut db::Conn, key: &str, request: &str) -> Result<Option<Respon
     let Some(row) = conn.client.query_opt(&stmt, &[&key])? else {
         return Ok(None);
     };
-    let stored: String = row.get(0);
+    recorded_response(row.get(0), request, row.get(1), row.get(2)).map(Some)
+}
+
+/// The response recorded with a key, or 422 if the key guarded another request.
+fn recorded_response(stored: &str, request: &str, status: i16, body: String) -> Result<Response> {
     if stored != request {
         return Err(Error::new(
             Kind::Unprocessable,
             "this Idempotency-Key was already used with a different request",
         ));
     }
-    let status: i16 = row.get(1);
-    Ok(Some(Response::json(status as u16, row.get(2))))
+    Ok(Response::json(status as u16, body))
 }
 
 const SELECT_KEY: &str =
     "SELECT request, response_status, response_body FROM idempotency_keys WHERE key = $1";
 
+/// The product, its outbox row and the key's record in one statement. The id is drawn first
+/// so that the key can be recorded before anything else: when a concurrent request already
+/// holds the key, `ON CONFLICT` leaves `k` empty and neither the product nor its event is
+/// written (the statement is its own transaction, so nothing can be rolled back after it).
 const INSERT_PRODUCT: &str = "
-WITH p AS (
-    INSERT INTO products (name, category, price, stock)
-    VALUES ($1, $2, $3::bigint / 100.0, $4)
+WITH n AS (
+    SELECT nextval('products_id_seq') AS id
+), k AS (
+    INSERT INTO idempotency_keys (key, request, response_status, response_body)
+    SELECT $6::text, $7::text, 201, '{\"productId\":' || n.id || '}' FROM n WHERE $6::text IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+), p AS (
+    INSERT INTO products (id, name, category, price, stock)
+    SELECT n.id, $1, $2, $3::bigint / 100.0, $4 FROM n
+    WHERE $6::text IS NULL OR EXISTS (SELECT 1 FROM k)
     RETURNING id
 ), o AS (
     INSERT INTO outbox (topic, payload)
     SELECT 'product-events', jsonb_set($5::text::jsonb, '{productId}', to_jsonb(p.id)) FROM p
-), k AS (
-    INSERT INTO idempotency_keys (key, request, response_status, response_body)
-    SELECT $6::text, $7::text, 201, '{\"productId\":' || p.id || '}' FROM p WHERE $6::text IS NOT NULL
-    ON CONFLICT (key) DO NOTHING
-    RETURNING 1
 )
-SELECT p.id, EXISTS (SELECT 1 FROM k) FROM p";
+SELECT n.id, EXISTS (SELECT 1 FROM p) FROM n";
 
-const LOCK_PRODUCTS: &str = "
-SELECT id, name, category, (price * 100)::bigint, stock
-FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE";
-
-const INSERT_ORDER: &str = "
-WITH s AS (
-    UPDATE products p SET stock = p.stock - u.quantity
-    FROM unnest($1::bigint[], $2::int[]) AS u(id, quantity)
-    WHERE p.id = u.id
-), o AS (
-    INSERT INTO orders (customer_id, total) VALUES ($4, $5::bigint / 100.0)
-    RETURNING id
-), i AS (
-    INSERT INTO order_items (order_id, product_id, quantity, price)
-    SELECT o.id, u.id, u.quantity, u.cents / 100.0
-    FROM o, unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, quantity, cents)
-), x AS (
-    INSERT INTO outbox (topic, payload)
-    SELECT 'order-events', jsonb_set($6::text::jsonb, '{orderId}', to_jsonb(o.id)) FROM o
-), k AS (
-    INSERT INTO idempotency_keys (key, request, response_status, response_body)
-    SELECT $7::text, $8::text, 201, '{\"orderId\":' || o.id || '}' FROM o WHERE $7::text IS NOT NULL
-    ON CONFLICT (key) DO NOTHING
-    RETURNING 1
-)
-SELECT o.id, EXISTS (SELECT 1 FROM k) FROM o";
+/// POST /api/orders in one round trip: see sql/write/003_place_order.sql.
+const PLACE_ORDER: &str = "SELECT r_outcome, r_order_id, r_product_id, r_available, r_requested,
+    r_price_cents, r_key_request, r_key_status, r_key_body
+FROM place_order($1::bigint[], $2::int[], $3::bigint[], $4::bigint, $5::uuid, $6::text, $7::text, $8::text)";
 
 impl Service for CommandService {
     fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {

@@ -203,11 +203,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const WRITE_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "write_schema",
-    sql: include_str!("../sql/write/001_schema.sql"),
-}];
+pub const WRITE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "write_schema",
+        sql: include_str!("../sql/write/001_schema.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "place_order",
+        sql: include_str!("../sql/write/003_place_order.sql"),
+    },
+];
 
 pub const READ_MIGRATIONS: &[Migration] = &[
     Migration {

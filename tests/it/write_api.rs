@@ -602,6 +602,72 @@ fn idempotency_key_replays_the_first_response() {
     }
 }
 
+/// Sends `body` to `path` from `n` threads at once, all with the Idempotency-Key `key`.
+fn concurrent_retries(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    key: &'static str,
+    body: String,
+    n: usize,
+) -> Vec<Reply> {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (barrier, body) = (barrier.clone(), body.clone());
+            thread::spawn(move || {
+                let headers = [
+                    ("Content-Type", "application/json"),
+                    ("Idempotency-Key", key),
+                ];
+                barrier.wait();
+                request(addr, "POST", path, &headers, body.as_bytes())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Retries of one order that race for the last unit in stock: the retry that waited for
+/// the row lock behind its twin gets the twin's 201, not "insufficient stock"; racing
+/// retries of one product write one product.
+#[test]
+fn idempotent_retries_racing_for_the_last_unit_all_get_the_first_201() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Command);
+    let a = app.command();
+    let pid = create_product(a, "last", "c", 4.0, 1);
+    let body = json!({"customerId": 3, "items": [{"productId": pid, "quantity": 1}]});
+    let replies = concurrent_retries(a, "/api/orders", "last-unit", body.to_string(), 8);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 201 && r.body == replies[0].body),
+        "{replies:?}"
+    );
+    let product = json!({"name": "once", "category": "c", "price": 1, "stock": 1});
+    let replies = concurrent_retries(a, "/api/products", "one-product", product.to_string(), 8);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 201 && r.body == replies[0].body),
+        "{replies:?}"
+    );
+    let mut c = env.write();
+    let counts = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM products),
+                    (SELECT count(*) FROM outbox), (SELECT stock FROM products WHERE id = $1)",
+            &[&pid],
+        )
+        .unwrap();
+    let counts: (i64, i64, i64, i32) = (counts.get(0), counts.get(1), counts.get(2), counts.get(3));
+    assert_eq!(
+        counts,
+        (1, 2, 3, 0),
+        "(orders, products, outbox rows, stock)"
+    );
+}
+
 #[test]
 fn ten_orders_at_ten_cents_sum_to_exactly_one() {
     let env = TestEnv::new();
