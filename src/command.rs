@@ -1,7 +1,10 @@
 //! The write API. Each POST is validated completely before the database is touched, then
-//! runs as ONE transaction that writes the business rows, the outbox row carrying the event
-//! and, when the client sent one, the Idempotency-Key record. Stock is checked under row
-//! locks taken in product-id order, so concurrent orders can neither oversell nor deadlock.
+//! runs as ONE statement in an implicit transaction (one round trip; a second only for the
+//! Idempotency-Key replay lookup) that writes the business rows, the outbox row carrying
+//! the event and, when the client sent one, the Idempotency-Key record. An order is the
+//! call of `place_order` (sql/write/003_place_order.sql): stock is checked under row locks
+//! taken in product-id order, so concurrent orders can neither oversell nor deadlock, and a
+//! rejected order comes back as an outcome row that `order_rejected` maps to its 4xx.
 
 use std::fmt::Write;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //!
 //! We use our own small r2d2 manager instead of `r2d2_postgres` because a pooled
 //! connection must carry its statement cache: a cached statement is one round trip per
-//! query, an unnamed one is two, and the order transaction runs five of them.
+//! query, an unnamed one is two, and every request runs one or two of them.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

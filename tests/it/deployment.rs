@@ -306,9 +306,23 @@ fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
     command
         .query_one("SELECT count(*) FROM products", &[])
         .unwrap();
+    // place_order runs with the caller's rights: command_app's grants must cover all it
+    // writes (sequence, order, items, stock, outbox); no other role may call it.
+    let mut owner =
+        postgres::Client::connect(&write.url("postgres", "write_db"), postgres::NoTls).unwrap();
+    owner
+        .batch_execute(
+            "INSERT INTO products (name, category, price, stock) VALUES ('p', 'c', 1, 5)",
+        )
+        .unwrap();
+    let place = "SELECT r_outcome FROM place_order(ARRAY[1]::bigint[], ARRAY[2], \
+                 ARRAY[NULL]::bigint[], 7, gen_random_uuid(), 't', 'key', 'request')";
+    let outcome: String = command.query_one(place, &[]).unwrap().get(0);
+    assert_eq!(outcome, "ok");
     let mut query =
         postgres::Client::connect(&write.url("query_app", "write_db"), postgres::NoTls).unwrap();
     query.query_one("SELECT count(*) FROM outbox", &[]).unwrap();
+    assert!(query.query_one(place, &[]).is_err());
     assert!(query
         .query_one("SELECT count(*) FROM products", &[])
         .is_err());
