@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::consumer::{self, ConsumerHttp, ConsumerMetrics};
 use crate::db;
 use crate::error::Result;
-use crate::http::HttpServer;
+use crate::http::{HttpServer, Limits};
 use crate::outbox::{self, OutboxMetrics};
 use crate::progress::Progress;
 use crate::query::QueryService;
@@ -129,7 +129,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         trigger: Some(trigger),
         shutdown: shutdown.clone(),
     };
-    let timeout = config.http_read_timeout;
     if role.runs_command() {
         let pool = db::pool(
             &config.write_db,
@@ -163,8 +162,7 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         let server = HttpServer::start(
             "command-service",
             SocketAddr::new(ip, config.command_port),
-            config.command_http_workers,
-            timeout,
+            Limits::from_config(config, config.command_http_workers),
             service,
         )?;
         running.command_addr = Some(server.addr);
@@ -191,8 +189,7 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         let server = HttpServer::start(
             "consumer-service",
             SocketAddr::new(ip, config.consumer_port),
-            2,
-            timeout,
+            Limits::from_config(config, 2),
             Arc::new(ConsumerHttp::new(pool, metrics, progress, config)),
         )?;
         running.consumer_addr = Some(server.addr);
@@ -217,8 +214,7 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         let server = HttpServer::start(
             "query-service",
             SocketAddr::new(ip, config.query_port),
-            config.query_http_workers,
-            timeout,
+            Limits::from_config(config, config.query_http_workers),
             service,
         )?;
         running.query_addr = Some(server.addr);

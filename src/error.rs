@@ -128,7 +128,7 @@ impl Error {
     pub fn to_json(&self) -> String {
         let mut body = serde_json::Map::new();
         let message = match self.0.kind {
-            Kind::Internal | Kind::Config => "internal server error".to_string(),
+            Kind::Internal | Kind::Config => "internal error".to_string(),
             _ => self.0.message.clone(),
         };
         body.insert("error".into(), Value::String(message));
@@ -141,6 +141,17 @@ impl Error {
     /// True when retrying the same work later may succeed (connection loss, deadlock, timeout).
     pub fn is_transient(&self) -> bool {
         self.0.kind == Kind::Unavailable
+    }
+}
+
+/// The message of a panic's payload (what `panic!` was given), for logs.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "a panic without a message"
     }
 }
 

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use log::{error, info};
 use tiny_http::{Header, Method, Server};
 
 pub use crate::config::percent_decode;
-use crate::error::{Error, Kind, Result};
+use crate::error::{panic_message, Error, Kind, Result};
 
 /// The largest request body accepted; larger ones get 413.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
@@ -131,6 +132,7 @@ type RouteStats = BTreeMap<(&'static str, u16), (u64, f64)>;
 #[derive(Default)]
 pub struct HttpMetrics {
     by_route: Mutex<RouteStats>,
+    panics: AtomicU64,
 }
 
 impl HttpMetrics {
@@ -141,8 +143,20 @@ impl HttpMetrics {
         entry.1 += seconds;
     }
 
-    pub fn render(&self, service: &str, out: &mut String) {
+    pub fn render(&self, service: &str, server: &Server, out: &mut String) {
         use std::fmt::Write;
+        let _ = write!(
+            out,
+            "# TYPE http_connections_open gauge\n\
+             http_connections_open{{service=\"{service}\"}} {}\n\
+             # TYPE http_connections_rejected_total counter\n\
+             http_connections_rejected_total{{service=\"{service}\"}} {}\n\
+             # TYPE http_panics_total counter\n\
+             http_panics_total{{service=\"{service}\"}} {}\n",
+            server.connections_open(),
+            server.connections_rejected(),
+            self.panics.load(Ordering::Relaxed),
+        );
         let map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
         out.push_str("# TYPE http_requests_total counter\n");
         for ((route, status), (count, _)) in map.iter() {
@@ -161,6 +175,34 @@ impl HttpMetrics {
     }
 }
 
+/// How one HTTP server bounds its work (see README, "Connections").
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Request-handling threads.
+    pub workers: usize,
+    /// Each read of a request and each write of a response.
+    pub read_timeout: Duration,
+    /// Open connections, each with its thread; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// A whole request head (and a body of up to 64 KiB), however slowly it trickles.
+    pub head_timeout: Duration,
+    /// An idle keep-alive connection between requests.
+    pub keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits `config` sets, with `workers` request threads.
+    pub fn from_config(config: &crate::Config, workers: usize) -> Limits {
+        Limits {
+            workers,
+            read_timeout: config.http_read_timeout,
+            max_connections: config.http_max_connections,
+            head_timeout: config.http_head_timeout,
+            keepalive_timeout: config.http_keepalive_timeout,
+        }
+    }
+}
+
 /// A running HTTP server: its address and its worker threads.
 pub struct HttpServer {
     pub addr: SocketAddr,
@@ -175,21 +217,26 @@ impl HttpServer {
     pub fn start<S: Service>(
         name: &'static str,
         addr: SocketAddr,
-        workers: usize,
-        read_timeout: Duration,
+        limits: Limits,
         service: Arc<S>,
     ) -> Result<HttpServer> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::config(format!("{name}: cannot listen on {addr}")).with_cause(e))?;
-        set_inherited_timeouts(&listener, read_timeout)?;
+        set_inherited_timeouts(&listener, limits.read_timeout)?;
         let addr = listener.local_addr()?;
+        let tiny_limits = tiny_http::Limits {
+            max_connections: limits.max_connections,
+            head_timeout: limits.head_timeout,
+            idle_timeout: limits.keepalive_timeout,
+            read_timeout: limits.read_timeout,
+        };
         let server = Arc::new(
-            Server::from_listener(listener, None)
+            Server::from_listener_with_limits(listener, None, tiny_limits)
                 .map_err(|e| Error::internal(format!("{name}: cannot start HTTP server: {e}")))?,
         );
         let stopping = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(HttpMetrics::default());
-        let workers = (0..workers)
+        let workers = (0..limits.workers)
             .map(|i| {
                 let server = server.clone();
                 let stopping = stopping.clone();
@@ -254,19 +301,31 @@ fn worker<S: Service>(
             // thread.
             Err(_) => continue,
         };
-        serve_one(name, rq, service, metrics);
+        // serve_one contains a handler's panic itself; this catches one of our own HTTP
+        // code (the client then gets tiny_http's empty 500) so the worker lives on anyway.
+        let served = panic::catch_unwind(AssertUnwindSafe(|| {
+            serve_one(name, rq, server, service, metrics)
+        }));
+        if let Err(payload) = served {
+            metrics.panics.fetch_add(1, Ordering::Relaxed);
+            error!(
+                "{name}: panic outside a handler: {}",
+                panic_message(&*payload)
+            );
+        }
     }
 }
 
 fn serve_one<S: Service>(
     name: &'static str,
     mut rq: tiny_http::Request,
+    server: &Server,
     service: &S,
     metrics: &HttpMetrics,
 ) {
     let started = Instant::now();
     let (route, result) = match read_request(&mut rq) {
-        Ok(req) => dispatch(name, &req, service, metrics),
+        Ok(req) => dispatch_contained(name, &req, server, service, metrics),
         Err(e) => ("unmatched", Err(e)),
     };
     let mut allow = None;
@@ -305,9 +364,39 @@ fn serve_one<S: Service>(
     }
 }
 
+/// Runs the handler; a panic in it (a bug of ours) becomes a 500 `{"error":"internal
+/// error"}`, a log line with the route and the panic's message, and a count in
+/// `http_panics_total`, and the worker serves the next request. Handlers hold no lock
+/// across a panic that others could see half-updated: pooled connections are returned
+/// (r2d2 tests them on checkout) and our mutexes are read through poisoning.
+fn dispatch_contained<S: Service>(
+    name: &'static str,
+    req: &Request,
+    server: &Server,
+    service: &S,
+    metrics: &HttpMetrics,
+) -> (&'static str, Result<Response>) {
+    match panic::catch_unwind(AssertUnwindSafe(|| {
+        dispatch(name, req, server, service, metrics)
+    })) {
+        Ok(outcome) => outcome,
+        Err(payload) => {
+            metrics.panics.fetch_add(1, Ordering::Relaxed);
+            error!(
+                "{name} {} {}: handler panicked: {}",
+                req.method,
+                req.path,
+                panic_message(&*payload)
+            );
+            ("panicked", Err(Error::internal("handler panicked")))
+        }
+    }
+}
+
 fn dispatch<S: Service>(
     name: &'static str,
     req: &Request,
+    server: &Server,
     service: &S,
     metrics: &HttpMetrics,
 ) -> (&'static str, Result<Response>) {
@@ -317,7 +406,7 @@ fn dispatch<S: Service>(
             "/metrics",
             only_get(req).map(|()| {
                 let mut out = String::with_capacity(4096);
-                metrics.render(name, &mut out);
+                metrics.render(name, server, &mut out);
                 service.metrics(&mut out);
                 Response::text(200, out)
             }),

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -408,82 +408,17 @@ fn broker_outage_accepts_every_order_and_drains_the_outbox() {
 // 2. The publisher's process killed with SIGKILL and restarted.
 // ---------------------------------------------------------------------------------------
 
-/// A free loopback port: bound, read and released.
 /// The real binary running `command-service` for this test; killed on drop.
-struct ChildService {
-    child: Child,
-    addr: SocketAddr,
-    log_path: std::path::PathBuf,
-}
-
-impl ChildService {
-    fn spawn(env: &TestEnv, port: u16, generation: u32) -> ChildService {
-        let log_path = std::env::temp_dir().join(format!("faults-{}-{generation}.log", env.id));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = env
-            .binary("command-service")
-            .env("RUST_LOG", "info")
-            .env("COMMAND_SERVICE_PORT", port.to_string())
-            .env("COMMAND_HTTP_WORKERS", "8")
-            .env("WRITE_POOL_SIZE", "8")
-            .env("OUTBOX_POLL_INTERVAL_MS", "200")
-            .env("BROKER_RECONNECT_MAX_MS", "500")
-            .env("MIGRATE_ON_START", "true")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning the command-service binary");
-        let mut service = ChildService {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log_path,
-        };
-        service.wait_healthy();
-        service
-    }
-
-    fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("command-service exited with {status}; log:\n{}", self.log());
-            }
-            if let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let _ =
-                    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-                let mut raw = Vec::new();
-                let _ = s.read_to_end(&mut raw);
-                if raw.starts_with(b"HTTP/1.1 200") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "command-service did not become healthy; log:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// SIGKILL: no shutdown hook, no flush, no graceful anything.
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ChildService {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log_path);
-    }
+fn spawn_command_service(env: &TestEnv, port: u16, generation: u32) -> ChildService {
+    let mut cmd = env.binary("command-service");
+    cmd.env("RUST_LOG", "info")
+        .env("COMMAND_SERVICE_PORT", port.to_string())
+        .env("COMMAND_HTTP_WORKERS", "8")
+        .env("WRITE_POOL_SIZE", "8")
+        .env("OUTBOX_POLL_INTERVAL_MS", "200")
+        .env("BROKER_RECONNECT_MAX_MS", "500")
+        .env("MIGRATE_ON_START", "true");
+    ChildService::spawn(&mut cmd, port, &format!("faults-{}-{generation}", env.id))
 }
 
 /// Widens the window between "the broker confirmed the batch" and "the outbox rows are
@@ -500,7 +435,7 @@ fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
     let env = TestEnv::new();
     let consumer = env.start(Role::Consumer);
     let port = free_port();
-    let first = ChildService::spawn(&env, port, 1);
+    let first = spawn_command_service(&env, port, 1);
     let products = seed_products(first.addr);
     let load = Load::start(first.addr, &products, 4);
     wait_for_orders(&load, 50, "orders before the kill");
@@ -531,7 +466,7 @@ fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
         .unwrap();
     let in_limbo: i64 = unpublished(&env);
     thread::sleep(Duration::from_millis(500));
-    let second = ChildService::spawn(&env, port, 2);
+    let second = spawn_command_service(&env, port, 2);
     let fault_end = Instant::now();
     let downtime_ms = (fault_end - killed_at).as_millis();
 

@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -641,4 +642,107 @@ fn pg_bindir() -> std::path::PathBuf {
         .pop()
         .map(|(_, bin)| bin)
         .unwrap_or_else(|| std::path::PathBuf::from(""))
+}
+
+/// The real binary as a child process, its stderr in a log file; killed on drop.
+pub struct ChildService {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log_path: std::path::PathBuf,
+}
+
+impl ChildService {
+    /// Spawns `cmd` (from `TestEnv::binary`, listening on `port`) with its stderr in a
+    /// file named after `log_name`, and waits until its `/health` answers 200.
+    pub fn spawn(cmd: &mut Command, port: u16, log_name: &str) -> ChildService {
+        let log_path = std::env::temp_dir().join(format!("{log_name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning the cqrs-analytics binary");
+        let mut service = ChildService {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log_path,
+        };
+        service.wait_healthy();
+        service
+    }
+
+    pub fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the service exited with {status}; log:\n{}", self.log());
+            }
+            if let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let _ =
+                    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+                let mut raw = Vec::new();
+                let _ = s.read_to_end(&mut raw);
+                if raw.starts_with(b"HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not become healthy; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A line of the process's /proc status, e.g. `Threads` or `VmRSS`, as a number.
+    pub fn proc_status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("reading the child's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status:\n{status}"))
+    }
+
+    /// SIGKILL: no shutdown hook, no flush, no graceful anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the process to exit.
+    pub fn terminate(mut self, timeout: Duration) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
 }

@@ -6,10 +6,12 @@
 #[allow(dead_code)]
 mod harness;
 
+mod connections;
 mod deployment;
 mod faults;
 mod hostile;
 mod operations;
+mod panics;
 mod pipeline;
 mod read_api;
 mod write_api;

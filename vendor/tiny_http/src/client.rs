@@ -6,8 +6,11 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Method};
+use crate::util::refined_tcp_stream::ReadDeadline;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
@@ -34,6 +37,15 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    /// PATCHED: the deadline of the reads of this connection, the timeouts that set it,
+    /// and whether a byte of the current request has arrived (a connection that times out
+    /// before that is closed without an answer; one that stalls within a head gets 408).
+    deadline: Arc<ReadDeadline>,
+    head_timeout: Duration,
+    idle_timeout: Duration,
+    head_started: bool,
+    first_request: bool,
 }
 
 /// PATCHED: the most headers a request may have.
@@ -53,10 +65,18 @@ enum ReadError {
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
+    /// PATCHED: the first request head must arrive whole within `limits.head_timeout` of
+    /// the accept; each later one within `head_timeout` of its first byte, which must come
+    /// within `idle_timeout` of the previous response.
     pub fn new(
         write_socket: RefinedTcpStream,
-        mut read_socket: RefinedTcpStream,
+        read_socket: RefinedTcpStream,
+        limits: &crate::Limits,
     ) -> ClientConnection {
+        let head_timeout = limits.head_timeout;
+        let idle_timeout = limits.idle_timeout;
+        let deadline = ReadDeadline::head(Instant::now() + head_timeout, limits.read_timeout);
+        let mut read_socket = read_socket.with_deadline(deadline.clone());
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
 
@@ -70,6 +90,11 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            deadline,
+            head_timeout,
+            idle_timeout,
+            head_started: false,
+            first_request: true,
         }
     }
 
@@ -95,6 +120,13 @@ impl ClientConnection {
                 Some(b) => b?,
                 None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
             };
+            // PATCHED: a later request's head deadline counts from its first byte.
+            if !self.head_started {
+                self.head_started = true;
+                if !self.first_request {
+                    self.deadline.set_head(Instant::now() + self.head_timeout);
+                }
+            }
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
@@ -184,6 +216,11 @@ impl ClientConnection {
             }
         })?;
 
+        // PATCHED: the head (and the buffered body) is in; now the connection may idle.
+        self.deadline.set_idle(self.idle_timeout);
+        self.head_started = false;
+        self.first_request = false;
+
         // return the request
         Ok(request)
     }
@@ -233,6 +270,11 @@ impl Iterator for ClientConnection {
                 Err(ReadError::ReadIoError(ref err))
                     if err.kind() == ErrorKind::TimedOut || err.kind() == ErrorKind::WouldBlock =>
                 {
+                    // PATCHED: an idle connection (no byte of a request yet) is closed
+                    // silently, as keep-alive clients expect; a stalled request gets 408.
+                    if !self.head_started {
+                        return None;
+                    }
                     return self.reject(408, HTTPVersion(1, 1), "request timed out");
                 }
 

@@ -100,7 +100,8 @@ use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -129,6 +130,80 @@ mod util;
 /// one) are read by the connection's thread before the request is handed to `recv()`.
 pub const BODY_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// PATCHED: bounds on connections, as thread-per-connection servers set them (Apache's
+/// `MaxRequestWorkers` and `mod_reqtimeout`). Upstream had none: every connection got a
+/// thread for as long as its client kept it open, so slow clients could exhaust threads
+/// and memory. The default keeps upstream's behaviour.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// At most this many connections at once, each with its thread; a connection beyond
+    /// it is answered `503 {"error":"too many connections"}` by the accept thread and
+    /// closed, without ever getting a thread.
+    pub max_connections: usize,
+    /// A request head (and the body the connection's thread buffers) must arrive whole
+    /// within this, however slowly it trickles; the first one counts from the accept.
+    pub head_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    pub idle_timeout: Duration,
+    /// Each read of a request head or body must return within this.
+    pub read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        let forever = Duration::from_secs(100 * 365 * 24 * 3600);
+        Limits {
+            max_connections: usize::MAX,
+            head_timeout: forever,
+            idle_timeout: forever,
+            read_timeout: forever,
+        }
+    }
+}
+
+/// PATCHED: connection counts, for metrics.
+#[derive(Default)]
+struct ConnectionStats {
+    open: AtomicUsize,
+    rejected: AtomicU64,
+}
+
+/// PATCHED: one connection's place under `Limits::max_connections`, given back on drop
+/// (when its thread is done with it).
+struct ConnectionSlot(Arc<ConnectionStats>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, SeqCst);
+    }
+}
+
+/// PATCHED: the answer to a connection over the limit.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\nContent-Length: 32\r\nConnection: close\r\n\r\n\
+{\"error\":\"too many connections\"}";
+
+/// PATCHED: answers a connection over the limit from the accept thread, never blocking:
+/// what the client already sent is read first (closing a socket with unread data resets
+/// the connection, which could destroy the answer before the client reads it), then the
+/// 503 (far smaller than any socket buffer) is written and the connection shut down.
+fn refuse(sock: connection::Connection) {
+    use std::io::{Read, Write};
+    if sock.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut sock = sock;
+    let mut scratch = [0u8; 4096];
+    for _ in 0..4 {
+        match sock.read(&mut scratch) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = sock.write_all(TOO_MANY_CONNECTIONS);
+    let _ = sock.shutdown(Shutdown::Write);
+}
+
 /// The main class of this library.
 ///
 /// Destroying this object will immediately close the listening socket and the reading
@@ -144,6 +219,9 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // PATCHED: open and refused connections
+    stats: Arc<ConnectionStats>,
 }
 
 enum Message {
@@ -248,7 +326,18 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// PATCHED: `from_listener` with bounds on connections (see `Limits`).
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
+        let stats = Arc::new(ConnectionStats::default());
+        let inside_stats = stats.clone();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -297,6 +386,12 @@ impl Server {
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
+                    // PATCHED: over the limit, answer 503 here; no thread, no slot.
+                    Ok((sock, _)) if inside_stats.open.load(SeqCst) >= limits.max_connections => {
+                        inside_stats.rejected.fetch_add(1, SeqCst);
+                        refuse(sock);
+                        continue;
+                    }
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
                         let (read_closable, write_closable) = match ssl {
@@ -316,7 +411,7 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        Ok(ClientConnection::new(write_closable, read_closable, &limits))
                     }
                     Err(e) => Err(e),
                 };
@@ -325,7 +420,11 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        // PATCHED: only the accept thread adds, so the check above holds.
+                        inside_stats.open.fetch_add(1, SeqCst);
+                        let mut slot = Some(ConnectionSlot(inside_stats.clone()));
                         tasks_pool.spawn(Box::new(move || {
+                            let _slot = slot.take();
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
@@ -364,7 +463,18 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            stats,
         })
+    }
+
+    /// PATCHED: connections open now (each has a thread).
+    pub fn connections_open(&self) -> usize {
+        self.stats.open.load(SeqCst)
+    }
+
+    /// PATCHED: connections refused with 503 because `Limits::max_connections` were open.
+    pub fn connections_rejected(&self) -> u64 {
+        self.stats.rejected.load(SeqCst)
     }
 
     /// Returns an iterator for all the incoming requests.

@@ -1,6 +1,8 @@
 use std::io::Result as IoResult;
-use std::io::{Read, Write};
+use std::io::{Error as IoError, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -45,6 +47,15 @@ impl Stream {
         }
     }
 
+    fn set_read_timeout(&self, t: std::time::Duration) -> IoResult<()> {
+        match self {
+            Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(Some(t)),
+            // PATCHED: the deadlines are not applied to TLS streams (we build without TLS).
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
+        }
+    }
+
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
@@ -86,6 +97,58 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    /// PATCHED: when set, every read is bounded by this deadline (see `ReadDeadline`).
+    deadline: Option<Arc<ReadDeadline>>,
+}
+
+/// PATCHED: the deadline of the reads on one connection. Upstream only had the socket's
+/// per-read timeout, which a client trickling one byte at a time never trips, so a request
+/// head could take forever and hold its connection thread for as long. The connection
+/// moves this between two phases: a request head (and the body the connection's thread
+/// buffers) must arrive by an instant, each read also within `read_max`; between requests,
+/// the idle keep-alive time starts at the first read after the previous response, not
+/// when the phase is set.
+pub(crate) struct ReadDeadline {
+    phase: Mutex<Phase>,
+    read_max: Duration,
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Head(Instant),
+    IdleFor(Duration),
+    IdleUntil(Instant),
+}
+
+impl ReadDeadline {
+    pub(crate) fn head(deadline: Instant, read_max: Duration) -> Arc<ReadDeadline> {
+        Arc::new(ReadDeadline {
+            phase: Mutex::new(Phase::Head(deadline)),
+            read_max,
+        })
+    }
+
+    pub(crate) fn set_head(&self, deadline: Instant) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Head(deadline);
+    }
+
+    pub(crate) fn set_idle(&self, idle: Duration) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::IdleFor(idle);
+    }
+
+    /// The time the next read may take, or `TimedOut` once the deadline has passed.
+    fn remaining(&self) -> IoResult<Duration> {
+        let now = Instant::now();
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if let Phase::IdleFor(idle) = *phase {
+            *phase = Phase::IdleUntil(now + idle);
+        }
+        match *phase {
+            Phase::Head(t) if t > now => Ok((t - now).min(self.read_max)),
+            Phase::IdleUntil(t) if t > now => Ok(t - now),
+            _ => Err(IoError::new(ErrorKind::TimedOut, "deadline passed")),
+        }
+    }
 }
 
 impl RefinedTcpStream {
@@ -101,15 +164,23 @@ impl RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            deadline: None,
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            deadline: None,
         };
 
         (read, write)
+    }
+
+    /// PATCHED: bounds every read by `deadline`.
+    pub(crate) fn with_deadline(mut self, deadline: Arc<ReadDeadline>) -> RefinedTcpStream {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// Returns true if this struct wraps around a secure connection.
@@ -137,6 +208,10 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        // PATCHED: one setsockopt per read syscall (the buffered reader above makes few).
+        if let Some(deadline) = &self.deadline {
+            self.stream.set_read_timeout(deadline.remaining()?)?;
+        }
         self.stream.read(buf)
     }
 }
