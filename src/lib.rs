@@ -11,6 +11,7 @@ pub mod command;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dead_letters;
 pub mod error;
 pub mod event;
 pub mod http;

@@ -9,7 +9,7 @@ use cqrs_analytics::error::Kind;
 use cqrs_analytics::shutdown::SignalThread;
 use cqrs_analytics::Config;
 
-const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT>";
+const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT|dead-letters list|dead-letters replay --all|dead-letters replay EVENT_ID...|rebuild-read-model>";
 
 fn main() -> ExitCode {
     // Timestamps from chrono, which we have anyway: env_logger's own need its `humantime`
@@ -35,6 +35,11 @@ fn main() -> ExitCode {
         Some("all") => Role::All,
         Some("migrate") => return run_migrate(),
         Some("healthcheck") => return healthcheck(args.get(1)),
+        Some("dead-letters") => {
+            return operate(|c| {
+                cqrs_analytics::dead_letters::run(c, &args[1..], &mut std::io::stdout())
+            })
+        }
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -89,6 +94,23 @@ fn run_migrate() -> ExitCode {
         }
         Err(e) => {
             eprintln!("migration failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs an operator's command: exit 0 when it returns Ok(true), 1 when Ok(false) (it said
+/// why) or on a failure, 2 on bad usage or configuration.
+fn operate(command: impl FnOnce(&Config) -> cqrs_analytics::Result<bool>) -> ExitCode {
+    match Config::from_env().and_then(|c| command(&c)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) if e.kind() == Kind::Config => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::from(1)
         }
     }

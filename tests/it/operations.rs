@@ -100,3 +100,118 @@ fn a_consumer_blocked_on_a_lock_is_unhealthy_and_lag_tells_its_age() {
     assert_eq!(s["pendingConsumerMessages"], json!(0), "{s}");
     converge(&env);
 }
+
+/// Runs `cqrs-analytics dead-letters ARGS` (the real binary): exit code and stdout.
+fn dead_letters(env: &TestEnv, args: &[&str]) -> (i32, String) {
+    let out = env.binary("dead-letters").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "dead-letters {args:?} -> {:?}\n{stdout}{stderr}",
+        out.status
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+fn failed_attempts(env: &TestEnv, id: &str) -> Option<i32> {
+    env.read()
+        .query_opt(
+            "SELECT attempts FROM event_failures WHERE message_key = $1",
+            &[&id],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// Events the read model refuses (a constraint standing in for a bug) are dead-lettered
+/// after the usual attempts; a replay before the fix sends them back there after the same
+/// number of attempts (no loop); after the fix a replay applies each exactly once.
+#[test]
+fn dead_letters_are_listed_and_replayed_exactly_once_after_a_fix() {
+    let env = TestEnv::new();
+    let app = env.start_with(Role::All, |c| c.consumer_attempts_max = 3);
+    let dlq = env.broker.dead_letter_queue.clone();
+    let product = create_product(app.command(), "Kettle", "Kitchen", 30.00, 1_000);
+    env.read()
+        .batch_execute(
+            "ALTER TABLE customer_ltv_view ADD CONSTRAINT it_bug CHECK (customer_id <> 4242)",
+        )
+        .unwrap();
+    for customer in [1, 4242, 2, 4242, 3] {
+        order(&app, product, customer);
+    }
+    let poison: Vec<String> = env
+        .write()
+        .query(
+            "SELECT payload->>'eventId' FROM outbox WHERE payload->>'customerId' = '4242' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    wait_until("two dead letters", Duration::from_secs(30), || {
+        (env.queue_depth(&dlq) == 2).then_some(())
+    });
+
+    let (code, listed) = dead_letters(&env, &["list"]);
+    assert_eq!(code, 0);
+    for id in &poison {
+        let line = listed.lines().find(|l| l.starts_with(id.as_str()));
+        let line = line.unwrap_or_else(|| panic!("{id} not listed:\n{listed}"));
+        assert!(line.contains("\tOrderCreated\t3\t"), "{line}");
+    }
+    assert_eq!(
+        env.queue_depth(&dlq),
+        2,
+        "list must leave the messages where they were"
+    );
+
+    // Replayed before the fix: it fails again, three fresh attempts, back to the queue.
+    let (code, out) = dead_letters(&env, &["replay", &poison[0]]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("replayed {}", poison[0])), "{out}");
+    wait_until(
+        "the replayed event back in the DLQ",
+        Duration::from_secs(30),
+        || {
+            (env.queue_depth(&dlq) == 2 && failed_attempts(&env, &poison[0]) == Some(3))
+                .then_some(())
+        },
+    );
+
+    env.read()
+        .batch_execute("ALTER TABLE customer_ltv_view DROP CONSTRAINT it_bug")
+        .unwrap();
+    let (code, out) = dead_letters(&env, &["replay", "--all"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("replayed ").count(), 2, "{out}");
+    wait_until(
+        "the dead-letter queue empty",
+        Duration::from_secs(30),
+        || (env.queue_depth(&dlq) == 0).then_some(()),
+    );
+    converge(&env);
+    let ltv = get(app.query(), "/api/analytics/customers/4242/lifetime-value").json();
+    assert_eq!(ltv["orderCount"], json!(2), "{ltv}");
+    assert_eq!(
+        failed_attempts(&env, &poison[1]),
+        None,
+        "forgotten once applied"
+    );
+
+    let (code, out) = dead_letters(&env, &["replay", &poison[0]]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("not in the dead-letter queue: {}", poison[0])),
+        "{out}"
+    );
+    let (code, out) = dead_letters(&env, &["list"]);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "ID\tTYPE\tATTEMPTS\tWHEN\tLAST ERROR\n0 dead-lettered message(s)"
+        )
+    );
+}

@@ -1,0 +1,231 @@
+//! `cqrs-analytics dead-letters list | replay --all | replay EVENT_ID...`: inspect the
+//! dead-letter queue and put its messages back on their work queues after a fix.
+//!
+//! Both commands take the messages off the dead-letter queue unacked (at most
+//! `DEAD_LETTERS_MAX` per run), so nothing else sees them meanwhile and a crash puts them
+//! back. `list` returns them all untouched. `replay` first forgets the selected events'
+//! failure records (`event_failures`): a replayed event gets the usual
+//! `CONSUMER_MAX_ATTEMPTS` fresh attempts, and one that still fails goes back to the
+//! dead-letter queue after them, where it stays until someone replays it again (no loop).
+//! It then republishes each one to the events exchange with its original routing key
+//! (persistent, mandatory, with publisher confirms) and only after the broker confirmed
+//! every publish does it ack the dead-letter copies. A crash in between leaves a message in
+//! both queues; the consumer's `processed_events` makes the second copy a no-op, so a
+//! replayed event is applied exactly once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use amiquip::{Channel, Confirm, ConfirmSmoother, Get, Publish};
+use chrono::{DateTime, Utc};
+use postgres::NoTls;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::event::{format_timestamp, Event};
+
+/// Messages one run takes off the dead-letter queue at most (they are held in memory).
+pub const DEAD_LETTERS_MAX: usize = 10_000;
+/// How long `replay` waits for the broker's confirms.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+const USAGE: &str = "usage: cqrs-analytics dead-letters list | replay --all | replay EVENT_ID...";
+
+/// Runs the subcommand; Ok(false) means "done, but exit 1" (an id that was not there).
+pub fn run(config: &Config, args: &[String], out: &mut dyn Write) -> Result<bool> {
+    match args.first().map(String::as_str) {
+        Some("list") if args.len() == 1 => list(config, out).map(|()| true),
+        Some("replay") if args.get(1).map(String::as_str) == Some("--all") && args.len() == 2 => {
+            replay(config, None, out)
+        }
+        Some("replay") if args.len() > 1 && !args[1].starts_with('-') => {
+            replay(config, Some(args[1..].iter().cloned().collect()), out)
+        }
+        _ => Err(Error::config(USAGE)),
+    }
+}
+
+/// A message taken off the dead-letter queue, and what `event_failures` says about it.
+struct DeadLetter {
+    get: Get,
+    id: String,
+    event_type: String,
+}
+
+/// Failure record of one event: attempts, last error, when.
+type Failure = (i32, String, DateTime<Utc>);
+
+fn open(config: &Config) -> Result<(amiquip::Connection, Channel)> {
+    let mut connection = crate::broker::connect(config)?;
+    let channel = connection.open_channel(None)?;
+    crate::broker::declare_topology(&channel, &config.broker)?;
+    Ok((connection, channel))
+}
+
+/// Takes up to `DEAD_LETTERS_MAX` messages off the dead-letter queue, unacked.
+fn take_all(channel: &Channel, config: &Config) -> Result<(Vec<DeadLetter>, u32)> {
+    let mut taken = Vec::new();
+    let mut left = 0;
+    while taken.len() < DEAD_LETTERS_MAX {
+        let Some(get) = channel.basic_get(config.broker.dead_letter_queue.as_str(), false)? else {
+            break;
+        };
+        left = get.message_count;
+        let props = &get.delivery.properties;
+        let parsed = Event::parse(&get.delivery.body).ok();
+        let id = props
+            .message_id()
+            .clone()
+            .or_else(|| parsed.as_ref().map(|e| e.event_id().to_string()))
+            .unwrap_or_else(|| "-".into());
+        let event_type = props
+            .type_()
+            .clone()
+            .or_else(|| parsed.as_ref().map(|e| e.event_type().to_string()))
+            .unwrap_or_else(|| "(not an event)".into());
+        taken.push(DeadLetter {
+            get,
+            id,
+            event_type,
+        });
+    }
+    Ok((taken, left))
+}
+
+fn read_db(config: &Config) -> Result<postgres::Client> {
+    let mut c = config.read_db.clone();
+    c.application_name("cqrs-analytics-dead-letters");
+    Ok(c.connect(NoTls)?)
+}
+
+fn failures(config: &Config, ids: &[&str]) -> Result<HashMap<String, Failure>> {
+    let rows = read_db(config)?.query(
+        "SELECT message_key, attempts, last_error, updated_at FROM event_failures
+         WHERE message_key = ANY($1)",
+        &[&ids],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect())
+}
+
+fn list(config: &Config, out: &mut dyn Write) -> Result<()> {
+    let (connection, channel) = open(config)?;
+    let (taken, left) = take_all(&channel, config)?;
+    let ids: Vec<&str> = taken.iter().map(|d| d.id.as_str()).collect();
+    let known = failures(config, &ids)?;
+    writeln!(out, "ID\tTYPE\tATTEMPTS\tWHEN\tLAST ERROR")?;
+    for d in &taken {
+        let (attempts, when, error) = match known.get(&d.id) {
+            Some((n, error, at)) => (n.to_string(), format_timestamp(at), error.as_str()),
+            None => (
+                "1".into(),
+                "-".into(),
+                "not a valid event (dead-lettered at once)",
+            ),
+        };
+        let error = error.replace(['\n', '\t'], " ");
+        writeln!(
+            out,
+            "{}\t{}\t{attempts}\t{when}\t{error}",
+            d.id, d.event_type
+        )?;
+    }
+    writeln!(
+        out,
+        "{} dead-lettered message(s)",
+        taken.len() + left as usize
+    )?;
+    // Everything goes back, in order, untouched.
+    channel.nack_all(true)?;
+    drop(channel.close());
+    drop(connection.close());
+    Ok(())
+}
+
+fn replay(config: &Config, wanted: Option<BTreeSet<String>>, out: &mut dyn Write) -> Result<bool> {
+    let (connection, channel) = open(config)?;
+    let (taken, left) = take_all(&channel, config)?;
+    let (selected, keep): (Vec<DeadLetter>, Vec<DeadLetter>) = taken
+        .into_iter()
+        .partition(|d| wanted.as_ref().is_none_or(|w| w.contains(&d.id)));
+    let missing: Vec<&String> = wanted
+        .iter()
+        .flatten()
+        .filter(|id| !selected.iter().any(|d| &d.id == *id))
+        .collect();
+    if !selected.is_empty() {
+        let ids: Vec<&str> = selected.iter().map(|d| d.id.as_str()).collect();
+        // A fresh count of attempts: the replay follows a fix.
+        read_db(config)?.execute(
+            "DELETE FROM event_failures WHERE message_key = ANY($1)",
+            &[&ids],
+        )?;
+        republish(&channel, config, &selected)?;
+    }
+    for d in selected.iter() {
+        writeln!(out, "replayed {} ({})", d.id, d.event_type)?;
+    }
+    for d in selected {
+        d.get.ack(&channel)?;
+    }
+    drop(keep);
+    channel.nack_all(true)?;
+    for id in &missing {
+        writeln!(out, "not in the dead-letter queue: {id}")?;
+    }
+    if left > 0 && wanted.is_none() {
+        writeln!(out, "{left} more remain; run the replay again")?;
+    }
+    drop(channel.close());
+    drop(connection.close());
+    Ok(missing.is_empty())
+}
+
+/// Publishes copies of `letters` to the events exchange and waits until the broker has
+/// confirmed every one (and returned none as unroutable).
+fn republish(channel: &Channel, config: &Config, letters: &[DeadLetter]) -> Result<()> {
+    channel.enable_publisher_confirms()?;
+    let confirms = channel.listen_for_publisher_confirms()?;
+    let returns = channel.listen_for_returns()?;
+    for d in letters {
+        channel.basic_publish(
+            config.broker.exchange.as_str(),
+            Publish {
+                body: &d.get.delivery.body,
+                routing_key: d.get.delivery.routing_key.clone(),
+                mandatory: true,
+                immediate: false,
+                properties: d.get.delivery.properties.clone().with_delivery_mode(2),
+            },
+        )?;
+    }
+    let mut smoother = ConfirmSmoother::new();
+    let mut acked = 0;
+    let deadline = Instant::now() + CONFIRM_TIMEOUT;
+    while acked < letters.len() {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let confirm = confirms
+            .recv_timeout(wait)
+            .map_err(|_| Error::unavailable("the broker did not confirm the replayed messages"))?;
+        for c in smoother.process(confirm) {
+            match c {
+                Confirm::Ack(_) => acked += 1,
+                Confirm::Nack(_) => {
+                    return Err(Error::unavailable(
+                        "the broker refused a replayed message; nothing was removed from the dead-letter queue",
+                    ))
+                }
+            }
+        }
+    }
+    if let Ok(r) = returns.try_recv() {
+        return Err(Error::unavailable(format!(
+            "a replayed message was unroutable ({}); nothing was removed from the dead-letter queue",
+            r.reply_text
+        )));
+    }
+    Ok(())
+}
