@@ -364,7 +364,7 @@ for path, why in sorted(need.items()):
         errors.append(f"{path} ({why}) is not copied into the builder stage")
 
 for path in (".git/HEAD", "target/release/x", ".env", ".ci/run", "tests/it/main.rs",
-             "benches/pipeline.rs", "README.md", "docker-compose.yml", "deploy/postgres/x.sh"):
+             "benches/pipeline/main.rs", "README.md", "docker-compose.yml", "deploy/postgres/x.sh"):
     if not excluded(path):
         errors.append(f"{path} should be kept out of the build context")
 

@@ -2,6 +2,9 @@
 //! (`CREATE DATABASE .. TEMPLATE ..`, dropped `WITH (FORCE)` on drop), unique broker names
 //! per test, services started in-process on port 0, and a tiny HTTP client over a real
 //! loopback socket. Everything is real: PostgreSQL, RabbitMQ, HTTP.
+//!
+//! `benches/pipeline` compiles this file too (`#[path]`): keep it free of references to
+//! other test modules.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
