@@ -34,9 +34,11 @@ pub struct BrokerFigures {
 
 pub fn run(s: &Settings, message_bytes: usize) -> BrokerFigures {
     let env = TestEnv::new();
-    let mut config = Config::from_lookup(|k| std::env::var(k).ok())
-        .expect("the binary's variables in the environment");
-    config.broker_url = broker_url();
+    let mut config = Config::from_lookup(|k| match k {
+        "BROKER_URL" => Some(broker_url()),
+        _ => std::env::var(k).ok(),
+    })
+    .expect("the binary's variables in the environment");
     config.broker = env.broker.clone();
     let n = s.backlog.max(1) as usize;
     let mut f = BrokerFigures {
@@ -49,9 +51,9 @@ pub fn run(s: &Settings, message_bytes: usize) -> BrokerFigures {
         window: format!(
             "{} batches of {} in flight; prefetch {}, ack per {}",
             outbox::BATCHES_IN_FLIGHT,
-            config.outbox_batch_size,
+            config.outbox_batch_size_max,
             config.consumer_prefetch,
-            config.consumer_batch_size
+            config.consumer_batch_size_max
         ),
         error: None,
     };
@@ -93,7 +95,7 @@ fn publish(config: &Config, n: usize, bytes: usize) -> Result<f64, String> {
     let _returns = ch.listen_for_returns().map_err(|e| e.to_string())?;
     let mut smoother = ConfirmSmoother::new();
     let body = vec![b'x'; bytes];
-    let batch = config.outbox_batch_size.max(1);
+    let batch = config.outbox_batch_size_max.max(1);
     let (mut sent, mut confirmed) = (0usize, 0u64);
     let mut in_flight: VecDeque<u64> = VecDeque::with_capacity(outbox::BATCHES_IN_FLIGHT);
     let start = Instant::now();
@@ -172,7 +174,7 @@ fn consume(config: &Config, n: usize) -> Result<f64, String> {
         start.get_or_insert_with(Instant::now);
         let mut last = first;
         let mut in_batch = 1;
-        while in_batch < config.consumer_batch_size {
+        while in_batch < config.consumer_batch_size_max {
             match next(false)? {
                 Some(d) => last = d,
                 None => break,

@@ -37,7 +37,7 @@ const SET_BY_HARNESS: &[&str] = &[
 pub fn tuning() -> Vec<(String, String)> {
     VARIABLES
         .iter()
-        .map(|(k, _)| *k)
+        .map(|v| v.name)
         .filter(|k| !SET_BY_HARNESS.contains(k))
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
         .collect()
