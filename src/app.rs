@@ -19,6 +19,7 @@ use crate::outbox::{self, OutboxMetrics};
 use crate::progress::Progress;
 use crate::query::QueryService;
 use crate::shutdown::{self, Shutdown, Trigger};
+use crate::supervise::Backoff;
 
 /// Which services a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,19 +103,23 @@ pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<Vec<db::Mi
     Ok(reports)
 }
 
+/// Runs `f` until it succeeds, fails for good, or `wait` has passed, 500 ms apart.
 fn retry_until<T>(wait: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + wait;
+    let mut backoff = Backoff::new(MIGRATE_RETRY_INTERVAL, MIGRATE_RETRY_INTERVAL);
     loop {
         match f() {
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && Instant::now() < deadline => {
                 warn!("{e}; retrying");
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(backoff.next_wait());
             }
             Err(e) => return Err(e),
         }
     }
 }
+
+const MIGRATE_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Starts the services of `role`. Ports come from `config` (0 picks a free port).
 pub fn start(config: &Config, role: Role) -> Result<Running> {

@@ -1,7 +1,7 @@
 //! RabbitMQ connections and topology. Whoever connects first declares everything
 //! (declarations are idempotent): a durable direct exchange, one durable queue per topic
 //! bound by the topic name, and a dead-letter exchange and queue for events that cannot be
-//! applied. amiquip does not reconnect, so callers wrap sessions in `retry_forever`.
+//! applied. amiquip does not reconnect, so callers run sessions under `supervise::run`.
 
 use std::time::Duration;
 
@@ -11,12 +11,10 @@ use amiquip::{
     AmqpValue, Auth, Channel, Connection, ConnectionOptions, ConnectionTuning,
     ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
 };
-use log::warn;
 
 use crate::config::{AmqpTarget, BrokerNames, Config, QueueType};
 use crate::error::{Error, Result};
 use crate::event::{ORDER_TOPIC, PRODUCT_TOPIC};
-use crate::shutdown::Shutdown;
 
 /// Opens a connection. We connect the socket ourselves, for one reason: TCP_NODELAY. amiquip
 /// writes a publish as three frames in separate writes, and with Nagle's algorithm on, the
@@ -195,35 +193,5 @@ fn queue_type_arg(args: &mut FieldTable, queue_type: QueueType) {
         // Classic queue storage v2 (RabbitMQ 3.10+; older brokers ignore the argument):
         // persistent messages are confirmed faster than with v1.
         args.insert("x-queue-version".into(), AmqpValue::LongInt(2));
-    }
-}
-
-/// Runs `session` until it returns Ok (a clean stop) or shutdown; after an error, waits with
-/// exponential backoff (100 ms doubling up to `max_backoff`) and starts a new session.
-pub fn retry_forever(
-    what: &str,
-    shutdown: &Shutdown,
-    max_backoff: Duration,
-    mut on_error: impl FnMut(),
-    mut session: impl FnMut() -> Result<()>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_triggered() {
-        let started = std::time::Instant::now();
-        match session() {
-            Ok(()) => return,
-            Err(e) => {
-                on_error();
-                // A session that ran for a while was healthy: start the backoff over.
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
-                }
-                warn!("{what}: {e}; retrying in {} ms", backoff.as_millis());
-                if shutdown.sleep(backoff) {
-                    return;
-                }
-                backoff = (backoff * 2).min(max_backoff);
-            }
-        }
     }
 }

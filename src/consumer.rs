@@ -25,6 +25,7 @@ use crate::metrics::{Counter, Gauge, Histogram, BATCH_BOUNDS, LATENCY_BOUNDS_SEC
 use crate::progress::Progress;
 use crate::projection;
 use crate::shutdown::Shutdown;
+use crate::supervise::{self, Backoff};
 
 pub struct ConsumerMetrics {
     pub deliveries: Counter,
@@ -91,41 +92,37 @@ pub fn start(
     metrics: Arc<ConsumerMetrics>,
     progress: Arc<Progress>,
 ) -> Vec<JoinHandle<()>> {
-    let mut threads: Vec<JoinHandle<()>> = (0..config.consumer_threads)
-        .map(|thread| {
-            let config = config.clone();
-            let pool = pool.clone();
-            let shutdown = shutdown.clone();
-            let metrics = metrics.clone();
-            let progress = progress.clone();
-            std::thread::Builder::new()
-                .name(format!("consumer-{thread}"))
-                .spawn(move || {
-                    let ctx = Ctx {
-                        config: &config,
-                        pool: &pool,
-                        shutdown: &shutdown,
-                        metrics: &metrics,
-                        progress: &progress,
-                        thread,
-                    };
-                    broker::retry_forever(
-                        "consumer",
-                        &shutdown,
-                        config.broker_reconnect_max,
-                        || metrics.session_errors.inc(),
-                        || session(&ctx),
-                    )
-                })
-                .expect("spawning a consumer thread")
-        })
-        .collect();
+    let backoff_max = config.broker_reconnect_max;
+    let mut threads = supervise::spawn(
+        "consumer",
+        config.consumer_threads,
+        shutdown,
+        backoff_max,
+        |thread| {
+            let (config, pool) = (config.clone(), pool.clone());
+            let (metrics, progress) = (metrics.clone(), progress.clone());
+            move |shutdown: &Shutdown| {
+                let consumer = Consumer {
+                    config: &config,
+                    pool: &pool,
+                    shutdown,
+                    metrics: &metrics,
+                    progress: &progress,
+                    thread,
+                };
+                consumer
+                    .session()
+                    .inspect_err(|_| metrics.session_errors.inc())
+            }
+        },
+    );
     threads.push(crate::progress::start_reporter(pool, progress, shutdown));
     threads
 }
 
-/// What a consumer thread works with.
-struct Ctx<'a> {
+/// One consumer thread's work: its sessions on the broker, each applying batches, like
+/// the outbox's `Publisher`.
+struct Consumer<'a> {
     config: &'a Config,
     pool: &'a Pool,
     shutdown: &'a Shutdown,
@@ -160,47 +157,177 @@ RETURNING attempts";
 
 const FORGET_FAILURES: &str = "DELETE FROM event_failures WHERE message_key = $1";
 
-fn session(ctx: &Ctx) -> Result<()> {
-    let (config, shutdown) = (ctx.config, ctx.shutdown);
-    let mut connection = broker::connect(config)?;
-    let channel = connection.open_channel(None)?;
-    broker::declare_topology(&channel, &config.broker)?;
-    channel.qos(0, config.consumer_prefetch, false)?;
-    let products = channel.basic_consume(
-        config.broker.product_queue.as_str(),
-        ConsumerOptions::default(),
-    )?;
-    let orders = channel.basic_consume(
-        config.broker.order_queue.as_str(),
-        ConsumerOptions::default(),
-    )?;
-    info!("consumer connected to the broker");
-    let _connected = ConnectedGuard::new(&ctx.metrics.connected);
-    let (prx, orx) = (products.receiver(), orders.receiver());
-    let _attached = ctx
-        .progress
-        .attach(ctx.thread, vec![prx.clone(), orx.clone()]);
-    loop {
-        let first = select! {
-            recv(prx) -> m => m,
-            recv(orx) -> m => m,
-            recv(shutdown.receiver()) -> _ => return Ok(()), // unacked messages are redelivered
-        };
-        let mut batch = vec![delivery(first)?];
-        let deadline = Instant::now() + config.consumer_batch_wait;
-        while batch.len() < config.consumer_batch_size_max {
-            // Take what is already here without waiting, then wait until the deadline.
-            let next = match prx.try_recv().or_else(|_| orx.try_recv()) {
-                Ok(m) => m,
-                Err(_) => select! {
-                    recv(prx) -> m => delivery_or_closed(m)?,
-                    recv(orx) -> m => delivery_or_closed(m)?,
-                    default(deadline.saturating_duration_since(Instant::now())) => break,
-                },
+impl Consumer<'_> {
+    fn session(&self) -> Result<()> {
+        let (config, shutdown) = (self.config, self.shutdown);
+        let mut connection = broker::connect(config)?;
+        let channel = connection.open_channel(None)?;
+        broker::declare_topology(&channel, &config.broker)?;
+        channel.qos(0, config.consumer_prefetch, false)?;
+        let products = channel.basic_consume(
+            config.broker.product_queue.as_str(),
+            ConsumerOptions::default(),
+        )?;
+        let orders = channel.basic_consume(
+            config.broker.order_queue.as_str(),
+            ConsumerOptions::default(),
+        )?;
+        info!("consumer connected to the broker");
+        let _connected = ConnectedGuard::new(&self.metrics.connected);
+        let (prx, orx) = (products.receiver(), orders.receiver());
+        let _attached = self
+            .progress
+            .attach(self.thread, vec![prx.clone(), orx.clone()]);
+        loop {
+            let first = select! {
+                recv(prx) -> m => m,
+                recv(orx) -> m => m,
+                recv(shutdown.receiver()) -> _ => return Ok(()), // unacked messages are redelivered
             };
-            batch.push(delivery(Ok(next))?);
+            let mut batch = vec![delivery(first)?];
+            let deadline = Instant::now() + config.consumer_batch_wait;
+            while batch.len() < config.consumer_batch_size_max {
+                // Take what is already here without waiting, then wait until the deadline.
+                let next = match prx.try_recv().or_else(|_| orx.try_recv()) {
+                    Ok(m) => m,
+                    Err(_) => select! {
+                        recv(prx) -> m => delivery_or_closed(m)?,
+                        recv(orx) -> m => delivery_or_closed(m)?,
+                        default(deadline.saturating_duration_since(Instant::now())) => break,
+                    },
+                };
+                batch.push(delivery(Ok(next))?);
+            }
+            self.process(&channel, batch)?;
         }
-        process(ctx, &channel, batch)?;
+    }
+
+    fn process(&self, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {
+        let metrics = self.metrics;
+        let held = batch.len();
+        metrics.deliveries.add(batch.len() as u64);
+        metrics.batch_size.observe(batch.len() as f64);
+        // Messages that are not events at all can never succeed: dead-letter them at once.
+        let mut good: Vec<(Delivery, Event)> = Vec::with_capacity(batch.len());
+        for d in batch {
+            match Event::parse(&d.body) {
+                Ok(e) => good.push((d, e)),
+                Err(e) => {
+                    warn!(
+                        "dead-lettering an unparseable message ({}): {e}",
+                        message_key(&d)
+                    );
+                    metrics.dead_lettered.inc();
+                    d.nack(channel, false)?;
+                }
+            }
+        }
+        if good.is_empty() {
+            return Ok(());
+        }
+        let (mut deliveries, events): (Vec<Delivery>, Vec<Event>) = good.into_iter().unzip();
+        let oldest = events.iter().map(Event::timestamp).min();
+        let _held = self.progress.hold(self.thread, held, oldest);
+        match self.apply_with_retry(&events)? {
+            Some(Ok(applied)) => {
+                self.record_applied(&events, applied);
+                let last = deliveries.pop().expect("non-empty");
+                last.ack_multiple(channel)?;
+                Ok(())
+            }
+            None => Err(Error::unavailable(
+                "shutting down before the batch committed",
+            )),
+            Some(Err(e)) => {
+                metrics.batch_failures.inc();
+                warn!(
+                    "a batch of {} events failed ({e}); applying them one at a time",
+                    events.len()
+                );
+                for (d, event) in deliveries.into_iter().zip(events) {
+                    self.isolate(channel, d, event)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies one event alone; on a permanent failure, requeues it or, after
+    /// `consumer_attempts_max` failures, dead-letters it.
+    fn isolate(&self, channel: &Channel, d: Delivery, event: Event) -> Result<()> {
+        let (pool, config, metrics) = (self.pool, self.config, self.metrics);
+        let key = message_key(&d);
+        // A redelivered message may have failed before (here or in another consumer).
+        let maybe_failed_before = d.redelivered;
+        let single = std::slice::from_ref(&event);
+        match self.apply_with_retry(single)? {
+            Some(Ok(applied)) => {
+                self.record_applied(single, applied);
+                d.ack(channel)?;
+                if maybe_failed_before {
+                    if let Err(e) = forget_failures(pool, &key) {
+                        warn!("could not clear the failure record of {key}: {e}");
+                    }
+                }
+            }
+            None => return Err(Error::unavailable("shutting down")),
+            Some(Err(e)) => {
+                // If even the failure cannot be recorded, the database is gone: the session ends
+                // and the message is redelivered, uncounted.
+                let n = record_failure(pool, &key, &e)?;
+                if n >= config.consumer_attempts_max {
+                    error!("dead-lettering event {key} after {n} failed attempts: {e}");
+                    metrics.dead_lettered.inc();
+                    d.nack(channel, false)?;
+                } else {
+                    warn!(
+                        "event {key} failed (attempt {n} of {}): {e}",
+                        config.consumer_attempts_max
+                    );
+                    metrics.requeued.inc();
+                    d.nack(channel, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a batch, waiting out transient failures (database down, deadlock, timeout) with
+    /// backoff. Returns None on shutdown, Some(Err) for a permanent failure.
+    fn apply_with_retry(&self, events: &[Event]) -> Result<Option<Result<projection::Applied>>> {
+        let mut backoff = Backoff::new(DB_RETRY_INITIAL, self.config.db.retry_max);
+        loop {
+            let result = self
+                .pool
+                .get()
+                .map_err(Error::from)
+                .and_then(|mut conn| projection::apply_batch(&mut conn, events));
+            match result {
+                Err(e) if e.is_transient() => {
+                    let wait = backoff.next_wait();
+                    warn!(
+                        "read database unavailable ({e}); retrying in {} ms",
+                        wait.as_millis()
+                    );
+                    if self.shutdown.sleep(wait) {
+                        return Ok(None);
+                    }
+                }
+                other => return Ok(Some(other)),
+            }
+        }
+    }
+
+    fn record_applied(&self, events: &[Event], applied: projection::Applied) {
+        let metrics = self.metrics;
+        self.progress.applied(self.thread);
+        metrics.applied.add(applied.applied as u64);
+        metrics.duplicates.add(applied.duplicates as u64);
+        let now = crate::event::now_millis();
+        for e in events {
+            let lag = (now - e.timestamp()).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+            metrics.end_to_end_seconds.observe(lag);
+        }
     }
 }
 
@@ -230,133 +357,8 @@ fn message_key(d: &Delivery) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(&d.body[..d.body.len().min(256)]).into_owned())
 }
 
-fn process(ctx: &Ctx, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {
-    let metrics = ctx.metrics;
-    let held = batch.len();
-    metrics.deliveries.add(batch.len() as u64);
-    metrics.batch_size.observe(batch.len() as f64);
-    // Messages that are not events at all can never succeed: dead-letter them at once.
-    let mut good: Vec<(Delivery, Event)> = Vec::with_capacity(batch.len());
-    for d in batch {
-        match Event::parse(&d.body) {
-            Ok(e) => good.push((d, e)),
-            Err(e) => {
-                warn!(
-                    "dead-lettering an unparseable message ({}): {e}",
-                    message_key(&d)
-                );
-                metrics.dead_lettered.inc();
-                d.nack(channel, false)?;
-            }
-        }
-    }
-    if good.is_empty() {
-        return Ok(());
-    }
-    let (mut deliveries, events): (Vec<Delivery>, Vec<Event>) = good.into_iter().unzip();
-    let oldest = events.iter().map(Event::timestamp).min();
-    let _held = ctx.progress.hold(ctx.thread, held, oldest);
-    match apply_with_retry(ctx, &events)? {
-        Some(Ok(applied)) => {
-            record_applied(ctx, &events, applied);
-            let last = deliveries.pop().expect("non-empty");
-            last.ack_multiple(channel)?;
-            Ok(())
-        }
-        None => Err(Error::unavailable(
-            "shutting down before the batch committed",
-        )),
-        Some(Err(e)) => {
-            metrics.batch_failures.inc();
-            warn!(
-                "a batch of {} events failed ({e}); applying them one at a time",
-                events.len()
-            );
-            for (d, event) in deliveries.into_iter().zip(events) {
-                isolate(ctx, channel, d, event)?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Applies one event alone; on a permanent failure, requeues it or, after
-/// `consumer_max_attempts` failures, dead-letters it.
-fn isolate(ctx: &Ctx, channel: &Channel, d: Delivery, event: Event) -> Result<()> {
-    let (pool, config, metrics) = (ctx.pool, ctx.config, ctx.metrics);
-    let key = message_key(&d);
-    // A redelivered message may have failed before (here or in another consumer).
-    let maybe_failed_before = d.redelivered;
-    let single = std::slice::from_ref(&event);
-    match apply_with_retry(ctx, single)? {
-        Some(Ok(applied)) => {
-            record_applied(ctx, single, applied);
-            d.ack(channel)?;
-            if maybe_failed_before {
-                if let Err(e) = forget_failures(pool, &key) {
-                    warn!("could not clear the failure record of {key}: {e}");
-                }
-            }
-        }
-        None => return Err(Error::unavailable("shutting down")),
-        Some(Err(e)) => {
-            // If even the failure cannot be recorded, the database is gone: the session ends
-            // and the message is redelivered, uncounted.
-            let n = record_failure(pool, &key, &e)?;
-            if n >= config.consumer_attempts_max {
-                error!("dead-lettering event {key} after {n} failed attempts: {e}");
-                metrics.dead_lettered.inc();
-                d.nack(channel, false)?;
-            } else {
-                warn!(
-                    "event {key} failed (attempt {n} of {}): {e}",
-                    config.consumer_attempts_max
-                );
-                metrics.requeued.inc();
-                d.nack(channel, true)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Applies a batch, waiting out transient failures (database down, deadlock, timeout) with
-/// backoff. Returns None on shutdown, Some(Err) for a permanent failure.
-fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Result<Option<Result<projection::Applied>>> {
-    let (pool, config, shutdown) = (ctx.pool, ctx.config, ctx.shutdown);
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let result = pool
-            .get()
-            .map_err(Error::from)
-            .and_then(|mut conn| projection::apply_batch(&mut conn, events));
-        match result {
-            Err(e) if e.is_transient() => {
-                warn!(
-                    "read database unavailable ({e}); retrying in {} ms",
-                    backoff.as_millis()
-                );
-                if shutdown.sleep(backoff) {
-                    return Ok(None);
-                }
-                backoff = (backoff * 2).min(config.db.retry_max);
-            }
-            other => return Ok(Some(other)),
-        }
-    }
-}
-
-fn record_applied(ctx: &Ctx, events: &[Event], applied: projection::Applied) {
-    let metrics = ctx.metrics;
-    ctx.progress.applied(ctx.thread);
-    metrics.applied.add(applied.applied as u64);
-    metrics.duplicates.add(applied.duplicates as u64);
-    let now = crate::event::now_millis();
-    for e in events {
-        let lag = (now - e.timestamp()).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
-        metrics.end_to_end_seconds.observe(lag);
-    }
-}
+/// The first wait when the read database refuses a batch for a transient reason.
+const DB_RETRY_INITIAL: Duration = Duration::from_millis(50);
 
 /// Counts a connected session for as long as it lives.
 struct ConnectedGuard<'a>(&'a Gauge);

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod projection;
 pub mod query;
 pub mod shutdown;
+pub mod supervise;
 
 pub use config::Config;
 pub use error::{Error, Result};

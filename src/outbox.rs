@@ -23,6 +23,7 @@ use crate::db::{Pool, Tx};
 use crate::error::{Error, Result};
 use crate::metrics::{Counter, Histogram, BATCH_BOUNDS};
 use crate::shutdown::Shutdown;
+use crate::supervise;
 
 #[derive(Default)]
 pub struct OutboxMetrics {
@@ -66,27 +67,21 @@ pub fn start(
     shutdown: &Shutdown,
     metrics: Arc<OutboxMetrics>,
 ) -> Vec<JoinHandle<()>> {
-    (0..config.outbox_publishers)
-        .map(|i| {
-            let config = config.clone();
-            let pool = pool.clone();
-            let wake = wake.clone();
-            let shutdown = shutdown.clone();
-            let metrics = metrics.clone();
-            std::thread::Builder::new()
-                .name(format!("outbox-{i}"))
-                .spawn(move || {
-                    broker::retry_forever(
-                        "outbox publisher",
-                        &shutdown,
-                        config.broker_reconnect_max,
-                        || metrics.session_errors.inc(),
-                        || Publisher::session(&config, &pool, &wake, &shutdown, &metrics),
-                    )
-                })
-                .expect("spawning an outbox publisher thread")
-        })
-        .collect()
+    let backoff_max = config.broker_reconnect_max;
+    supervise::spawn(
+        "publisher",
+        config.outbox_publishers,
+        shutdown,
+        backoff_max,
+        |_| {
+            let (config, pool, wake, metrics) =
+                (config.clone(), pool.clone(), wake.clone(), metrics.clone());
+            move |shutdown: &Shutdown| {
+                Publisher::session(&config, &pool, &wake, shutdown, &metrics)
+                    .inspect_err(|_| metrics.session_errors.inc())
+            }
+        },
+    )
 }
 
 /// Batches one publisher keeps in flight: while the broker confirms one, the next is
