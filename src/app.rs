@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::consumer::{self, ConsumerHttp, ConsumerMetrics};
 use crate::db;
 use crate::error::Result;
-use crate::http::{HttpServer, Limits};
+use crate::http::{HttpServer, Limits, Service};
 use crate::outbox::{self, OutboxMetrics};
 use crate::progress::Progress;
 use crate::query::QueryService;
@@ -62,6 +62,24 @@ impl Running {
     /// Takes the trigger, so that something else (a signal thread) can fire it.
     pub fn take_trigger(&mut self) -> Option<Trigger> {
         self.trigger.take()
+    }
+
+    /// Starts an HTTP server for `service` on `port` of the bind address; it is stopped
+    /// first, in `stop`.
+    fn serve<S: Service>(
+        &mut self,
+        config: &Config,
+        name: &'static str,
+        port: u16,
+        workers: usize,
+        service: S,
+    ) -> Result<SocketAddr> {
+        let addr = SocketAddr::new(config.http_bind_addr, port);
+        let limits = Limits::from_config(config, workers);
+        let server = HttpServer::start(name, addr, limits, Arc::new(service))?;
+        let addr = server.addr;
+        self.servers.push(server);
+        Ok(addr)
     }
 
     /// Stops accepting requests, finishes those in flight, stops the background threads and
@@ -123,7 +141,6 @@ const MIGRATE_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Starts the services of `role`. Ports come from `config` (0 picks a free port).
 pub fn start(config: &Config, role: Role) -> Result<Running> {
-    let ip = config.http_bind_addr;
     let (trigger, shutdown) = shutdown::channel();
     let mut running = Running {
         command_addr: None,
@@ -132,98 +149,101 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         servers: Vec::new(),
         threads: Vec::new(),
         trigger: Some(trigger),
-        shutdown: shutdown.clone(),
+        shutdown,
     };
     if role.runs_command() {
-        let pool = db::pool(
-            &config.write_db,
-            config.write_pool_size,
-            &config.db,
-            "command-service",
-            false,
-        );
-        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
-        let outbox_metrics = Arc::new(OutboxMetrics::new());
-        // The publishers get their own small pool so HTTP load can never starve them.
-        let publisher_pool = db::pool(
-            &config.write_db,
-            (config.outbox_publishers.max(1) * outbox::BATCHES_IN_FLIGHT) as u32,
-            &config.db,
-            "outbox-publisher",
-            false,
-        );
-        running.threads.extend(outbox::start(
-            config,
-            publisher_pool,
-            wake_rx,
-            &shutdown,
-            outbox_metrics.clone(),
-        ));
-        let service = Arc::new(CommandService::new(
-            pool,
-            Some(wake_tx),
-            Some(outbox_metrics),
-        ));
-        let server = HttpServer::start(
-            "command-service",
-            SocketAddr::new(ip, config.command_port),
-            Limits::from_config(config, config.command_http_workers),
-            service,
-        )?;
-        running.command_addr = Some(server.addr);
-        running.servers.push(server);
+        running.command_addr = Some(start_command(config, &mut running)?);
     }
     if role.runs_consumer() {
-        // One connection per consumer thread, one for the progress reporter, one for /health.
-        let pool = db::pool(
-            &config.read_db,
-            config.consumer_threads as u32 + 2,
-            &config.db,
-            "consumer-service",
-            false,
-        );
-        let metrics = Arc::new(ConsumerMetrics::new());
-        let progress = Progress::new(config.consumer_threads, config.consumer_stall);
-        running.threads.extend(consumer::start(
-            config,
-            pool.clone(),
-            &shutdown,
-            metrics.clone(),
-            progress.clone(),
-        ));
-        let server = HttpServer::start(
-            "consumer-service",
-            SocketAddr::new(ip, config.consumer_port),
-            Limits::from_config(config, 2),
-            Arc::new(ConsumerHttp::new(pool, metrics, progress, config)),
-        )?;
-        running.consumer_addr = Some(server.addr);
-        running.servers.push(server);
+        running.consumer_addr = Some(start_consumer(config, &mut running)?);
     }
     if role.runs_query() {
-        let read = db::pool(
-            &config.read_db,
-            config.read_pool_size,
-            &config.db,
-            "query-service",
-            true,
-        );
-        let write = db::pool(
-            &config.write_db,
-            2,
-            &config.db,
-            "query-service-outbox",
-            true,
-        );
-        let service = Arc::new(QueryService::new(read, Some(write), config.clone()));
-        let server = HttpServer::start(
-            "query-service",
-            SocketAddr::new(ip, config.query_port),
-            Limits::from_config(config, config.query_http_workers),
-            service,
-        )?;
-        running.query_addr = Some(server.addr);
-        running.servers.push(server);
+        running.query_addr = Some(start_query(config, &mut running)?);
     }
     Ok(running)
+}
+
+/// The write API and the outbox publishers it wakes after each commit.
+fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
+    let pool = db::pool(
+        &config.write_db,
+        config.write_pool_size,
+        &config.db,
+        "command-service",
+        false,
+    );
+    let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+    let outbox_metrics = Arc::new(OutboxMetrics::new());
+    // The publishers get their own small pool so HTTP load can never starve them.
+    let publisher_pool = db::pool(
+        &config.write_db,
+        (config.outbox_publishers.max(1) * outbox::BATCHES_IN_FLIGHT) as u32,
+        &config.db,
+        "outbox-publisher",
+        false,
+    );
+    running.threads.extend(outbox::start(
+        config,
+        publisher_pool,
+        wake_rx,
+        &running.shutdown,
+        outbox_metrics.clone(),
+    ));
+    let service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics));
+    running.serve(
+        config,
+        "command-service",
+        config.command_port,
+        config.command_http_workers,
+        service,
+    )
+}
+
+/// The consumer threads, and their HTTP face for /health and /metrics.
+fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> {
+    // One connection per consumer thread, one for the progress reporter, one for /health.
+    let pool = db::pool(
+        &config.read_db,
+        config.consumer_threads as u32 + 2,
+        &config.db,
+        "consumer-service",
+        false,
+    );
+    let metrics = Arc::new(ConsumerMetrics::new());
+    let progress = Progress::new(config.consumer_threads, config.consumer_stall);
+    running.threads.extend(consumer::start(
+        config,
+        pool.clone(),
+        &running.shutdown,
+        metrics.clone(),
+        progress.clone(),
+    ));
+    let service = ConsumerHttp::new(pool, metrics, progress, config);
+    running.serve(config, "consumer-service", config.consumer_port, 2, service)
+}
+
+/// The read API (its write pool only reads the outbox, for sync status).
+fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
+    let read = db::pool(
+        &config.read_db,
+        config.read_pool_size,
+        &config.db,
+        "query-service",
+        true,
+    );
+    let write = db::pool(
+        &config.write_db,
+        2,
+        &config.db,
+        "query-service-outbox",
+        true,
+    );
+    let service = QueryService::new(read, write, config.clone());
+    running.serve(
+        config,
+        "query-service",
+        config.query_port,
+        config.query_http_workers,
+        service,
+    )
 }

@@ -229,8 +229,8 @@ impl Consumer<'_> {
         let oldest = events.iter().map(Event::timestamp).min();
         let _held = self.progress.hold(self.thread, held, oldest);
         match self.apply_with_retry(&events)? {
-            Some(Ok(applied)) => {
-                self.record_applied(&events, applied);
+            Some(Ok(counts)) => {
+                self.record_applied(&events, counts);
                 let last = deliveries.pop().expect("non-empty");
                 last.ack_multiple(channel)?;
                 Ok(())
@@ -261,8 +261,8 @@ impl Consumer<'_> {
         let maybe_failed_before = d.redelivered;
         let single = std::slice::from_ref(&event);
         match self.apply_with_retry(single)? {
-            Some(Ok(applied)) => {
-                self.record_applied(single, applied);
+            Some(Ok(counts)) => {
+                self.record_applied(single, counts);
                 d.ack(channel)?;
                 if maybe_failed_before {
                     if let Err(e) = forget_failures(pool, &key) {
@@ -294,7 +294,10 @@ impl Consumer<'_> {
 
     /// Applies a batch, waiting out transient failures (database down, deadlock, timeout) with
     /// backoff. Returns None on shutdown, Some(Err) for a permanent failure.
-    fn apply_with_retry(&self, events: &[Event]) -> Result<Option<Result<projection::Applied>>> {
+    fn apply_with_retry(
+        &self,
+        events: &[Event],
+    ) -> Result<Option<Result<projection::BatchCounts>>> {
         let mut backoff = Backoff::new(DB_RETRY_INITIAL, self.config.db.retry_max);
         loop {
             let result = self
@@ -318,11 +321,11 @@ impl Consumer<'_> {
         }
     }
 
-    fn record_applied(&self, events: &[Event], applied: projection::Applied) {
+    fn record_applied(&self, events: &[Event], counts: projection::BatchCounts) {
         let metrics = self.metrics;
         self.progress.applied(self.thread);
-        metrics.applied.add(applied.applied as u64);
-        metrics.duplicates.add(applied.duplicates as u64);
+        metrics.applied.add(counts.applied as u64);
+        metrics.duplicates.add(counts.duplicates as u64);
         let now = crate::event::now_millis();
         for e in events {
             let lag = (now - e.timestamp()).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;

@@ -87,13 +87,6 @@ impl Event {
         }
     }
 
-    pub fn topic(&self) -> &'static str {
-        match self {
-            Event::ProductCreated(_) => PRODUCT_TOPIC,
-            Event::OrderCreated(_) => ORDER_TOPIC,
-        }
-    }
-
     /// The payload as JSON text.
     pub fn to_json(&self) -> String {
         match self {
@@ -142,76 +135,74 @@ impl Event {
         let event_id = uuid(&mut o, "eventId")?;
         let event_type = json::string(o.required("eventType", "")?, "eventType", 64)?;
         let timestamp = timestamp(&mut o)?;
-        let event = match event_type.as_str() {
-            PRODUCT_CREATED => Event::ProductCreated(ProductCreated {
+        // Extra fields are tolerated: a newer writer may add some.
+        match event_type.as_str() {
+            PRODUCT_CREATED => Ok(Event::ProductCreated(ProductCreated {
                 event_id,
                 timestamp,
-                product_id: json::integer(o.required("productId", "")?, "productId", 1, i64::MAX)?,
-                name: json::string(o.required("name", "")?, "name", 200)?,
-                category: json::string(o.required("category", "")?, "category", 200)?,
-                price_cents: json::money(o.required("price", "")?, "price", i64::MAX)?,
+                product_id: id(&mut o, "productId", "")?,
+                name: text_field(&mut o, "name", "")?,
+                category: text_field(&mut o, "category", "")?,
+                price_cents: money(&mut o, "price", "")?,
                 stock: json::integer(o.required("stock", "")?, "stock", 0, i64::MAX)?,
-            }),
-            ORDER_CREATED => {
-                let raw_items = o.required("items", "")?;
-                let list: Vec<&serde_json::value::RawValue> = serde_json::from_str(raw_items.get())
-                    .map_err(|_| Error::bad_request("`items` must be an array"))?;
-                if list.is_empty() {
-                    return Err(Error::bad_request("`items` must not be empty"));
-                }
-                let mut items = Vec::with_capacity(list.len());
-                for raw in list {
-                    let mut it = Object::parse_str(raw.get(), "item")?;
-                    items.push(OrderItem {
-                        product_id: json::integer(
-                            it.required("productId", "items[].")?,
-                            "productId",
-                            1,
-                            i64::MAX,
-                        )?,
-                        product_name: json::string(
-                            it.required("productName", "items[].")?,
-                            "productName",
-                            200,
-                        )?,
-                        category: json::string(
-                            it.required("category", "items[].")?,
-                            "category",
-                            200,
-                        )?,
-                        quantity: json::integer(
-                            it.required("quantity", "items[].")?,
-                            "quantity",
-                            1,
-                            i64::from(i32::MAX),
-                        )?,
-                        price_cents: json::money(
-                            it.required("price", "items[].")?,
-                            "price",
-                            i64::MAX,
-                        )?,
-                    });
-                }
-                Event::OrderCreated(OrderCreated {
-                    event_id,
-                    timestamp,
-                    order_id: json::integer(o.required("orderId", "")?, "orderId", 1, i64::MAX)?,
-                    customer_id: json::integer(
-                        o.required("customerId", "")?,
-                        "customerId",
-                        1,
-                        i64::MAX,
-                    )?,
-                    total_cents: json::money(o.required("total", "")?, "total", i64::MAX)?,
-                    items,
-                })
-            }
-            other => return Err(Error::bad_request(format!("unknown eventType {other:?}"))),
-        };
-        // Extra fields are tolerated: a newer writer may add some.
-        Ok(event)
+            })),
+            ORDER_CREATED => Ok(Event::OrderCreated(OrderCreated {
+                event_id,
+                timestamp,
+                items: order_items(&mut o)?,
+                order_id: id(&mut o, "orderId", "")?,
+                customer_id: id(&mut o, "customerId", "")?,
+                total_cents: money(&mut o, "total", "")?,
+            })),
+            other => Err(Error::bad_request(format!("unknown eventType {other:?}"))),
+        }
     }
 }
+
+/// The `items` of an `OrderCreated`: a non-empty array of line objects.
+fn order_items(o: &mut Object) -> Result<Vec<OrderItem>> {
+    let raw_items = o.required("items", "")?;
+    let list: Vec<&serde_json::value::RawValue> = serde_json::from_str(raw_items.get())
+        .map_err(|_| Error::bad_request("`items` must be an array"))?;
+    if list.is_empty() {
+        return Err(Error::bad_request("`items` must not be empty"));
+    }
+    let mut items = Vec::with_capacity(list.len());
+    for raw in list {
+        let mut it = Object::parse_str(raw.get(), "item")?;
+        let path = "items[].";
+        items.push(OrderItem {
+            product_id: id(&mut it, "productId", path)?,
+            product_name: text_field(&mut it, "productName", path)?,
+            category: text_field(&mut it, "category", path)?,
+            quantity: json::integer(
+                it.required("quantity", path)?,
+                "quantity",
+                1,
+                i64::from(i32::MAX),
+            )?,
+            price_cents: money(&mut it, "price", path)?,
+        });
+    }
+    Ok(items)
+}
+
+/// A positive id.
+fn id(o: &mut Object, field: &str, path: &str) -> Result<i64> {
+    json::integer(o.required(field, path)?, field, 1, i64::MAX)
+}
+
+/// A name or category, as long as the write API allows and more.
+fn text_field(o: &mut Object, field: &str, path: &str) -> Result<String> {
+    json::string(o.required(field, path)?, field, TEXT_CHARS_MAX)
+}
+
+fn money(o: &mut Object, field: &str, path: &str) -> Result<i64> {
+    json::money(o.required(field, path)?, field, i64::MAX)
+}
+
+/// The longest name or category an event may carry.
+const TEXT_CHARS_MAX: usize = 200;
 
 fn uuid(o: &mut Object, field: &str) -> Result<Uuid> {
     let s = json::string(o.required(field, "")?, field, 64)?;

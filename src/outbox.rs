@@ -25,21 +25,24 @@ use crate::metrics::{Counter, Histogram, BATCH_BOUNDS};
 use crate::shutdown::Shutdown;
 use crate::supervise;
 
-#[derive(Default)]
 pub struct OutboxMetrics {
     pub published: Counter,
     pub acked: Counter,
     pub nacked: Counter,
     pub returned: Counter,
     pub session_errors: Counter,
-    pub batch_rows: Option<Histogram>,
+    pub batch_rows: Histogram,
 }
 
 impl OutboxMetrics {
     pub fn new() -> OutboxMetrics {
         OutboxMetrics {
-            batch_rows: Some(Histogram::new(BATCH_BOUNDS)),
-            ..Default::default()
+            published: Counter::default(),
+            acked: Counter::default(),
+            nacked: Counter::default(),
+            returned: Counter::default(),
+            session_errors: Counter::default(),
+            batch_rows: Histogram::new(BATCH_BOUNDS),
         }
     }
 
@@ -52,9 +55,13 @@ impl OutboxMetrics {
         self.returned.render(out, "outbox_returned_total", "");
         self.session_errors
             .render(out, "outbox_session_errors_total", "");
-        if let Some(h) = &self.batch_rows {
-            h.render(out, "outbox_batch_rows");
-        }
+        self.batch_rows.render(out, "outbox_batch_rows");
+    }
+}
+
+impl Default for OutboxMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -114,13 +121,6 @@ struct InFlight {
     first_tag: u64,
 }
 
-/// What one drain did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DrainOutcome {
-    pub claimed: usize,
-    pub published: usize,
-}
-
 impl<'a> Publisher<'a> {
     fn session(
         config: &Config,
@@ -175,15 +175,9 @@ impl<'a> Publisher<'a> {
     /// the broker refused: those wait for the next poll instead of being retried hot).
     /// A commit that wakes us while we wait for confirms is claimed at once if the window
     /// has room: a new order never waits for an earlier one's confirm.
-    pub fn drain(
-        &mut self,
-        pool: &Pool,
-        wake: &Receiver<()>,
-        shutdown: &Shutdown,
-    ) -> Result<DrainOutcome> {
+    pub fn drain(&mut self, pool: &Pool, wake: &Receiver<()>, shutdown: &Shutdown) -> Result<()> {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
         let mut exhausted = false;
-        let mut total = DrainOutcome::default();
         loop {
             while !exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !shutdown.is_triggered() {
                 match self.claim_and_publish(pool)? {
@@ -196,7 +190,7 @@ impl<'a> Publisher<'a> {
             }
             let Some(oldest) = in_flight.front() else {
                 self.returned.clear();
-                return Ok(total);
+                return Ok(());
             };
             let room = in_flight.len() < BATCHES_IN_FLIGHT;
             let woken = room.then_some(wake);
@@ -207,8 +201,6 @@ impl<'a> Publisher<'a> {
             let batch = in_flight.pop_front().expect("the oldest batch");
             let claimed = batch.ids.len();
             let published = self.complete(batch)?;
-            total.claimed += claimed;
-            total.published += published;
             if published < claimed {
                 exhausted = true;
             }
@@ -292,9 +284,7 @@ impl<'a> Publisher<'a> {
         batch.tx.conn().client.execute(&mark, &[&published_ids])?;
         batch.tx.commit()?;
         self.metrics.published.add(published_ids.len() as u64);
-        if let Some(h) = &self.metrics.batch_rows {
-            h.observe(n as f64);
-        }
+        self.metrics.batch_rows.observe(n as f64);
         debug!("outbox: published {} of {n} rows", published_ids.len());
         Ok(published_ids.len())
     }

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use postgres::{Statement, Transaction};
 use uuid::Uuid;
 
 use crate::db::Conn;
@@ -120,16 +121,16 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<Delta> {
     Ok(d)
 }
 
-/// What a batch did.
+/// What a batch did: events applied now, and events dropped as already processed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
+pub struct BatchCounts {
     pub applied: usize,
     pub duplicates: usize,
 }
 
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
 /// processed, upserts the folded deltas, advances sync_status, commits.
-pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<Applied> {
+pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     // Sorted and distinct: duplicates inside one batch count once, and concurrent batches
     // insert overlapping ids in the same order (no deadlock on the primary key).
     let mut unique: BTreeMap<Uuid, &Event> = BTreeMap::new();
@@ -140,16 +141,10 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<Applied> {
     let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
     let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
 
-    let s_processed = conn.prepared(INSERT_PROCESSED)?;
-    let s_products = conn.prepared(UPSERT_PRODUCTS)?;
-    let s_categories = conn.prepared(UPSERT_CATEGORIES)?;
-    let s_customers = conn.prepared(UPSERT_CUSTOMERS)?;
-    let s_hours = conn.prepared(UPSERT_HOURS)?;
-    let s_sync = conn.prepared(UPDATE_SYNC)?;
-
+    let statements = Statements::prepare(conn)?;
     let mut tx = conn.client.transaction()?;
     let fresh: HashSet<Uuid> = tx
-        .query(&s_processed, &[&ids, &types, &stamps])?
+        .query(&statements.processed, &[&ids, &types, &stamps])?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -159,19 +154,50 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<Applied> {
             .copied()
             .filter(|e| fresh.contains(&e.event_id())),
     )?;
+    upsert(&mut tx, &statements, &delta)?;
+    tx.commit()?;
+    let applied = fresh.len();
+    Ok(BatchCounts {
+        applied,
+        duplicates: events.len() - applied,
+    })
+}
+
+/// The statements of `apply_batch`, prepared once per pooled connection.
+struct Statements {
+    processed: Statement,
+    products: Statement,
+    categories: Statement,
+    customers: Statement,
+    hours: Statement,
+    sync: Statement,
+}
+
+impl Statements {
+    fn prepare(conn: &mut Conn) -> Result<Statements> {
+        Ok(Statements {
+            processed: conn.prepared(INSERT_PROCESSED)?,
+            products: conn.prepared(UPSERT_PRODUCTS)?,
+            categories: conn.prepared(UPSERT_CATEGORIES)?,
+            customers: conn.prepared(UPSERT_CUSTOMERS)?,
+            hours: conn.prepared(UPSERT_HOURS)?,
+            sync: conn.prepared(UPDATE_SYNC)?,
+        })
+    }
+}
+
+/// Writes `delta`: one upsert per view that has keys, then the sync status.
+fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta) -> Result<()> {
     if !delta.products.is_empty() {
-        let keys: Vec<i64> = delta.products.keys().copied().collect();
-        let names: Vec<Option<&str>> = delta.products.values().map(|p| p.name.as_deref()).collect();
-        let categories: Vec<Option<&str>> = delta
-            .products
-            .values()
-            .map(|p| p.category.as_deref())
-            .collect();
-        let qty: Vec<i64> = delta.products.values().map(|p| p.quantity).collect();
-        let rev: Vec<i64> = delta.products.values().map(|p| p.revenue_cents).collect();
-        let orders: Vec<i64> = delta.products.values().map(|p| p.orders).collect();
+        let p = &delta.products;
+        let keys: Vec<i64> = p.keys().copied().collect();
+        let names: Vec<Option<&str>> = p.values().map(|p| p.name.as_deref()).collect();
+        let categories: Vec<Option<&str>> = p.values().map(|p| p.category.as_deref()).collect();
+        let qty: Vec<i64> = p.values().map(|p| p.quantity).collect();
+        let rev: Vec<i64> = p.values().map(|p| p.revenue_cents).collect();
+        let orders: Vec<i64> = p.values().map(|p| p.orders).collect();
         tx.execute(
-            &s_products,
+            &s.products,
             &[&keys, &names, &categories, &qty, &rev, &orders],
         )?;
     }
@@ -179,30 +205,25 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<Applied> {
         let keys: Vec<&str> = delta.categories.keys().map(String::as_str).collect();
         let rev: Vec<i64> = delta.categories.values().map(|c| c.revenue_cents).collect();
         let orders: Vec<i64> = delta.categories.values().map(|c| c.orders).collect();
-        tx.execute(&s_categories, &[&keys, &rev, &orders])?;
+        tx.execute(&s.categories, &[&keys, &rev, &orders])?;
     }
     if !delta.customers.is_empty() {
         let keys: Vec<i64> = delta.customers.keys().copied().collect();
         let spent: Vec<i64> = delta.customers.values().map(|c| c.spent_cents).collect();
         let orders: Vec<i64> = delta.customers.values().map(|c| c.orders).collect();
         let last: Vec<DateTime<Utc>> = delta.customers.values().map(|c| c.last_order).collect();
-        tx.execute(&s_customers, &[&keys, &spent, &orders, &last])?;
+        tx.execute(&s.customers, &[&keys, &spent, &orders, &last])?;
     }
     if !delta.hours.is_empty() {
         let keys: Vec<DateTime<Utc>> = delta.hours.keys().copied().collect();
         let orders: Vec<i64> = delta.hours.values().map(|h| h.orders).collect();
         let rev: Vec<i64> = delta.hours.values().map(|h| h.revenue_cents).collect();
-        tx.execute(&s_hours, &[&keys, &orders, &rev])?;
+        tx.execute(&s.hours, &[&keys, &orders, &rev])?;
     }
     if let Some(newest) = delta.newest_event {
-        tx.execute(&s_sync, &[&newest, &delta.events])?;
+        tx.execute(&s.sync, &[&newest, &delta.events])?;
     }
-    tx.commit()?;
-    let applied = fresh.len();
-    Ok(Applied {
-        applied,
-        duplicates: events.len() - applied,
-    })
+    Ok(())
 }
 
 const INSERT_PROCESSED: &str = "

@@ -18,13 +18,13 @@ const HOURS_MAX: i64 = 10_000;
 pub struct QueryService {
     read: Pool,
     /// The write DB, read-only, to see events still waiting in the outbox.
-    write: Option<Pool>,
+    write: Pool,
     config: Config,
     broker: crate::broker::QueueProbe,
 }
 
 impl QueryService {
-    pub fn new(read: Pool, write: Option<Pool>, config: Config) -> QueryService {
+    pub fn new(read: Pool, write: Pool, config: Config) -> QueryService {
         QueryService {
             read,
             write,
@@ -204,11 +204,7 @@ impl QueryService {
     /// the oldest unpublished row, or, when `queued` messages wait in the broker, the
     /// `queued`-th newest published row (queues are FIFO, so that is the oldest one waiting).
     fn outbox_backlog(&self, queued: Option<i64>) -> Result<Backlog> {
-        let pool = self
-            .write
-            .as_ref()
-            .ok_or_else(|| Error::unavailable("no write database configured"))?;
-        let mut conn = pool.get()?;
+        let mut conn = self.write.get()?;
         let row = conn.client.query_one(OUTBOX_BACKLOG, &[])?;
         let pending: i64 = row.get(0);
         let oldest: Option<DateTime<Utc>> = row.get(1);
@@ -321,9 +317,7 @@ impl Service for QueryService {
 
     fn metrics(&self, out: &mut String) {
         crate::metrics::render_pool(out, "read", &self.read);
-        if let Some(w) = &self.write {
-            crate::metrics::render_pool(out, "write_readonly", w);
-        }
+        crate::metrics::render_pool(out, "write_readonly", &self.write);
     }
 }
 

@@ -549,9 +549,9 @@ fn consumer_dying_after_commit_before_ack_changes_nothing_on_redelivery() {
     }
     let pool =
         cqrs_analytics::db::pool(&env.config().read_db, 1, &env.config().db, "doomed", false);
-    let applied =
+    let counts =
         cqrs_analytics::projection::apply_batch(&mut pool.get().unwrap(), &events).unwrap();
-    assert_eq!(applied.applied, TAKEN, "the doomed consumer's commit");
+    assert_eq!(counts.applied, TAKEN, "the doomed consumer's commit");
     drop(deliveries);
     drop(ch);
     drop(conn.close());
@@ -858,4 +858,31 @@ fn unroutable_publishes_stay_in_the_outbox_until_routable() {
         recovery,
         &format!("held_in_outbox={held} returned={returned} unbound_ms={unbound_ms}"),
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. What a database error says in a log line.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn database_errors_show_their_sqlstate_and_the_servers_message() {
+    // postgres::Error's own Display says only "db error"; a log line must say what happened.
+    let env = TestEnv::new();
+    let mut holder = env.write();
+    let mut waiter = env.write();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    waiter.batch_execute("SET lock_timeout = '50ms'").unwrap();
+    let e = cqrs_analytics::Error::from(waiter.query("SELECT 1 FROM products", &[]).unwrap_err());
+    let shown = e.to_string();
+    assert!(
+        shown.contains("55P03 canceling statement due to lock timeout"),
+        "{shown}"
+    );
+    assert!(
+        e.is_transient(),
+        "a lock timeout is worth retrying: {shown}"
+    );
+    tx.rollback().unwrap();
 }
