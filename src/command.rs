@@ -14,7 +14,7 @@ use tiny_http::Method;
 use uuid::Uuid;
 
 use crate::db::{self, Pool};
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Result};
 use crate::event::{self, Event, ProductCreated};
 use crate::http::{self, Request, Response, Service};
 use crate::json::{self, ItemField, Object};
@@ -376,8 +376,7 @@ fn replay(conn: &mut db::Conn, key: &str, request: &str) -> Result<Option<Respon
 /// The response recorded with a key, or 422 if the key guarded another request.
 fn recorded_response(stored: &str, request: &str, status: i16, body: String) -> Result<Response> {
     if stored != request {
-        return Err(Error::new(
-            Kind::Unprocessable,
+        return Err(Error::unprocessable(
             "this Idempotency-Key was already used with a different request",
         ));
     }

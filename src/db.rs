@@ -13,7 +13,7 @@ use log::info;
 use postgres::{Client, NoTls, Statement};
 
 use crate::config::DbTimeouts;
-use crate::error::{Error, Result};
+use crate::error::{classify_postgres, Error, PostgresFailure, Result};
 
 /// A pooled connection: the client and the statements prepared on it so far.
 pub struct Conn {
@@ -162,9 +162,7 @@ impl Drop for Tx {
 /// True when `e` means the connection itself is gone (closed socket, or the server ended
 /// the session), as opposed to an error in a statement.
 fn connection_lost(e: &postgres::Error) -> bool {
-    e.is_closed()
-        || e.as_db_error().is_none()
-        || e.code().is_some_and(|c| c.code().starts_with("57P"))
+    classify_postgres(e) == PostgresFailure::ConnectionLost
 }
 
 /// Builds a pool without connecting: connections are made on demand, so a service starts

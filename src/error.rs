@@ -1,7 +1,9 @@
 //! One error type for the whole crate, modelled on tokio-postgres' `Error`: a boxed inner
 //! value with a private kind, an optional cause and extra JSON fields for the response.
-//! Every error a client can see is mapped to an HTTP status in exactly one place,
-//! [`Error::status`], so a new failure mode cannot accidentally become a 500.
+//! Errors are built through constructors named after what happened. Every error a client
+//! can see is mapped to an HTTP status in exactly one place, [`Error::status`], so a new
+//! failure mode cannot accidentally become a 500; PostgreSQL errors are classified in
+//! exactly one place too, [`classify_postgres`].
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -9,16 +11,15 @@ use std::fmt;
 use serde_json::Value;
 
 /// What went wrong, coarsely enough to choose an HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
     /// The client sent something invalid (400).
     BadRequest,
     /// The route or the resource does not exist (404).
     NotFound,
-    /// The route exists with another method (405).
-    MethodNotAllowed,
-    /// The request conflicts with the current state: a client price that is not the
-    /// catalogue's (409). (Insufficient stock is a 400, as in the original system.)
+    /// The route exists with these other methods (405, with an `Allow` header).
+    MethodNotAllowed { allow: String },
+    /// The request conflicts with the current state: stock, price (409).
     Conflict,
     /// The body is larger than the limit (413).
     PayloadTooLarge,
@@ -48,7 +49,7 @@ pub struct Error(Box<Inner>);
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn new(kind: Kind, message: impl Into<String>) -> Error {
+    fn new(kind: Kind, message: impl Into<String>) -> Error {
         Error(Box::new(Inner {
             kind,
             message: message.into(),
@@ -65,8 +66,30 @@ impl Error {
         Error::new(Kind::NotFound, message)
     }
 
+    /// The route exists, with the methods `allow` (the `Allow` header's value).
+    pub fn method_not_allowed(allow: &str) -> Error {
+        Error::new(
+            Kind::MethodNotAllowed {
+                allow: allow.to_string(),
+            },
+            format!("method not allowed; use {allow}"),
+        )
+    }
+
     pub fn conflict(message: impl Into<String>) -> Error {
         Error::new(Kind::Conflict, message)
+    }
+
+    pub fn payload_too_large(message: impl Into<String>) -> Error {
+        Error::new(Kind::PayloadTooLarge, message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Error {
+        Error::new(Kind::UnsupportedMediaType, message)
+    }
+
+    pub fn unprocessable(message: impl Into<String>) -> Error {
+        Error::new(Kind::Unprocessable, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Error {
@@ -92,21 +115,26 @@ impl Error {
         self
     }
 
-    /// The extra field `name` of the JSON body, if set.
-    pub fn field(&self, name: &str) -> Option<&Value> {
-        self.0
-            .fields
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.0.kind
-    }
-
     pub fn message(&self) -> &str {
         &self.0.message
+    }
+
+    /// The methods the route allows, for the `Allow` header of a 405.
+    pub fn allow(&self) -> Option<&str> {
+        match &self.0.kind {
+            Kind::MethodNotAllowed { allow } => Some(allow),
+            _ => None,
+        }
+    }
+
+    /// True for a malformed configuration: the binary exits with code 2.
+    pub fn is_config(&self) -> bool {
+        self.0.kind == Kind::Config
+    }
+
+    /// True when retrying the same work later may succeed (connection loss, deadlock, timeout).
+    pub fn is_transient(&self) -> bool {
+        self.0.kind == Kind::Unavailable
     }
 
     /// The HTTP status for this error: the one place where kinds become statuses.
@@ -114,7 +142,7 @@ impl Error {
         match self.0.kind {
             Kind::BadRequest => 400,
             Kind::NotFound => 404,
-            Kind::MethodNotAllowed => 405,
+            Kind::MethodNotAllowed { .. } => 405,
             Kind::Conflict => 409,
             Kind::PayloadTooLarge => 413,
             Kind::UnsupportedMediaType => 415,
@@ -132,15 +160,13 @@ impl Error {
             _ => self.0.message.clone(),
         };
         body.insert("error".into(), Value::String(message));
+        if let Some(allow) = self.allow() {
+            body.insert("allowed".into(), Value::String(allow.to_string()));
+        }
         for (name, value) in &self.0.fields {
             body.insert((*name).into(), value.clone());
         }
         Value::Object(body).to_string()
-    }
-
-    /// True when retrying the same work later may succeed (connection loss, deadlock, timeout).
-    pub fn is_transient(&self) -> bool {
-        self.0.kind == Kind::Unavailable
     }
 }
 
@@ -165,13 +191,25 @@ impl fmt::Debug for Error {
     }
 }
 
+/// The message, then the cause. A PostgreSQL error shows its SQLSTATE and the server's
+/// message (`55P03 canceling statement due to lock timeout`), which `postgres::Error`'s
+/// own `Display` hides behind "db error"; its other errors show their source too.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0.message)?;
-        if let Some(cause) = &self.0.cause {
-            write!(f, ": {cause}")?;
+        let Some(cause) = &self.0.cause else {
+            return Ok(());
+        };
+        match cause.downcast_ref::<postgres::Error>() {
+            Some(pg) => match pg.as_db_error() {
+                Some(db) => write!(f, ": {} {}", db.code().code(), db.message()),
+                None => match pg.source() {
+                    Some(source) => write!(f, ": {pg}: {source}"),
+                    None => write!(f, ": {pg}"),
+                },
+            },
+            None => write!(f, ": {cause}"),
         }
-        Ok(())
     }
 }
 
@@ -184,27 +222,51 @@ impl StdError for Error {
     }
 }
 
+/// What a PostgreSQL error means to whoever would retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostgresFailure {
+    /// The connection itself is gone (closed socket, or the server ended the session):
+    /// nothing sent on it after the last commit can have committed.
+    ConnectionLost,
+    /// The server refused for now (overload, deadlock, serialization, lock or idle
+    /// timeout): the same work may succeed later.
+    Transient,
+    /// The statement itself failed: retrying it changes nothing.
+    Permanent,
+}
+
+/// Classifies a PostgreSQL error: the one place SQLSTATEs are interpreted.
+pub fn classify_postgres(e: &postgres::Error) -> PostgresFailure {
+    use postgres::error::SqlState;
+    let Some(code) = e.code().filter(|_| !e.is_closed()) else {
+        return PostgresFailure::ConnectionLost;
+    };
+    let class = code.code();
+    if class.starts_with("57P") {
+        PostgresFailure::ConnectionLost
+    } else if class.starts_with("08")
+        || class.starts_with("57")
+        || class.starts_with("53")
+        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::T_R_DEADLOCK_DETECTED
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+        || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+    {
+        PostgresFailure::Transient
+    } else {
+        PostgresFailure::Permanent
+    }
+}
+
 impl From<postgres::Error> for Error {
     fn from(e: postgres::Error) -> Error {
-        use postgres::error::SqlState;
-        let transient = e.is_closed()
-            || e.as_db_error().is_none()
-            || e.code().is_some_and(|c| {
-                let code = c.code();
-                code.starts_with("08")
-                    || code.starts_with("57")
-                    || code.starts_with("53")
-                    || *c == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *c == SqlState::T_R_DEADLOCK_DETECTED
-                    || *c == SqlState::LOCK_NOT_AVAILABLE
-                    || *c == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
-            });
-        let kind = if transient {
-            Kind::Unavailable
-        } else {
-            Kind::Internal
+        let error = match classify_postgres(&e) {
+            PostgresFailure::ConnectionLost | PostgresFailure::Transient => {
+                Error::unavailable("database error")
+            }
+            PostgresFailure::Permanent => Error::internal("database error"),
         };
-        Error::new(kind, "database error").with_cause(e)
+        error.with_cause(e)
     }
 }
 

@@ -17,10 +17,12 @@ use log::{error, info};
 use tiny_http::{Header, Method, Server};
 
 pub use crate::config::percent_decode;
-use crate::error::{panic_message, Error, Kind, Result};
+use crate::error::{panic_message, Error, Result};
 
-/// The largest request body accepted; larger ones get 413.
-pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// The largest request body accepted; larger ones get 413. The vendored tiny_http reads
+/// bodies up to this size in the connection's thread, and drains at most this much of a
+/// body nobody read: one constant for both sides.
+pub const BODY_LIMIT_BYTES: usize = tiny_http::BODY_BUFFER_LIMIT;
 
 /// The OpenAPI document of both HTTP APIs, served at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
@@ -48,8 +50,7 @@ impl Request {
         if is_json {
             Ok(())
         } else {
-            Err(Error::new(
-                Kind::UnsupportedMediaType,
+            Err(Error::unsupported_media_type(
                 "Content-Type must be application/json",
             ))
         }
@@ -113,16 +114,7 @@ pub fn not_found() -> (&'static str, Result<Response>) {
 
 /// Builds the 405 for a known path with another method.
 pub fn method_not_allowed(route: &'static str, allowed: &str) -> (&'static str, Result<Response>) {
-    (route, Err(method_error(allowed)))
-}
-
-/// A 405 whose `allowed` field becomes the response's `Allow` header.
-fn method_error(allowed: &str) -> Error {
-    Error::new(
-        Kind::MethodNotAllowed,
-        format!("method not allowed; use {allowed}"),
-    )
-    .with_field("allowed", allowed)
+    (route, Err(Error::method_not_allowed(allowed)))
 }
 
 /// Request counts and latency sums by route and status.
@@ -335,10 +327,7 @@ fn serve_one<S: Service>(
             if e.status() >= 500 {
                 error!("{name} {} {}: {e}", rq.method(), rq.url());
             }
-            allow = e
-                .field("allowed")
-                .and_then(|v| v.as_str())
-                .map(str::to_string);
+            allow = e.allow().map(str::to_string);
             Response::json(e.status(), e.to_json())
         }
     };
@@ -423,7 +412,7 @@ fn only_get(req: &Request) -> Result<()> {
     if req.method == Method::Get || req.method == Method::Head {
         Ok(())
     } else {
-        Err(method_error("GET, HEAD"))
+        Err(Error::method_not_allowed("GET, HEAD"))
     }
 }
 
@@ -477,10 +466,7 @@ fn read_request(rq: &mut tiny_http::Request) -> Result<Request> {
 }
 
 fn too_large() -> Error {
-    Error::new(
-        Kind::PayloadTooLarge,
-        format!("request body exceeds {BODY_LIMIT_BYTES} bytes"),
-    )
+    Error::payload_too_large(format!("request body exceeds {BODY_LIMIT_BYTES} bytes"))
 }
 
 /// Sends `GET path` and returns the status code: the health-check client, std only.

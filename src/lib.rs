@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod broker;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod consumer;

@@ -66,10 +66,9 @@ where
     fn drop(&mut self) {
         // PATCHED: upstream allocated `vec![0; remaining]`, sized by the client's declared
         // Content-Length (a claim of 10^14 bytes aborted the process). Drain through a fixed
-        // buffer, and at most DRAIN_LIMIT bytes: past that, the connection is not worth
-        // keeping and the next read fails or is closed.
-        const DRAIN_LIMIT: usize = 64 * 1024;
-        let mut remaining_to_read = self.size.min(DRAIN_LIMIT);
+        // buffer, and at most BODY_BUFFER_LIMIT bytes: past that, the connection is not
+        // worth keeping and the next read fails or is closed.
+        let mut remaining_to_read = self.size.min(crate::BODY_BUFFER_LIMIT);
         let mut buf = [0u8; 8192];
 
         while remaining_to_read > 0 {

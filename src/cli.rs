@@ -1,0 +1,131 @@
+//! The command line: `cqrs-analytics <subcommand>`. `Command::parse` reads the arguments,
+//! `run` does what they say. `main` maps the outcome to an exit code: 0 clean stop,
+//! 1 runtime failure, 2 bad usage or configuration ([`Error::is_config`]).
+
+use std::time::Duration;
+
+use crate::app::{self, Role};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::shutdown::SignalThread;
+
+pub const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT|dead-letters list|dead-letters replay --all|dead-letters replay EVENT_ID...|rebuild-read-model>";
+
+/// How long a starting service waits for its databases to accept migrations.
+const MIGRATE_WAIT: Duration = Duration::from_secs(60);
+
+/// A subcommand and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Runs services until SIGINT or SIGTERM.
+    Serve(Role),
+    /// Applies both schemas and exits.
+    Migrate,
+    /// Exits 0 when `http://127.0.0.1:PORT/health` answers 200.
+    Healthcheck(u16),
+    /// `dead-letters list | replay --all | replay EVENT_ID...` (its own arguments).
+    DeadLetters(Vec<String>),
+}
+
+impl Command {
+    /// The command `args` (without the program name) ask for; None is bad usage.
+    pub fn parse(args: &[String]) -> Option<Command> {
+        let arg = |i: usize| args.get(i).map(String::as_str);
+        match arg(0)? {
+            "command-service" => Some(Command::Serve(Role::Command)),
+            "consumer-service" => Some(Command::Serve(Role::Consumer)),
+            "query-service" => Some(Command::Serve(Role::Query)),
+            "all" => Some(Command::Serve(Role::All)),
+            "migrate" => Some(Command::Migrate),
+            "healthcheck" => arg(1)?.parse().ok().map(Command::Healthcheck),
+            "dead-letters" => Some(Command::DeadLetters(args[1..].to_vec())),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `command` to its end: Ok(true) when it did what it was asked, Ok(false) when it
+/// said on stdout why it could not (exit code 1).
+pub fn run(command: Command) -> Result<bool> {
+    match command {
+        Command::Serve(role) => serve(&Config::from_env()?, role).map(|()| true),
+        Command::Migrate => migrate(&Config::from_env()?).map(|()| true),
+        Command::Healthcheck(port) => healthcheck(port).map(|()| true),
+        Command::DeadLetters(args) => {
+            crate::dead_letters::run(&Config::from_env()?, &args, &mut std::io::stdout())
+        }
+    }
+}
+
+fn serve(config: &Config, role: Role) -> Result<()> {
+    if config.migrate_on_start {
+        for report in app::migrate(config, role, MIGRATE_WAIT)? {
+            log::info!("migrate: {report}");
+        }
+    }
+    let mut running = app::start(config, role)?;
+    let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
+    running.shutdown().wait();
+    running.stop();
+    signals.join();
+    Ok(())
+}
+
+fn migrate(config: &Config) -> Result<()> {
+    // One line per database on stdout: what a deployment log should show.
+    for report in app::migrate(config, Role::All, MIGRATE_WAIT)? {
+        println!("migrate: {report}");
+    }
+    Ok(())
+}
+
+/// The container health check, since the runtime image has no curl.
+fn healthcheck(port: u16) -> Result<()> {
+    let timeout = Duration::from_secs(3);
+    match crate::http::get_status(("127.0.0.1", port), "/health", timeout) {
+        Ok(200) => Ok(()),
+        Ok(status) => Err(Error::unavailable(format!("health returned {status}"))),
+        Err(e) => Err(Error::unavailable("health check failed").with_cause(e)),
+    }
+}
+
+/// Logs to stderr with RFC 3339 timestamps from chrono, which we have anyway: env_logger's
+/// own need its `humantime` feature, which pulls in the jiff crate.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            use std::io::Write;
+            let now = crate::event::format_timestamp(&crate::event::now_millis());
+            writeln!(
+                buf,
+                "{now} {:<5} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_into_commands() {
+        let parse =
+            |args: &[&str]| Command::parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(parse(&["all"]), Some(Command::Serve(Role::All)));
+        assert_eq!(
+            parse(&["healthcheck", "8080"]),
+            Some(Command::Healthcheck(8080))
+        );
+        assert_eq!(parse(&["healthcheck"]), None);
+        assert_eq!(
+            parse(&["dead-letters", "list"]),
+            Some(Command::DeadLetters(vec!["list".into()]))
+        );
+        assert_eq!(parse(&["bogus"]), None);
+        assert_eq!(parse(&[]), None);
+    }
+}
