@@ -20,12 +20,12 @@ use crate::http::{self, Request, Response, Service};
 use crate::json::{self, ItemField, Object};
 use crate::metrics::Counter;
 
-const NAME_MAX_CHARS: usize = 200;
-const PRICE_MAX_CENTS: i64 = 100_000_000_000; // prices are below 1,000,000,000.00
+const NAME_CHARS_MAX: usize = 200;
+const PRICE_CENTS_MAX: i64 = 100_000_000_000; // prices are below 1,000,000,000.00
 const STOCK_MAX: i64 = i32::MAX as i64;
 const ITEMS_MAX: usize = 100;
 const QUANTITY_MAX: i64 = 10_000;
-const KEY_MAX_CHARS: usize = 255;
+const KEY_CHARS_MAX: usize = 255;
 
 /// A validated product.
 #[derive(Debug)]
@@ -53,9 +53,9 @@ pub struct NewOrder {
 pub fn parse_product(body: &[u8]) -> Result<NewProduct> {
     let mut o = Object::parse(body)?;
     let p = NewProduct {
-        name: json::string(o.required("name", "")?, "name", NAME_MAX_CHARS)?,
-        category: json::string(o.required("category", "")?, "category", NAME_MAX_CHARS)?,
-        price_cents: json::money(o.required("price", "")?, "price", PRICE_MAX_CENTS)?,
+        name: json::string(o.required("name", "")?, "name", NAME_CHARS_MAX)?,
+        category: json::string(o.required("category", "")?, "category", NAME_CHARS_MAX)?,
+        price_cents: json::money(o.required("price", "")?, "price", PRICE_CENTS_MAX)?,
         stock: json::integer(o.required("stock", "")?, "stock", 0, STOCK_MAX)?,
     };
     o.finish("")?;
@@ -96,7 +96,7 @@ pub fn parse_order(body: &[u8]) -> Result<NewOrder> {
                 QUANTITY_MAX,
             )?,
             price_cents: match it.optional("price") {
-                Some(raw) => Some(json::money(raw, ItemField(i, "price"), PRICE_MAX_CENTS)?),
+                Some(raw) => Some(json::money(raw, ItemField(i, "price"), PRICE_CENTS_MAX)?),
                 None => None,
             },
         };
@@ -160,11 +160,11 @@ impl CommandService {
     fn create_product(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let product = parse_product(&req.body)?;
-        let (mut conn, guard) = match self.checkout(req, "/api/products")? {
+        let (mut conn, record) = match self.checkout(req, "/api/products")? {
             Checkout::Replay(response) => return Ok(response),
-            Checkout::Fresh(conn, guard) => (conn, guard),
+            Checkout::Fresh(conn, record) => (conn, record),
         };
-        let (key, request) = Guard::params(&guard);
+        let (key, request) = IdempotencyRecord::params(&record);
         let payload = Event::ProductCreated(ProductCreated {
             event_id: Uuid::new_v4(),
             timestamp: event::now_millis(),
@@ -190,7 +190,7 @@ impl CommandService {
         let row = conn.client.query_one(&stmt, &params)?;
         if !row.get::<_, bool>(1) {
             // A concurrent request with the same key won the race; its response stands.
-            return self.replay_after_race(&mut conn, guard.as_ref());
+            return self.replay_after_race(&mut conn, record.as_ref());
         }
         let id: i64 = row.get(0);
         self.metrics.products_created.inc();
@@ -201,23 +201,27 @@ impl CommandService {
     /// Checks the Idempotency-Key, checks out a connection and, if the key already has a
     /// recorded response for this request, returns that instead.
     fn checkout(&self, req: &Request, route: &str) -> Result<Checkout> {
-        let guard = idempotency_key(req)?.map(|key| Guard {
+        let record = idempotency_key(req)?.map(|key| IdempotencyRecord {
             key,
             request: canonical_request(route, &req.body),
         });
         let mut conn = self.pool.get()?;
-        if let Some(g) = &guard {
+        if let Some(g) = &record {
             if let Some(response) = replay(&mut conn, &g.key, &g.request)? {
                 self.metrics.idempotent_replays.inc();
                 return Ok(Checkout::Replay(response));
             }
         }
-        Ok(Checkout::Fresh(conn, guard))
+        Ok(Checkout::Fresh(conn, record))
     }
 
     /// A concurrent request with the same key committed first: its response stands.
-    fn replay_after_race(&self, conn: &mut db::Conn, guard: Option<&Guard>) -> Result<Response> {
-        let g = guard.ok_or_else(|| Error::internal("replay without a key"))?;
+    fn replay_after_race(
+        &self,
+        conn: &mut db::Conn,
+        record: Option<&IdempotencyRecord>,
+    ) -> Result<Response> {
+        let g = record.ok_or_else(|| Error::internal("replay without a key"))?;
         replay(conn, &g.key, &g.request)?
             .ok_or_else(|| Error::unavailable("idempotency key race; retry"))
     }
@@ -225,11 +229,11 @@ impl CommandService {
     fn create_order(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let order = parse_order(&req.body)?;
-        let (mut conn, guard) = match self.checkout(req, "/api/orders")? {
+        let (mut conn, record) = match self.checkout(req, "/api/orders")? {
             Checkout::Replay(response) => return Ok(response),
-            Checkout::Fresh(conn, guard) => (conn, guard),
+            Checkout::Fresh(conn, record) => (conn, record),
         };
-        let (key, request) = Guard::params(&guard);
+        let (key, request) = IdempotencyRecord::params(&record);
         let ids: Vec<i64> = order.lines.iter().map(|l| l.product_id).collect();
         let quantities: Vec<i32> = order.lines.iter().map(|l| l.quantity as i32).collect();
         let prices: Vec<Option<i64>> = order.lines.iter().map(|l| l.price_cents).collect();
@@ -313,16 +317,17 @@ fn money_value(cents: i64) -> serde_json::Value {
     serde_json::Value::from(cents as f64 / 100.0)
 }
 
-/// An Idempotency-Key and the canonical request it guards.
-struct Guard {
+/// An Idempotency-Key and the canonical request it was sent with: the row of
+/// `idempotency_keys` a fresh request will write.
+struct IdempotencyRecord {
     key: String,
     request: String,
 }
 
-impl Guard {
+impl IdempotencyRecord {
     /// The key and request as SQL parameters (NULL without a key).
-    fn params(guard: &Option<Guard>) -> (Option<&str>, Option<&str>) {
-        match guard {
+    fn params(record: &Option<IdempotencyRecord>) -> (Option<&str>, Option<&str>) {
+        match record {
             Some(g) => (Some(g.key.as_str()), Some(g.request.as_str())),
             None => (None, None),
         }
@@ -333,7 +338,7 @@ impl Guard {
 /// It lives for one call, on the stack, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum Checkout {
-    Fresh(db::Pooled, Option<Guard>),
+    Fresh(db::Pooled, Option<IdempotencyRecord>),
     Replay(Response),
 }
 
@@ -343,13 +348,13 @@ fn idempotency_key(req: &Request) -> Result<Option<String>> {
         None => Ok(None),
         Some(k)
             if !k.is_empty()
-                && k.len() <= KEY_MAX_CHARS
+                && k.len() <= KEY_CHARS_MAX
                 && k.bytes().all(|b| b.is_ascii_graphic()) =>
         {
             Ok(Some(k.clone()))
         }
         Some(_) => Err(Error::bad_request(format!(
-            "Idempotency-Key must be 1 to {KEY_MAX_CHARS} visible ASCII characters"
+            "Idempotency-Key must be 1 to {KEY_CHARS_MAX} visible ASCII characters"
         ))),
     }
 }
