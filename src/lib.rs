@@ -3,7 +3,12 @@
 //! per event; the outbox publisher moves those rows to RabbitMQ with publisher confirms;
 //! consumers fold the events into four denormalised views in a second database, each event
 //! exactly once; the query service reads those views. Everything is synchronous threads
-//! and channels. Modules are listed in reading order.
+//! and channels.
+//!
+//! Reading order (the `mod` lines below are sorted by rustfmt): `config`, `error`,
+//! `metrics`, `json`, `http`, `db`, `event`, `command`, `broker`, `supervise`, `outbox`,
+//! `projection`, `consumer`, `progress`, `query`, `shutdown`, `app`, `cli`; ARCHITECTURE.md
+//! says what each is.
 
 pub mod app;
 pub mod broker;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, FieldTable, Publish};
+use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable};
 use cqrs_analytics::app::Role;
 use cqrs_analytics::event::Event;
 use uuid::Uuid;
@@ -218,16 +218,6 @@ pub(crate) fn seed_products(addr: SocketAddr) -> Vec<i64> {
 // Observation: metrics, ledgers, recovery time, the report line.
 // ---------------------------------------------------------------------------------------
 
-/// The value of an unlabelled Prometheus sample `name` at `addr`'s /metrics.
-pub(crate) fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let r = get(addr, "/metrics");
-    assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{}", r.body))
-}
-
 /// The event ids of every outbox row committed so far.
 pub(crate) fn outbox_event_ids(env: &TestEnv) -> Vec<Uuid> {
     env.write()
@@ -391,8 +381,8 @@ fn broker_outage_accepts_every_order_and_drains_the_outbox() {
         during_outage > 0 && unpublished > 0,
         "the outage should have accepted orders ({during_outage}) and left them in the outbox ({unpublished})"
     );
-    let reconnects = metric(command.command(), "outbox_session_errors_total");
-    let consumer_reconnects = metric(consumer.consumer(), "consumer_session_errors_total");
+    let reconnects = counter(command.command(), "outbox_session_errors_total");
+    let consumer_reconnects = counter(consumer.consumer(), "consumer_session_errors_total");
     report(
         "broker_outage",
         &env,
@@ -491,8 +481,8 @@ fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
         refused_outside.is_empty(),
         "connection failures outside the kill window: {refused_outside:?}"
     );
-    let duplicates = metric(consumer.consumer(), "consumer_duplicates_dropped_total");
-    let applied = metric(consumer.consumer(), "consumer_events_applied_total");
+    let duplicates = counter(consumer.consumer(), "consumer_duplicates_dropped_total");
+    let applied = counter(consumer.consumer(), "consumer_events_applied_total");
     let events = outbox_event_ids(&env).len() as u64;
     assert_eq!(
         applied, events,
@@ -566,7 +556,7 @@ fn consumer_dying_after_commit_before_ack_changes_nothing_on_redelivery() {
     converge(&env);
     let unexpected = log.unexpected(&[201], false);
     assert!(unexpected.is_empty(), "{:?}: {unexpected:?}", log.summary());
-    let duplicates = metric(consumer.consumer(), "consumer_duplicates_dropped_total");
+    let duplicates = counter(consumer.consumer(), "consumer_duplicates_dropped_total");
     assert!(
         duplicates >= TAKEN as u64,
         "the {TAKEN} committed-but-unacked events must be redelivered and dropped as \
@@ -667,23 +657,6 @@ fn terminated_db_connections_yield_201_or_503_and_pools_recover() {
 // 5. Poison messages go to the dead-letter queue while the rest keep flowing.
 // ---------------------------------------------------------------------------------------
 
-fn publish_raw(ch: &amiquip::Channel, env: &TestEnv, message_id: &str, body: &[u8]) {
-    ch.basic_publish(
-        env.broker.exchange.as_str(),
-        Publish {
-            body,
-            routing_key: "order-events".into(),
-            mandatory: true,
-            immediate: false,
-            properties: AmqpProperties::default()
-                .with_message_id(message_id.into())
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2),
-        },
-    )
-    .unwrap();
-}
-
 #[test]
 fn poison_messages_are_dead_lettered_while_good_ones_flow() {
     let env = TestEnv::new();
@@ -709,8 +682,13 @@ fn poison_messages_are_dead_lettered_while_good_ones_flow() {
     );
     let (conn, ch) = env.amqp();
     let injected = Instant::now();
-    publish_raw(&ch, &env, &garbage_id, b"this is not an event {");
-    publish_raw(&ch, &env, &overflow_event.to_string(), overflow.as_bytes());
+    publish_raw(&env, "order-events", &garbage_id, b"this is not an event {");
+    publish_raw(
+        &env,
+        "order-events",
+        &overflow_event.to_string(),
+        overflow.as_bytes(),
+    );
     let created_at_injection = load.created();
 
     let dlq = &env.broker.dead_letter_queue;
@@ -756,8 +734,8 @@ fn poison_messages_are_dead_lettered_while_good_ones_flow() {
     assert_eq!(customer, 0, "the poison event must leave no trace");
     let unexpected = log.unexpected(&[201], false);
     assert!(unexpected.is_empty(), "{:?}: {unexpected:?}", log.summary());
-    let requeued = metric(consumer.consumer(), "consumer_requeued_total");
-    let dead_counter = metric(consumer.consumer(), "consumer_dead_lettered_total");
+    let requeued = counter(consumer.consumer(), "consumer_requeued_total");
+    let dead_counter = counter(consumer.consumer(), "consumer_dead_lettered_total");
     assert_eq!(dead_counter, 2, "consumer_dead_lettered_total");
     // Failures are counted in the read DB, across consumer threads: exactly max attempts.
     let config = env.config();
@@ -806,7 +784,7 @@ fn unroutable_publishes_stay_in_the_outbox_until_routable() {
         FieldTable::new(),
     )
     .unwrap();
-    let returned_before = metric(command.command(), "outbox_returned_total");
+    let returned_before = counter(command.command(), "outbox_returned_total");
     let watermark: i64 = env
         .write()
         .query_one("SELECT coalesce(max(id), 0) FROM outbox", &[])
@@ -829,7 +807,7 @@ fn unroutable_publishes_stay_in_the_outbox_until_routable() {
             .get(0)
     };
     let (held, leaked) = (stuck(false), stuck(true));
-    let returned = metric(command.command(), "outbox_returned_total") - returned_before;
+    let returned = counter(command.command(), "outbox_returned_total") - returned_before;
     assert!(held > 0, "orders were created while the queue was unbound");
     assert_eq!(
         leaked, 0,

@@ -699,6 +699,11 @@ impl ChildService {
         }
     }
 
+    /// True while the process has not exited.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -748,4 +753,53 @@ impl Drop for ChildService {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log_path);
     }
+}
+
+/// The sum of the samples of metric `name` (over all its labels) at `addr`'s /metrics;
+/// panics if the service exports no such metric.
+pub fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+    let samples: Vec<f64> = r
+        .body
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!samples.is_empty(), "no metric {name} in:\n{}", r.body);
+    samples.iter().sum()
+}
+
+/// A counter's value: `metric` as a whole number.
+pub fn counter(addr: SocketAddr, name: &str) -> u64 {
+    metric(addr, name) as u64
+}
+
+/// Publishes `body` by hand to the test's exchange, persistent and mandatory, with
+/// `message_id`, and waits for the broker's confirm: what a duplicate delivery or a poison
+/// message looks like to the consumers.
+pub fn publish_raw(env: &TestEnv, routing_key: &str, message_id: &str, body: &[u8]) {
+    let (conn, ch) = env.amqp();
+    ch.enable_publisher_confirms().unwrap();
+    let confirms = ch.listen_for_publisher_confirms().unwrap();
+    let properties = amiquip::AmqpProperties::default()
+        .with_message_id(message_id.to_string())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    let publish = amiquip::Publish {
+        body,
+        routing_key: routing_key.into(),
+        mandatory: true,
+        immediate: false,
+        properties,
+    };
+    ch.basic_publish(env.broker.exchange.as_str(), publish)
+        .unwrap();
+    confirms
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a confirm");
+    conn.close().unwrap();
 }

@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use cqrs_analytics::app::Role;
@@ -232,48 +231,13 @@ fn content_length_lies_get_4xx_and_write_nothing() {
     healthy(a);
 }
 
-/// The binary, run as a child process (killed on drop), so that a crash shows as a failed
-/// assertion instead of taking the whole test binary down.
-struct ChildService {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ChildService {
-    fn start(env: &TestEnv) -> ChildService {
-        let port = free_port();
-        let child = env
-            .binary("command-service")
-            .env("COMMAND_SERVICE_PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting the binary");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut svc = ChildService { child, addr };
-        wait_until(
-            "the child service to answer /health",
-            Duration::from_secs(30),
-            || {
-                assert!(svc.alive(), "the child service exited during start-up");
-                let status =
-                    cqrs_analytics::http::get_status(addr, "/health", Duration::from_secs(1));
-                (status.ok() == Some(200)).then_some(())
-            },
-        );
-        svc
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for ChildService {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary running `command-service` as a child process (killed on drop), so that a
+/// crash shows as a failed assertion instead of taking the whole test binary down.
+fn child_command_service(env: &TestEnv) -> ChildService {
+    let port = free_port();
+    let mut cmd = env.binary("command-service");
+    cmd.env("COMMAND_SERVICE_PORT", port.to_string());
+    ChildService::spawn(&mut cmd, port, &format!("hostile-{}", env.id))
 }
 
 #[test]
@@ -281,7 +245,7 @@ fn a_huge_declared_content_length_does_not_crash_the_server() {
     // The server answers 413 from the declared length; what happens to the unread body
     // afterwards must not depend on the number the client made up.
     let env = TestEnv::new();
-    let mut svc = ChildService::start(&env);
+    let mut svc = child_command_service(&env);
     let before = write_counts(&env);
     for declared in ["100000000000000", "18446744073709551615"] {
         let req = format!(

@@ -6,21 +6,12 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, Publish};
 use cqrs_analytics::app::Role;
 use serde_json::json;
 
 use crate::harness::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let body = get(addr, "/metrics").body;
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[test]
 fn seed_end_to_end_flow_through_all() {
@@ -91,25 +82,6 @@ fn seed_end_to_end_flow_through_all() {
     assert_converges(&env, CONVERGE);
 }
 
-/// Publishes `payload` by hand to the test's exchange, as a duplicate delivery would arrive.
-fn publish_raw(env: &TestEnv, routing_key: &str, payload: &[u8], message_id: &str) {
-    let (conn, ch) = env.amqp();
-    ch.enable_publisher_confirms().unwrap();
-    let confirms = ch.listen_for_publisher_confirms().unwrap();
-    let props = AmqpProperties::default()
-        .with_message_id(message_id.to_string())
-        .with_delivery_mode(2);
-    ch.basic_publish(
-        env.broker.exchange.as_str(),
-        Publish::with_properties(payload, routing_key, props),
-    )
-    .unwrap();
-    confirms
-        .recv_timeout(Duration::from_secs(5))
-        .expect("a confirm");
-    conn.close().unwrap();
-}
-
 #[test]
 fn the_same_event_delivered_twice_is_applied_once() {
     let env = TestEnv::new();
@@ -138,8 +110,8 @@ fn the_same_event_delivered_twice_is_applied_once() {
             publish_raw(
                 &env,
                 row.get(0),
-                row.get::<_, String>(1).as_bytes(),
                 row.get(2),
+                row.get::<_, String>(1).as_bytes(),
             );
         }
     }
@@ -238,8 +210,8 @@ fn three_publishers_and_three_consumers_over_ten_thousand_orders() {
         publish_raw(
             &env,
             row.get(0),
-            row.get::<_, String>(1).as_bytes(),
             row.get(2),
+            row.get::<_, String>(1).as_bytes(),
         );
     }
     assert_converges(&env, CONVERGE);
