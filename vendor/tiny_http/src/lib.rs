@@ -381,7 +381,8 @@ impl Server {
         let inside_messages = messages.clone();
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
+            // PATCHED: a thread per open connection, plus the pool's few spare ones.
+            let tasks_pool = util::TaskPool::new(limits.max_connections.saturating_add(4));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {

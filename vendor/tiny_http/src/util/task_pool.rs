@@ -10,7 +10,14 @@ use std::time::Duration;
 /// Any idle thread will automatically die after a few seconds.
 pub struct TaskPool {
     sharing: Arc<Sharing>,
+    /// PATCHED: at most this many threads (upstream: no bound).
+    max_threads: usize,
 }
+
+/// PATCHED: a thread that finds this many others idle when it finishes a task exits, so
+/// the pool shrinks right after a burst. (Upstream waited 5 s idle, but a condvar wakes its
+/// waiters in turn: a steady stream of tasks kept every thread of a burst alive.)
+const IDLE_THREADS_KEPT: usize = 16;
 
 struct Sharing {
     // list of the tasks to be done by worker threads
@@ -40,6 +47,17 @@ impl<'a> Registration<'a> {
     }
 }
 
+/// PATCHED: an already counted registration, uncounted on drop.
+struct Registered<'a> {
+    nb: &'a AtomicUsize,
+}
+
+impl<'a> Drop for Registered<'a> {
+    fn drop(&mut self) {
+        self.nb.fetch_sub(1, Ordering::Release);
+    }
+}
+
 impl<'a> Drop for Registration<'a> {
     fn drop(&mut self) {
         self.nb.fetch_sub(1, Ordering::Release);
@@ -47,8 +65,11 @@ impl<'a> Drop for Registration<'a> {
 }
 
 impl TaskPool {
-    pub fn new() -> TaskPool {
+    /// PATCHED: `max_threads` bounds the pool; a task beyond it waits in the queue for the
+    /// next thread that finishes one.
+    pub fn new(max_threads: usize) -> TaskPool {
         let pool = TaskPool {
+            max_threads: max_threads.max(MIN_THREADS),
             sharing: Arc::new(Sharing {
                 todo: Mutex::new(VecDeque::new()),
                 condvar: Condvar::new(),
@@ -74,7 +95,9 @@ impl TaskPool {
         // queued behind one idle thread and wait for busy ones (a client stalled in its
         // body held such a thread for the whole read timeout). Queue only when there is an
         // idle thread for every queued task, this one included; otherwise start a thread.
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) > queue.len() {
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) > queue.len()
+            || self.sharing.active_tasks.load(Ordering::Acquire) >= self.max_threads
+        {
             queue.push_back(code);
             self.sharing.condvar.notify_one();
         } else {
@@ -84,10 +107,14 @@ impl TaskPool {
 
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
+        // PATCHED: counted before the thread starts, so that `spawn` sees it at once.
+        sharing.active_tasks.fetch_add(1, Ordering::Release);
 
         thread::spawn(move || {
             let sharing = sharing;
-            let _active_guard = Registration::new(&sharing.active_tasks);
+            let _active_guard = Registered {
+                nb: &sharing.active_tasks,
+            };
 
             if let Some(mut f) = initial_fn {
                 f();
@@ -96,6 +123,11 @@ impl TaskPool {
             loop {
                 let mut task: Box<dyn FnMut() + Send> = {
                     let mut todo = sharing.todo.lock().unwrap();
+                    // PATCHED: upstream restarted the 5 s idle wait at every wake-up, and
+                    // with a steady stream of connections every idle thread is woken now
+                    // and then (another takes the task), so after a burst none ever exited.
+                    // Count the idle time from the last task.
+                    let idle_since = std::time::Instant::now();
 
                     let task;
                     loop {
@@ -110,12 +142,12 @@ impl TaskPool {
                                 todo = sharing.condvar.wait(todo).unwrap();
                                 true
                             } else {
-                                let (new_lock, waitres) = sharing
-                                    .condvar
-                                    .wait_timeout(todo, Duration::from_millis(5000))
-                                    .unwrap();
+                                let idle_max = Duration::from_millis(5000);
+                                let left = idle_max.saturating_sub(idle_since.elapsed());
+                                let (new_lock, waitres) =
+                                    sharing.condvar.wait_timeout(todo, left).unwrap();
                                 todo = new_lock;
-                                !waitres.timed_out()
+                                !waitres.timed_out() && idle_since.elapsed() < idle_max
                             };
 
                         if !received && todo.is_empty() {
@@ -127,6 +159,14 @@ impl TaskPool {
                 };
 
                 task();
+                drop(task);
+
+                // PATCHED: shrink after a burst (see IDLE_THREADS_KEPT).
+                if sharing.waiting_tasks.load(Ordering::Acquire) >= IDLE_THREADS_KEPT
+                    && sharing.active_tasks.load(Ordering::Acquire) > MIN_THREADS
+                {
+                    return;
+                }
             }
         });
     }
