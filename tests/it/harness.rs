@@ -755,17 +755,19 @@ impl Drop for ChildService {
     }
 }
 
-/// The sum of the samples of metric `name` (over all its labels) at `addr`'s /metrics;
-/// panics if the service exports no such metric.
+/// The value at `addr`'s /metrics of `name`: a metric name (the sum of its samples over
+/// all their labels) or one sample with its labels (`name{label="value"}`); panics if the
+/// service exports no such sample.
 pub fn metric(addr: SocketAddr, name: &str) -> f64 {
     let r = get(addr, "/metrics");
     assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+    let any_labels = !name.contains('{');
     let samples: Vec<f64> = r
         .body
         .lines()
         .filter(|l| {
             l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                .is_some_and(|rest| rest.starts_with(' ') || (any_labels && rest.starts_with('{')))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
