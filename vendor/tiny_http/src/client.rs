@@ -2,7 +2,7 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -111,15 +111,17 @@ impl ClientConnection {
         let mut buf = Vec::new();
         // PATCHED: upstream buffered a line until CRLF, however long.
         const LINE_LIMIT: usize = 8 * 1024;
-        let mut prev_byte_was_cr = false;
-
+        // PATCHED: scans the buffered bytes for the line's end instead of reading them one
+        // `read` call at a time; never consumes past the LF, so the body stays unread.
         loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+            let available = match self.next_header_source.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
+            if available.is_empty() {
+                return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF"));
+            }
             // PATCHED: a later request's head deadline counts from its first byte.
             if !self.head_started {
                 self.head_started = true;
@@ -127,19 +129,22 @@ impl ClientConnection {
                     self.deadline.set_head(Instant::now() + self.head_timeout);
                 }
             }
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
+            let (taken, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            // The limit as upstream counted: bytes before the line's last one.
+            let room = LINE_LIMIT + 1 - buf.len().min(LINE_LIMIT + 1);
+            if taken > room || (!done && taken == room) {
+                return Err(IoError::new(ErrorKind::InvalidData, "Header line too long"));
+            }
+            buf.extend_from_slice(&available[..taken]);
+            self.next_header_source.consume(taken);
+            if done && buf.len() >= 2 && buf[buf.len() - 2] == b'\r' {
+                buf.truncate(buf.len() - 2); // removing the CRLF
                 return AsciiString::from_ascii(buf)
                     .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
             }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            if buf.len() >= LINE_LIMIT {
-                return Err(IoError::new(ErrorKind::InvalidData, "Header line too long"));
-            }
-            buf.push(byte);
         }
     }
 

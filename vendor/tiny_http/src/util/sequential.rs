@@ -110,6 +110,28 @@ impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
     }
 }
 
+// PATCHED: lets the head parser scan the connection's buffer a line at a time instead of
+// calling `read` once per byte (about a quarter of a request's instructions, callgrind).
+impl<R: std::io::BufRead + Send> std::io::BufRead for SequentialReader<R> {
+    fn fill_buf(&mut self) -> IoResult<&[u8]> {
+        if let SequentialReaderInner::Waiting(ref mut recv) = self.inner {
+            let reader = recv.recv().unwrap();
+            self.inner = SequentialReaderInner::MyTurn(reader);
+        }
+        match self.inner {
+            SequentialReaderInner::MyTurn(ref mut reader) => reader.fill_buf(),
+            _ => unreachable!(),
+        }
+    }
+
+    fn consume(&mut self, amt: usize) {
+        match self.inner {
+            SequentialReaderInner::MyTurn(ref mut reader) => reader.consume(amt),
+            _ => unreachable!(),
+        }
+    }
+}
+
 impl<R: Read + Send> Read for SequentialReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
         let mut reader = match self.inner {
