@@ -33,8 +33,9 @@ RUN mkdir -p src \
     && cargo build --release --locked \
     && rm -rf src
 
-# The real sources, and the files they embed with include_str! (sql/, and
-# openapi.json served at /openapi.json): all must be here at build time.
+# The real sources, and the files they embed with include_str! (sql/,
+# openapi.json served at /openapi.json, and the dashboard's page, script and
+# style in src/dashboard/, which COPY src brings): all must be here at build time.
 COPY src ./src
 COPY sql ./sql
 COPY openapi.json ./

@@ -124,7 +124,7 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
 }
 
 /// A connection kept for asking the broker how many messages are ready in the two event
-/// queues (a passive declare). After a failed connection attempt the broker is not asked
+/// queues and the dead-letter queue (a passive declare). After a failed connection attempt the broker is not asked
 /// again for a few seconds, so a status route stays fast while the broker is down.
 #[derive(Default)]
 pub struct QueueProbe {
@@ -137,12 +137,21 @@ struct ProbeState {
     failed_at: Option<std::time::Instant>,
 }
 
+/// Ready messages by kind, as [`QueueProbe::ready`] counts them.
+pub struct Ready {
+    /// Events waiting in the product and order queues.
+    pub events: i64,
+    /// Messages in the dead-letter queue.
+    pub dead_letters: i64,
+}
+
 const PROBE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl QueueProbe {
-    /// Ready (not unacked) messages in the product and order queues, or None when the broker
-    /// cannot be asked.
-    pub fn ready(&self, config: &Config) -> Option<(i64, i64)> {
+    /// Ready (not unacked) messages in the product and order queues and in the dead-letter
+    /// queue (the consumer declares all three together), or None when the broker cannot be
+    /// asked.
+    pub fn ready(&self, config: &Config) -> Option<Ready> {
         let mut probe = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..2 {
             if probe.channel.is_none() {
@@ -172,8 +181,14 @@ impl QueueProbe {
             match (
                 depth(&config.broker.product_queue),
                 depth(&config.broker.order_queue),
+                depth(&config.broker.dead_letter_queue),
             ) {
-                (Ok(p), Ok(o)) => return Some((p, o)),
+                (Ok(p), Ok(o), Ok(d)) => {
+                    return Some(Ready {
+                        events: p + o,
+                        dead_letters: d,
+                    })
+                }
                 // A failed passive declare closes the channel (e.g. no such queue yet), and a
                 // broker restart closes the connection: start over once.
                 _ => probe.channel = None,

@@ -422,7 +422,7 @@ impl ConsumerHttp {
             return Ok(());
         }
         // Nothing held and nothing applied lately: idle, unless messages wait on the broker.
-        let ready = self.probe.ready(&self.config).map_or(0, |(p, o)| p + o);
+        let ready = self.probe.ready(&self.config).map_or(0, |r| r.events);
         if ready == 0 {
             *since = None;
             return Ok(());

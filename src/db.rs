@@ -230,6 +230,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         name: "consumer_progress",
         sql: include_str!("../sql/read/003_consumer_progress.sql"),
     },
+    Migration {
+        version: 8,
+        name: "list_indexes",
+        sql: include_str!("../sql/read/008_list_indexes.sql"),
+    },
 ];
 
 /// An arbitrary constant that serialises concurrent migrators of one database.

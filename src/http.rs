@@ -27,6 +27,15 @@ pub const BODY_LIMIT_BYTES: usize = tiny_http::BODY_BUFFER_LIMIT;
 /// The OpenAPI document of both HTTP APIs, served at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
 
+/// Sent with every response of every service. The dashboard page needs them (it shows
+/// strings clients wrote: the policy forbids inline script and style, so even markup that
+/// slipped into the page could not run), and they cost an API response nothing: a browser
+/// must not sniff JSON into HTML, and no response of ours loads anything from elsewhere.
+const SECURITY_HEADERS: [(&str, &str); 2] = [
+    ("Content-Security-Policy", "default-src 'self'"),
+    ("X-Content-Type-Options", "nosniff"),
+];
+
 /// A request with its body already read (bounded) and the headers the handlers need.
 pub struct Request {
     pub method: Method,
@@ -84,6 +93,15 @@ impl Response {
             status,
             body,
             content_type: "application/json",
+        }
+    }
+
+    /// A static asset compiled into the binary (the dashboard's page, script, style).
+    pub fn asset(content_type: &'static str, body: &'static str) -> Response {
+        Response {
+            status: 200,
+            body: body.to_string(),
+            content_type,
         }
     }
 
@@ -261,7 +279,7 @@ impl HttpServer {
     }
 }
 
-/// Sets SO_RCVTIMEO/SO_SNDTIMEO on the listening socket. Linux copies them to every accepted
+/// Sets SO_RCVTIMEO/SO_SNDTIMEO and TCP_NODELAY on the listening socket. Linux copies them to every accepted
 /// socket, which is the only way to bound reads in tiny_http, since it sets no timeouts
 /// itself and accepts connections on its own thread. std has no setter on a listener, so we
 /// borrow the descriptor as a `TcpStream` (never dropped, so never closed) to reach the same
@@ -276,6 +294,11 @@ fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<(
     let borrowed = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(listener.as_raw_fd()) });
     borrowed.set_read_timeout(Some(timeout))?;
     borrowed.set_write_timeout(Some(timeout))?;
+    // TCP_NODELAY is inherited the same way. tiny_http writes a response through a 1 KiB
+    // buffer, so a larger one leaves in several writes; with Nagle's algorithm the last
+    // waited for the client's delayed ACK: 44 ms for any response over about 1 KiB
+    // (measured on the ranked lists, p50 44 ms → under 1 ms).
+    borrowed.set_nodelay(true)?;
     Ok(())
 }
 
@@ -338,6 +361,9 @@ fn serve_one<S: Service>(
             Header::from_bytes(&b"Content-Type"[..], response.content_type.as_bytes())
                 .expect("static header"),
         ];
+    for (name, value) in SECURITY_HEADERS {
+        headers.push(Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header"));
+    }
     if let Some(allow) = allow {
         headers.push(Header::from_bytes(&b"Allow"[..], allow.as_bytes()).expect("ASCII header"));
     }

@@ -11,6 +11,7 @@ use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 use crate::event::format_timestamp;
 use crate::http::{self, percent_decode, Request, Response, Service};
+use crate::lists::{self, List};
 
 /// Hours returned by one hourly-sales request at most (more than a year).
 const HOURS_MAX: i64 = 10_000;
@@ -167,7 +168,7 @@ impl QueryService {
         drop(conn);
 
         let queued = self.broker.ready(&self.config);
-        let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.0 + q.1));
+        let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.events));
         let now = crate::event::now_millis();
         let mut lag_ms: i64 = 0;
         let waiting = outbox
@@ -185,7 +186,8 @@ impl QueryService {
             "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
             "eventsApplied": applied,
             "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
-            "pendingBrokerMessages": queued.as_ref().map(|q| q.0 + q.1),
+            "pendingBrokerMessages": queued.as_ref().map(|q| q.events),
+            "deadLetterMessages": queued.as_ref().map(|q| q.dead_letters),
             "pendingConsumerMessages": held_messages,
             "consumerStalled": consumer_says_stalled || waited_too_long,
             "endToEndLatencyMs": {
@@ -279,6 +281,12 @@ const OLDEST_QUEUED: &str =
 
 impl Service for QueryService {
     fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {
+        if let Some((route, page)) = crate::dashboard::asset(&req.path) {
+            if req.method != Method::Get && req.method != Method::Head {
+                return http::method_not_allowed(route, "GET");
+            }
+            return (route, Ok(page));
+        }
         let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
         let (route, result): (&'static str, Handler) = match segments.as_slice() {
             ["api", "analytics", "products", _, "sales"] => {
@@ -296,6 +304,15 @@ impl Service for QueryService {
                     s.customer_ltv(p[3])
                 })
             }
+            ["api", "analytics", "products"] => ("/api/analytics/products", |s, r, _| {
+                lists::handle(&s.read, List::Products, r)
+            }),
+            ["api", "analytics", "categories"] => ("/api/analytics/categories", |s, r, _| {
+                lists::handle(&s.read, List::Categories, r)
+            }),
+            ["api", "analytics", "customers"] => ("/api/analytics/customers", |s, r, _| {
+                lists::handle(&s.read, List::Customers, r)
+            }),
             ["api", "analytics", "sync-status"] => {
                 ("/api/analytics/sync-status", |s, _, _| s.sync_status())
             }

@@ -7,9 +7,11 @@
 mod harness;
 
 mod connections;
+mod dashboard;
 mod deployment;
 mod faults;
 mod hostile;
+mod lists;
 mod operations;
 mod panics;
 mod pipeline;

@@ -87,7 +87,8 @@ fn read_routes_404_and_400() {
         "/api/analytics/categories/electronics/revenue",
         "/api/analytics/categories/Electronics%20/revenue",
         "/api/analytics/nothing",
-        "/",
+        "/dashboard/",
+        "/index.html",
     ] {
         let r = get(q, path);
         assert_eq!(r.status, 404, "GET {path}: {}", r.body);

@@ -1,0 +1,22 @@
+//! The live dashboard: one HTML page, its script and its style sheet, compiled into the
+//! binary and served by the query service. The page draws what the JSON API returns (every
+//! 2 s); it has no data of its own and no build step. Every response carries
+//! `Content-Security-Policy: default-src 'self'` (set for all responses in `http.rs`), so
+//! the page can run only this script and load only this style sheet, from this origin.
+
+use crate::http::Response;
+
+const PAGE_HTML: &str = include_str!("dashboard/index.html");
+const SCRIPT_JS: &str = include_str!("dashboard/dashboard.js");
+const STYLE_CSS: &str = include_str!("dashboard/dashboard.css");
+
+/// The asset at `path`, if it is one of the dashboard's: `/` and `/dashboard` are the page.
+pub fn asset(path: &str) -> Option<(&'static str, Response)> {
+    let (route, content_type, body) = match path {
+        "/" | "/dashboard" => ("/dashboard", "text/html; charset=utf-8", PAGE_HTML),
+        "/dashboard.js" => ("/dashboard.js", "text/javascript; charset=utf-8", SCRIPT_JS),
+        "/dashboard.css" => ("/dashboard.css", "text/css; charset=utf-8", STYLE_CSS),
+        _ => return None,
+    };
+    Some((route, Response::asset(content_type, body)))
+}
