@@ -213,10 +213,13 @@ function healthCards(s) {
   if (s.writeSideReachable === false) cards.push({ label: "outbox", value: "unknown", sub: "write DB unreachable", kind: "bad" });
   else cards.push({ label: "pending outbox", value: formatInt(s.pendingOutboxEvents), sub: "events not yet published", kind: "ok" });
   if (s.brokerReachable === false) cards.push({ label: "broker", value: "unknown", sub: "broker unreachable", kind: "bad" });
-  else cards.push({ label: "pending broker", value: formatInt(s.pendingBrokerMessages), sub: "messages in the queues", kind: "ok" });
+  else {
+    const held = typeof s.pendingConsumerMessages === "number" ? ", " + formatInt(s.pendingConsumerMessages) + " at consumers" : "";
+    cards.push({ label: "pending broker", value: formatInt(s.pendingBrokerMessages), sub: "queued" + held, kind: "ok" });
+  }
   const latency = s.endToEndLatencyMs || {};
   const p99 = typeof latency.p99 === "number" ? latency.p99 : null;
-  cards.push({ label: "end-to-end p50 / p99", value: formatLatencyPair(latency.p50, p99), sub: formatInt(latency.samples || 0) + " events, last " + (latency.windowSeconds || 60) + " s", kind: p99 === null ? "idle" : level(p99, P99_MS) });
+  cards.push({ label: "latency p50 / p99", value: formatLatencyPair(latency.p50, p99), sub: formatInt(latency.samples || 0) + " events, last " + (latency.windowSeconds || 60) + " s", kind: p99 === null ? "idle" : level(p99, P99_MS) });
   if (typeof s.deadLetterMessages === "number") {
     cards.push({ label: "dead letters", value: formatInt(s.deadLetterMessages), sub: s.deadLetterMessages > 0 ? "see dead-letters list" : "none", kind: s.deadLetterMessages > 0 ? "bad" : "ok" });
   }
