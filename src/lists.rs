@@ -207,7 +207,10 @@ mod tests {
     fn parsed(list: List, q: &str) -> std::result::Result<(&'static str, i64), String> {
         parse_params(list, Some(q))
             .map(|(s, l)| (s.name, l))
-            .map_err(|e| e.field("field").unwrap().as_str().unwrap().to_string())
+            .map_err(|e| {
+                let body: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+                body["field"].as_str().unwrap().to_string()
+            })
     }
 
     #[test]
