@@ -83,6 +83,7 @@ pub fn fill(s: &Settings, stack: &Stack, orders: i64) -> LoadResult {
             "POST",
             "/api/orders".into(),
             Some(order_body(rng, &products, s.customers)),
+            None,
         )
     });
     cmd.stop();

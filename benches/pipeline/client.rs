@@ -47,9 +47,20 @@ impl Http {
         path: &str,
         body: Option<&str>,
     ) -> io::Result<(u16, String)> {
-        self.try_request(method, path, body).or_else(|_| {
+        self.request_keyed(method, path, body, None)
+    }
+
+    /// A request with an optional `Idempotency-Key` header.
+    pub fn request_keyed(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        key: Option<&str>,
+    ) -> io::Result<(u16, String)> {
+        self.try_request(method, path, body, key).or_else(|_| {
             self.conn = None;
-            self.try_request(method, path, body)
+            self.try_request(method, path, body, key)
         })
     }
 
@@ -58,6 +69,7 @@ impl Http {
         method: &str,
         path: &str,
         body: Option<&str>,
+        key: Option<&str>,
     ) -> io::Result<(u16, String)> {
         if self.conn.is_none() {
             let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
@@ -67,13 +79,17 @@ impl Http {
         }
         let (reader, writer) = self.conn.as_mut().expect("connected");
         self.buf.clear();
+        write!(self.buf, "{method} {path} HTTP/1.1\r\nHost: bench\r\n")?;
+        if let Some(k) = key {
+            write!(self.buf, "Idempotency-Key: {k}\r\n")?;
+        }
         match body {
             Some(b) => write!(
                 self.buf,
-                "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
                 b.len()
             )?,
-            None => write!(self.buf, "{method} {path} HTTP/1.1\r\nHost: bench\r\n\r\n")?,
+            None => write!(self.buf, "\r\n")?,
         }
         writer.write_all(&self.buf)?;
         let (status, length, close) = read_head(reader)?;
@@ -255,8 +271,8 @@ pub fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i.clamp(1, sorted.len()) - 1] as f64
 }
 
-/// What a request generator returns: method, path, body.
-pub type Request = (&'static str, String, Option<String>);
+/// What a request generator returns: method, path, body, Idempotency-Key.
+pub type Request = (&'static str, String, Option<String>, Option<String>);
 
 /// `clients` threads, each with its own connection and one request at a time, until
 /// `until`; a reply with status `expect` counts as ok.
@@ -347,9 +363,9 @@ impl Client {
                 thread::sleep(next_send.saturating_duration_since(Instant::now()));
                 next_send += i;
             }
-            let (method, path, body) = make(&mut rng);
+            let (method, path, body, key) = make(&mut rng);
             let t = Instant::now();
-            match http.request(method, &path, body.as_deref()) {
+            match http.request_keyed(method, &path, body.as_deref(), key.as_deref()) {
                 Ok((status, _)) => {
                     r.latencies_us.push(t.elapsed().as_micros() as u64);
                     *r.statuses.entry(status).or_insert(0) += 1;

@@ -38,10 +38,13 @@ mod backlog;
 mod broker;
 mod ceiling;
 mod client;
+mod consumers;
+mod lists;
 mod pipeline;
 mod report;
 mod sample;
 mod services;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -111,6 +114,9 @@ pub fn round(x: f64, digits: i32) -> f64 {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Set {
     Standard,
+    Soak,
+    Consumers,
+    Lists,
 }
 
 fn parse_args() -> Result<Vec<Set>, String> {
@@ -119,7 +125,14 @@ fn parse_args() -> Result<Vec<Set>, String> {
     for a in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
         let set = match a.as_str() {
             "standard" => Set::Standard,
-            other => return Err(format!("unknown phase set {other:?}; known: standard")),
+            "soak" => Set::Soak,
+            "consumers" => Set::Consumers,
+            "lists" => Set::Lists,
+            other => {
+                return Err(format!(
+                    "unknown phase set {other:?}; known: standard, soak, consumers, lists"
+                ))
+            }
         };
         sets.push(set);
     }
@@ -145,11 +158,21 @@ fn main() -> ExitCode {
         s.log_dir.display()
     ));
     let mut report = Report::default();
-    let ceilings = ceiling::run(s.ceiling_seconds);
-    report.add("ceiling", &ceilings, &ceilings);
+    // The ceilings matter to the standard set's ratios; the other sets compare runs.
+    let ceilings = if sets.contains(&Set::Standard) {
+        ceiling::run(s.ceiling_seconds)
+    } else {
+        Ceilings::default()
+    };
+    if sets.contains(&Set::Standard) {
+        report.add("ceiling", &ceilings, &ceilings);
+    }
     for set in &sets {
         match set {
             Set::Standard => standard(&s, &ceilings, &mut report),
+            Set::Soak => report.add("soak", &soak::run(&s), &ceilings),
+            Set::Consumers => report.add("consumers", &consumers::run(&s), &ceilings),
+            Set::Lists => report.add("lists", &lists::run(&s), &ceilings),
         }
     }
     report.print();

@@ -65,7 +65,12 @@ pub fn run(s: &Settings) -> PipelineFigures {
         200,
         |rng| {
             let id = ids[rng.below(ids.len())];
-            ("GET", format!("/api/analytics/products/{id}/sales"), None)
+            (
+                "GET",
+                format!("/api/analytics/products/{id}/sales"),
+                None,
+                None,
+            )
         },
     );
     f.queries_cpu = cpu_delta(&cpu0, &cpu_snapshot(&procs));
@@ -118,6 +123,7 @@ fn burst(s: &Settings, stack: &Stack, pid: u32, products: &[Product]) -> Pipelin
                 "POST",
                 "/api/orders".into(),
                 Some(order_body(rng, products, s.customers)),
+                None,
             )
         },
     );
@@ -158,46 +164,70 @@ fn outbox_size(stack: &Stack, orders: u64) -> (f64, f64) {
 
 /// One order at a time; polls the query service until it shows it. (sorted µs, timeouts)
 fn freshness(s: &Settings, stack: &Stack) -> (Vec<u64>, u32) {
-    let probe = create_products(
-        stack.command,
-        1,
-        &format!("{}-probe", stack.env.id),
-        Some("Probe"),
-    )
-    .pop()
-    .unwrap();
-    let (mut cmd, mut qry) = (Http::new(stack.command), Http::new(stack.query));
-    let path = format!("/api/analytics/products/{}/sales", probe.id);
-    crate::harness::wait_until("the probe product", Duration::from_secs(30), || {
-        matches!(qry.request("GET", &path, None), Ok((200, _))).then_some(())
-    });
-    let order = format!(
-        r#"{{"customerId":1,"items":[{{"productId":{},"quantity":1,"price":{}}}]}}"#,
-        probe.id, probe.price
-    );
+    let mut probe = Probe::new(stack);
     let mut fresh_us: Vec<u64> = Vec::with_capacity(s.fresh_samples);
-    let mut timeouts = 0;
-    for expected in 1..=s.fresh_samples as i64 {
-        let (status, reply) = cmd.request("POST", "/api/orders", Some(&order)).unwrap();
+    for _ in 0..s.fresh_samples {
+        fresh_us.extend(probe.sample());
+    }
+    fresh_us.sort_unstable();
+    let timeouts = s.fresh_samples - fresh_us.len();
+    (fresh_us, timeouts as u32)
+}
+
+/// A product of its own, ordered one unit at a time to time an order from its 201 until
+/// the query service shows it.
+pub struct Probe {
+    cmd: Http,
+    qry: Http,
+    path: String,
+    order: String,
+    ordered: i64,
+}
+
+impl Probe {
+    pub fn new(stack: &Stack) -> Probe {
+        let tag = format!("{}-probe", stack.env.id);
+        let probe = create_products(stack.command, 1, &tag, Some("Probe"))
+            .pop()
+            .unwrap();
+        let mut qry = Http::new(stack.query);
+        let path = format!("/api/analytics/products/{}/sales", probe.id);
+        crate::harness::wait_until("the probe product", Duration::from_secs(30), || {
+            matches!(qry.request("GET", &path, None), Ok((200, _))).then_some(())
+        });
+        let order = format!(
+            r#"{{"customerId":1,"items":[{{"productId":{},"quantity":1,"price":{}}}]}}"#,
+            probe.id, probe.price
+        );
+        Probe {
+            cmd: Http::new(stack.command),
+            qry,
+            path,
+            order,
+            ordered: 0,
+        }
+    }
+
+    /// µs from the 201 until visible; None if not visible within 10 s.
+    pub fn sample(&mut self) -> Option<u64> {
+        let (status, reply) = self
+            .cmd
+            .request("POST", "/api/orders", Some(&self.order))
+            .unwrap();
         let t1 = Instant::now();
         assert_eq!(status, 201, "freshness order: {reply}");
-        loop {
-            if let Ok((200, body)) = qry.request("GET", &path, None) {
+        self.ordered += 1;
+        while t1.elapsed() < Duration::from_secs(10) {
+            if let Ok((200, body)) = self.qry.request("GET", &self.path, None) {
                 let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                if v["totalQuantitySold"].as_i64().unwrap_or(0) >= expected {
-                    fresh_us.push(t1.elapsed().as_micros() as u64);
-                    break;
+                if v["totalQuantitySold"].as_i64().unwrap_or(0) >= self.ordered {
+                    return Some(t1.elapsed().as_micros() as u64);
                 }
-            }
-            if t1.elapsed() > Duration::from_secs(10) {
-                timeouts += 1;
-                break;
             }
             thread::sleep(Duration::from_micros(500));
         }
+        None
     }
-    fresh_us.sort_unstable();
-    (fresh_us, timeouts)
 }
 
 /// A load's summary as JSON.

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cqrs_analytics::config::VARIABLES;
-use postgres::Client;
+use postgres::{Client, NoTls};
 
 use crate::client::Http;
 use crate::harness::{self, free_port, TestEnv};
@@ -214,4 +214,17 @@ pub fn read_equals_write(stack: &Stack) -> bool {
         && hourly_orders == want.0
         && hourly_revenue == want.3
         && category_revenue == want.2
+}
+
+/// Replaces database `target` by a copy of `source` (which nobody may be connected to):
+/// the same filled write model for several rounds.
+pub fn clone_database(source: &str, target: &str) {
+    let mut admin = Client::connect(&format!("{}/postgres", harness::pg_base()), NoTls)
+        .expect("connecting as a superuser");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {target} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {target} TEMPLATE {source}"))
+        .expect("cloning a database");
 }
