@@ -32,7 +32,7 @@ pub fn run(s: &Settings) -> ConsumersFigures {
         let stack = Stack::new();
         clone_database(&source.env.write_db, &stack.env.write_db);
         let publisher = publish(s, &stack);
-        let drain = consume(s, &stack, processes);
+        let drain = consume(s, &stack, processes, true);
         let same = read_equals_write(&stack);
         log(format!(
             "consumers: {processes} processes: {:?} events/s, Lock:* share {:.3}, read == write {same}",

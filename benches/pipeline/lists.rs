@@ -60,7 +60,7 @@ pub fn run(s: &Settings) -> ListsFigures {
             dropped = drop_view_indexes(&stack);
         }
         publish(s, &stack);
-        let drain = consume(s, &stack, 1);
+        let drain = consume(s, &stack, 1, false);
         log(format!(
             "lists: consumer with indexes {indexes}: {:?} events/s",
             drain.per_second.map(|e| e.round())
