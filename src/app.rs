@@ -1,6 +1,7 @@
 //! Assembles the services for a subcommand: pools, migrations, HTTP servers, publisher and
-//! consumer threads, and stops them in order (HTTP first, so in-flight requests finish and
-//! their events reach the outbox; then the background threads).
+//! consumer threads, and stops them in order: HTTP first, so in-flight requests finish and
+//! their events reach the outbox; then the publishers, which publish those events; then
+//! the consumers and the other background threads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,20 +49,49 @@ pub struct Running {
     pub query_addr: Option<SocketAddr>,
     pub consumer_addr: Option<SocketAddr>,
     servers: Vec<HttpServer>,
-    threads: Vec<JoinHandle<()>>,
+    /// Stopped second: the publishers publish what the last requests committed.
+    publishers: Stage,
+    /// Stopped last: the consumers (after their current batch) and the other threads.
+    background: Stage,
+    /// Fired by a signal: `main` waits for it, then calls `stop`.
+    stop_request: Option<Trigger>,
+    stop_requested: Shutdown,
+}
+
+/// Threads that stop together when their trigger fires.
+struct Stage {
     trigger: Option<Trigger>,
     shutdown: Shutdown,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        let (trigger, shutdown) = shutdown::channel();
+        Stage {
+            trigger: Some(trigger),
+            shutdown,
+            threads: Vec::new(),
+        }
+    }
+
+    fn stop(&mut self) {
+        drop(self.trigger.take());
+        for t in self.threads.drain(..) {
+            shutdown::join_logged(t);
+        }
+    }
 }
 
 impl Running {
-    /// The shutdown signal the background threads watch.
+    /// The request to stop (a signal) that `main` waits for.
     pub fn shutdown(&self) -> &Shutdown {
-        &self.shutdown
+        &self.stop_requested
     }
 
-    /// Takes the trigger, so that something else (a signal thread) can fire it.
+    /// Takes the trigger of the request to stop, so that a signal thread can fire it.
     pub fn take_trigger(&mut self) -> Option<Trigger> {
-        self.trigger.take()
+        self.stop_request.take()
     }
 
     /// Starts an HTTP server for `service` on `port` of the bind address; it is stopped
@@ -82,17 +112,26 @@ impl Running {
         Ok(addr)
     }
 
-    /// Stops accepting requests, finishes those in flight, stops the background threads and
-    /// joins every thread.
+    /// Stops in the documented order: every listener closes; the requests in flight are
+    /// answered; the publishers publish what those requests committed (at most
+    /// `SHUTDOWN_DRAIN_TIMEOUT_MS`); the consumers finish their current batch (what they
+    /// hold unacked is redelivered); every thread is joined.
     pub fn stop(mut self) {
+        let started = Instant::now();
+        for s in &self.servers {
+            s.stop_accepting();
+        }
         for s in self.servers.drain(..) {
             s.stop();
         }
-        drop(self.trigger.take());
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        info!("stopped");
+        info!("HTTP stopped after {} ms", started.elapsed().as_millis());
+        self.publishers.stop();
+        info!(
+            "publishers stopped after {} ms",
+            started.elapsed().as_millis()
+        );
+        self.background.stop();
+        info!("stopped after {} ms", started.elapsed().as_millis());
     }
 }
 
@@ -147,9 +186,10 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         query_addr: None,
         consumer_addr: None,
         servers: Vec::new(),
-        threads: Vec::new(),
-        trigger: Some(trigger),
-        shutdown,
+        publishers: Stage::new(),
+        background: Stage::new(),
+        stop_request: Some(trigger),
+        stop_requested: shutdown,
     };
     if role.runs_command() {
         running.command_addr = Some(start_command(config, &mut running)?);
@@ -182,11 +222,11 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         "outbox-publisher",
         false,
     );
-    running.threads.extend(outbox::start(
+    running.publishers.threads.extend(outbox::start(
         config,
         publisher_pool,
         wake_rx,
-        &running.shutdown,
+        &running.publishers.shutdown,
         outbox_metrics.clone(),
     ));
     let service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics));
@@ -211,10 +251,10 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
     );
     let metrics = Arc::new(ConsumerMetrics::new());
     let progress = Progress::new(config.consumer_threads, config.consumer_stall);
-    running.threads.extend(consumer::start(
+    running.background.threads.extend(consumer::start(
         config,
         pool.clone(),
-        &running.shutdown,
+        &running.background.shutdown,
         metrics.clone(),
         progress.clone(),
     ));

@@ -81,6 +81,7 @@ pub const VARIABLES: &[Variable] = &[
     int("BROKER_HEARTBEAT_SECS", "10", 0, 3600),
     int("BROKER_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
     int("BROKER_RECONNECT_MAX_MS", "5000", 10, 600_000),
+    int("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000", 0, 600_000),
     text("BROKER_EXCHANGE", "analytics.events"),
     text("BROKER_PRODUCT_QUEUE", "analytics.product-events"),
     text("BROKER_ORDER_QUEUE", "analytics.order-events"),
@@ -167,6 +168,8 @@ pub struct Config {
     pub broker_heartbeat_secs: u16,
     pub broker_connect_timeout: Duration,
     pub broker_reconnect_max: Duration,
+    /// At shutdown, how long the publishers may keep publishing what is committed.
+    pub shutdown_drain_timeout: Duration,
     pub broker: BrokerNames,
 }
 
@@ -217,6 +220,7 @@ impl Config {
             broker_heartbeat_secs: v.int("BROKER_HEARTBEAT_SECS")?,
             broker_connect_timeout: v.ms("BROKER_CONNECT_TIMEOUT_MS")?,
             broker_reconnect_max: v.ms("BROKER_RECONNECT_MAX_MS")?,
+            shutdown_drain_timeout: v.ms("SHUTDOWN_DRAIN_TIMEOUT_MS")?,
             broker: BrokerNames {
                 exchange: v.broker_name("BROKER_EXCHANGE")?,
                 product_queue: v.broker_name("BROKER_PRODUCT_QUEUE")?,

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use tiny_http::{Header, Method, Server};
 
 pub use crate::config::percent_decode;
 use crate::error::{panic_message, Error, Result};
+use crate::shutdown::{self, Shutdown, Trigger};
 
 /// The largest request body accepted; larger ones get 413. The vendored tiny_http reads
 /// bodies up to this size in the connection's thread, and drains at most this much of a
@@ -217,9 +218,24 @@ impl Limits {
 pub struct HttpServer {
     pub addr: SocketAddr,
     server: Arc<Server>,
-    stopping: Arc<AtomicBool>,
+    stop: Option<Trigger>,
     workers: Vec<JoinHandle<()>>,
 }
+
+/// What every worker of one server shares.
+struct Shared<S> {
+    name: &'static str,
+    server: Arc<Server>,
+    service: Arc<S>,
+    metrics: HttpMetrics,
+    stop: Shutdown,
+    /// After the stop, the workers still answer what arrives, for at most this long.
+    drain_max: Duration,
+}
+
+/// Stopping, a worker keeps answering for at least this long, and until no request has
+/// come for this long (at most `drain_max`).
+const STOP_QUIET: Duration = Duration::from_millis(100);
 
 impl HttpServer {
     /// Binds `addr`, sets the socket timeouts that every accepted connection inherits, and
@@ -244,17 +260,22 @@ impl HttpServer {
             Server::from_listener_with_limits(listener, None, tiny_limits)
                 .map_err(|e| Error::internal(format!("{name}: cannot start HTTP server: {e}")))?,
         );
-        let stopping = Arc::new(AtomicBool::new(false));
-        let metrics = Arc::new(HttpMetrics::default());
+        let (trigger, stop) = shutdown::channel();
+        let shared = Arc::new(Shared {
+            name,
+            server: server.clone(),
+            service,
+            metrics: HttpMetrics::default(),
+            stop,
+            // A request whose head had begun to arrive at the stop is whole by then.
+            drain_max: limits.head_timeout,
+        });
         let workers = (0..limits.workers)
             .map(|i| {
-                let server = server.clone();
-                let stopping = stopping.clone();
-                let service = service.clone();
-                let metrics = metrics.clone();
+                let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("{name}-http-{i}"))
-                    .spawn(move || worker(name, &server, &stopping, &*service, &metrics))
+                    .spawn(move || worker(&shared))
                     .expect("spawning an HTTP worker thread")
             })
             .collect();
@@ -262,19 +283,27 @@ impl HttpServer {
         Ok(HttpServer {
             addr,
             server,
-            stopping,
+            stop: Some(trigger),
             workers,
         })
     }
 
-    /// Stops taking requests, lets the workers finish the ones in flight, joins them.
-    pub fn stop(self) {
-        self.stopping.store(true, Ordering::SeqCst);
+    /// Closes the listening socket: no new connection from now on. (`stop` does it too;
+    /// calling this first on every server of a process closes them all at once.)
+    pub fn stop_accepting(&self) {
+        self.server.stop_accepting();
+    }
+
+    /// Stops accepting, lets the workers answer the requests in flight (with `Connection:
+    /// close`), joins them.
+    pub fn stop(mut self) {
+        self.server.stop_accepting();
+        drop(self.stop.take());
         for _ in &self.workers {
             self.server.unblock();
         }
         for w in self.workers {
-            let _ = w.join();
+            shutdown::join_logged(w);
         }
     }
 }
@@ -302,45 +331,54 @@ fn set_inherited_timeouts(listener: &TcpListener, timeout: Duration) -> Result<(
     Ok(())
 }
 
-fn worker<S: Service>(
-    name: &'static str,
-    server: &Server,
-    stopping: &AtomicBool,
-    service: &S,
-    metrics: &HttpMetrics,
-) {
-    while !stopping.load(Ordering::SeqCst) {
-        let rq = match server.recv() {
-            Ok(rq) => rq,
-            // Only `unblock()` (at stop) makes recv fail: our tiny_http never ends its accept
-            // thread.
-            Err(_) => continue,
+fn worker<S: Service>(shared: &Shared<S>) {
+    let mut stopping_since = None;
+    loop {
+        let rq = match stopping_since {
+            None if shared.stop.is_triggered() => {
+                stopping_since = Some(Instant::now());
+                continue;
+            }
+            // Only `unblock()` (at stop) makes recv fail: our tiny_http never ends its
+            // accept thread by itself.
+            None => match shared.server.recv() {
+                Ok(rq) => rq,
+                Err(_) => continue,
+            },
+            // Stopping: answer what has arrived or is arriving, then exit.
+            Some(since) => match shared.server.recv_timeout(STOP_QUIET) {
+                Ok(Some(rq)) if since.elapsed() < shared.drain_max => rq,
+                // A request whose head is still arriving gets at least STOP_QUIET.
+                Ok(None) if since.elapsed() < STOP_QUIET => continue,
+                _ => {
+                    // This may have taken the wake-up `stop` queued for a worker still
+                    // blocked in `recv`: pass one on.
+                    shared.server.unblock();
+                    return;
+                }
+            },
         };
+        let closing = stopping_since.is_some();
         // serve_one contains a handler's panic itself; this catches one of our own HTTP
         // code (the client then gets tiny_http's empty 500) so the worker lives on anyway.
-        let served = panic::catch_unwind(AssertUnwindSafe(|| {
-            serve_one(name, rq, server, service, metrics)
-        }));
+        let served = panic::catch_unwind(AssertUnwindSafe(|| serve_one(shared, rq, closing)));
         if let Err(payload) = served {
-            metrics.panics.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.panics.fetch_add(1, Ordering::Relaxed);
             error!(
-                "{name}: panic outside a handler: {}",
+                "{}: panic outside a handler: {}",
+                shared.name,
                 panic_message(&*payload)
             );
         }
     }
 }
 
-fn serve_one<S: Service>(
-    name: &'static str,
-    mut rq: tiny_http::Request,
-    server: &Server,
-    service: &S,
-    metrics: &HttpMetrics,
-) {
+/// Answers one request; `closing` (the server is stopping) adds `Connection: close`.
+fn serve_one<S: Service>(shared: &Shared<S>, mut rq: tiny_http::Request, closing: bool) {
+    let (name, metrics) = (shared.name, &shared.metrics);
     let started = Instant::now();
     let (route, result) = match read_request(&mut rq) {
-        Ok(req) => dispatch_contained(name, &req, server, service, metrics),
+        Ok(req) => dispatch_contained(name, &req, &shared.server, &*shared.service, metrics),
         Err(e) => ("unmatched", Err(e)),
     };
     let mut allow = None;
@@ -366,6 +404,9 @@ fn serve_one<S: Service>(
     }
     if let Some(allow) = allow {
         headers.push(Header::from_bytes(&b"Allow"[..], allow.as_bytes()).expect("ASCII header"));
+    }
+    if closing {
+        headers.push(Header::from_bytes(&b"Connection"[..], &b"close"[..]).expect("static header"));
     }
     let out = tiny_http::Response::new(
         response.status.into(),

@@ -135,15 +135,25 @@ impl<'a> Publisher<'a> {
         info!("outbox publisher connected to the broker");
         loop {
             if shutdown.is_triggered() {
-                return Ok(());
+                return publisher.drain_before_exit(pool, wake);
             }
-            publisher.drain(pool, wake, shutdown)?;
+            publisher.drain(pool, wake, &|| shutdown.is_triggered())?;
             select! {
                 recv(wake) -> _ => {}
-                recv(shutdown.receiver()) -> _ => return Ok(()),
+                recv(shutdown.receiver()) -> _ => {}
                 default(config.outbox_poll_interval) => {}
             }
         }
+    }
+
+    /// At shutdown (which comes after the HTTP servers have finished their last requests):
+    /// publishes what is still unpublished, until the outbox is empty or
+    /// `SHUTDOWN_DRAIN_TIMEOUT_MS` has passed. What is left is published at the next start.
+    fn drain_before_exit(&mut self, pool: &Pool, wake: &Receiver<()>) -> Result<()> {
+        let deadline = Instant::now() + self.config.shutdown_drain_timeout;
+        self.drain(pool, wake, &|| Instant::now() >= deadline)?;
+        info!("outbox publisher: drained before exit");
+        Ok(())
     }
 
     /// Prepares a channel for publishing: topology, confirms, returns.
@@ -175,11 +185,17 @@ impl<'a> Publisher<'a> {
     /// the broker refused: those wait for the next poll instead of being retried hot).
     /// A commit that wakes us while we wait for confirms is claimed at once if the window
     /// has room: a new order never waits for an earlier one's confirm.
-    pub fn drain(&mut self, pool: &Pool, wake: &Receiver<()>, shutdown: &Shutdown) -> Result<()> {
+    /// Claims no further batch once `stop_claiming` says so (the batches in flight finish).
+    pub fn drain(
+        &mut self,
+        pool: &Pool,
+        wake: &Receiver<()>,
+        stop_claiming: &dyn Fn() -> bool,
+    ) -> Result<()> {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
         let mut exhausted = false;
         loop {
-            while !exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !shutdown.is_triggered() {
+            while !exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !stop_claiming() {
                 match self.claim_and_publish(pool)? {
                     Some(batch) => {
                         exhausted = batch.ids.len() < self.config.outbox_batch_size_max;

@@ -1,12 +1,14 @@
 //! Shutdown coordination. A `Trigger` owns the only sender of a crossbeam channel; dropping
 //! it disconnects every `Shutdown` receiver at once, so any thread can `select!` on shutdown
-//! beside its own work channel. SIGINT and SIGTERM drop the trigger.
+//! beside its own work channel. SIGINT and SIGTERM drop the trigger that `main` waits on;
+//! `app::Running::stop` then fires the others in order, one stage at a time (HTTP, then
+//! the publishers, then the consumers): the same mechanism for every stage.
 
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use log::info;
+use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
@@ -49,6 +51,17 @@ impl Shutdown {
     }
 }
 
+/// Joins `thread`; if it panicked, logs the panic's message instead of dropping it.
+pub fn join_logged(thread: JoinHandle<()>) {
+    let name = thread.thread().name().unwrap_or("unnamed").to_string();
+    if let Err(payload) = thread.join() {
+        error!(
+            "thread {name} had panicked: {}",
+            crate::error::panic_message(&*payload)
+        );
+    }
+}
+
 /// A thread that fires `trigger` on the first SIGINT or SIGTERM.
 pub struct SignalThread {
     handle: Handle,
@@ -73,6 +86,6 @@ impl SignalThread {
 
     pub fn join(self) {
         self.handle.close();
-        let _ = self.thread.join();
+        join_logged(self.thread);
     }
 }

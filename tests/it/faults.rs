@@ -414,7 +414,7 @@ fn spawn_command_service(env: &TestEnv, port: u16, generation: u32) -> ChildServ
 /// Widens the window between "the broker confirmed the batch" and "the outbox rows are
 /// marked published" to 300 ms, so that a SIGKILL reliably lands inside it: the marking
 /// UPDATE sleeps in a statement trigger (on the test's own database only).
-const SLOW_MARK: &str = "
+pub(crate) const SLOW_MARK: &str = "
 CREATE FUNCTION it_slow_mark() RETURNS trigger LANGUAGE plpgsql AS
 $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
 CREATE TRIGGER it_slow_mark BEFORE UPDATE ON outbox

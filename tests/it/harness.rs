@@ -726,7 +726,7 @@ impl ChildService {
     }
 
     /// SIGTERM, then waits up to `timeout` for the process to exit.
-    pub fn terminate(mut self, timeout: Duration) -> ExitStatus {
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let sent = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()

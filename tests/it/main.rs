@@ -16,4 +16,5 @@ mod operations;
 mod panics;
 mod pipeline;
 mod read_api;
+mod stopping;
 mod write_api;

@@ -499,7 +499,14 @@ impl fmt::Debug for Request {
 impl Drop for Request {
     fn drop(&mut self) {
         if self.response_writer.is_some() {
-            let response = Response::empty(500);
+            // PATCHED: upstream sent an empty 500. Our workers answer every request they
+            // take, so one dropped unanswered was still queued when the server stopped.
+            let response = Response::from_string(r#"{"error":"the server is shutting down"}"#)
+                .with_status_code(503)
+                .with_header(
+                    crate::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                        .expect("static header"),
+                );
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
                 sender.send(()).unwrap();
