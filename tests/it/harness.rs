@@ -65,9 +65,10 @@ fn templates() -> &'static (String, String) {
                 .unwrap();
             }
         }
-        // Templates of older schemas are of no further use, unless another checkout on this
-        // machine (a branch with other migrations) is testing with them right now.
-        let keep = std::env::var_os("IT_KEEP_TEMPLATES").is_some();
+        // Templates of older schemas are of no further use, but another checkout on this
+        // machine (a branch with other migrations, a benchmark) may be cloning them right now:
+        // only a run that knows it is alone (.ci/run sets IT_DROP_STALE_TEMPLATES) drops them.
+        let keep = std::env::var_os("IT_DROP_STALE_TEMPLATES").is_none();
         let stale = admin
             .query(
                 "SELECT datname FROM pg_database
