@@ -25,6 +25,8 @@ pub enum Command {
     Healthcheck(u16),
     /// `dead-letters list | replay --all | replay EVENT_ID...` (its own arguments).
     DeadLetters(Vec<String>),
+    /// Recomputes the read model from the write model while everything runs.
+    RebuildReadModel,
 }
 
 impl Command {
@@ -39,6 +41,7 @@ impl Command {
             "migrate" => Some(Command::Migrate),
             "healthcheck" => arg(1)?.parse().ok().map(Command::Healthcheck),
             "dead-letters" => Some(Command::DeadLetters(args[1..].to_vec())),
+            "rebuild-read-model" if args.len() == 1 => Some(Command::RebuildReadModel),
             _ => None,
         }
     }
@@ -53,6 +56,10 @@ pub fn run(command: Command) -> Result<bool> {
         Command::Healthcheck(port) => healthcheck(port).map(|()| true),
         Command::DeadLetters(args) => {
             crate::dead_letters::run(&Config::from_env()?, &args, &mut std::io::stdout())
+        }
+        // Progress and the outcome on stderr: stdout stays free for a pipe.
+        Command::RebuildReadModel => {
+            crate::rebuild::run(&Config::from_env()?, &mut std::io::stderr())
         }
     }
 }
@@ -125,6 +132,11 @@ mod tests {
             parse(&["dead-letters", "list"]),
             Some(Command::DeadLetters(vec!["list".into()]))
         );
+        assert_eq!(
+            parse(&["rebuild-read-model"]),
+            Some(Command::RebuildReadModel)
+        );
+        assert_eq!(parse(&["rebuild-read-model", "now"]), None);
         assert_eq!(parse(&["bogus"]), None);
         assert_eq!(parse(&[]), None);
     }

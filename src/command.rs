@@ -165,9 +165,10 @@ impl CommandService {
             Checkout::Fresh(conn, record) => (conn, record),
         };
         let (key, request) = IdempotencyRecord::params(&record);
+        let (event_id, timestamp) = (Uuid::new_v4(), event::now_millis());
         let payload = Event::ProductCreated(ProductCreated {
-            event_id: Uuid::new_v4(),
-            timestamp: event::now_millis(),
+            event_id,
+            timestamp,
             product_id: 0, // set by the database, in the same statement
             name: product.name.clone(),
             category: product.category.clone(),
@@ -177,7 +178,7 @@ impl CommandService {
         .to_json();
         let stmt = conn.prepared(INSERT_PRODUCT)?;
         let stock = product.stock as i32; // validated to fit
-        let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
+        let params: [&(dyn postgres::types::ToSql + Sync); 9] = [
             &product.name,
             &product.category,
             &product.price_cents,
@@ -185,6 +186,8 @@ impl CommandService {
             &payload,
             &key,
             &request,
+            &event_id,
+            &timestamp,
         ];
         // The product, its outbox row and the key: one statement, one implicit transaction.
         let row = conn.client.query_one(&stmt, &params)?;
@@ -404,8 +407,8 @@ WITH n AS (
     ON CONFLICT (key) DO NOTHING
     RETURNING 1
 ), p AS (
-    INSERT INTO products (id, name, category, price, stock)
-    SELECT n.id, $1, $2, $3::bigint / 100.0, $4 FROM n
+    INSERT INTO products (id, name, category, price, stock, event_id, created_at)
+    SELECT n.id, $1, $2, $3::bigint / 100.0, $4, $8, $9 FROM n
     WHERE $6::text IS NULL OR EXISTS (SELECT 1 FROM k)
     RETURNING id
 ), o AS (

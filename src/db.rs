@@ -22,6 +22,14 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Wraps a connection made elsewhere (e.g. a long-lived session of an operator command).
+    pub fn new(client: Client) -> Conn {
+        Conn {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+
     /// Returns the prepared statement for `sql`, preparing it on first use on this connection.
     pub fn prepared(&mut self, sql: &'static str) -> Result<Statement> {
         self.prepared_cow(Cow::Borrowed(sql))
@@ -211,6 +219,11 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "place_order",
         sql: include_str!("../sql/write/003_place_order.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "event_ids",
+        sql: include_str!("../sql/write/005_event_ids.sql"),
     },
 ];
 

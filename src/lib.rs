@@ -29,6 +29,7 @@ pub mod outbox;
 pub mod progress;
 pub mod projection;
 pub mod query;
+pub mod rebuild;
 pub mod shutdown;
 pub mod supervise;
 

@@ -131,6 +131,22 @@ pub struct BatchCounts {
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
 /// processed, upserts the folded deltas, advances sync_status, commits.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
+    let statements = Statements::prepare(conn)?;
+    let mut tx = conn.client.transaction()?;
+    let counts = apply_in(&mut tx, &statements, events, false)?;
+    tx.commit()?;
+    Ok(counts)
+}
+
+/// `apply_batch` inside a transaction the caller commits. `backdate` records the events as
+/// processed at their own timestamps (the rebuild's snapshot: not a measure of latency, and
+/// kept for the deduplication window counted from the event).
+pub fn apply_in(
+    tx: &mut Transaction,
+    statements: &Statements,
+    events: &[Event],
+    backdate: bool,
+) -> Result<BatchCounts> {
     // Sorted and distinct: duplicates inside one batch count once, and concurrent batches
     // insert overlapping ids in the same order (no deadlock on the primary key).
     let mut unique: BTreeMap<Uuid, &Event> = BTreeMap::new();
@@ -140,11 +156,8 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     let ids: Vec<Uuid> = unique.keys().copied().collect();
     let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
     let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
-
-    let statements = Statements::prepare(conn)?;
-    let mut tx = conn.client.transaction()?;
     let fresh: HashSet<Uuid> = tx
-        .query(&statements.processed, &[&ids, &types, &stamps])?
+        .query(&statements.processed, &[&ids, &types, &stamps, &backdate])?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -154,8 +167,7 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
             .copied()
             .filter(|e| fresh.contains(&e.event_id())),
     )?;
-    upsert(&mut tx, &statements, &delta)?;
-    tx.commit()?;
+    upsert(tx, statements, &delta)?;
     let applied = fresh.len();
     Ok(BatchCounts {
         applied,
@@ -164,7 +176,7 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
 }
 
 /// The statements of `apply_batch`, prepared once per pooled connection.
-struct Statements {
+pub struct Statements {
     processed: Statement,
     products: Statement,
     categories: Statement,
@@ -174,7 +186,7 @@ struct Statements {
 }
 
 impl Statements {
-    fn prepare(conn: &mut Conn) -> Result<Statements> {
+    pub fn prepare(conn: &mut Conn) -> Result<Statements> {
         Ok(Statements {
             processed: conn.prepared(INSERT_PROCESSED)?,
             products: conn.prepared(UPSERT_PRODUCTS)?,
@@ -227,8 +239,9 @@ fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta) -> Result<()> {
 }
 
 const INSERT_PROCESSED: &str = "
-INSERT INTO processed_events (event_id, event_type, event_timestamp)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
+SELECT id, kind, ts, CASE WHEN $4::bool THEN ts ELSE clock_timestamp() END
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, kind, ts)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id";
 

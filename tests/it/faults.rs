@@ -88,7 +88,7 @@ impl LoadLog {
         self.outcomes.iter().filter(|(_, o)| pred(o)).count()
     }
 
-    fn created(&self) -> usize {
+    pub(crate) fn created(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Status(201, _)))
     }
 

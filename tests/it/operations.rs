@@ -215,3 +215,342 @@ fn dead_letters_are_listed_and_replayed_exactly_once_after_a_fix() {
         )
     );
 }
+
+/// Every view row by key, from the write model (`from_write`) or from the read model, as
+/// text: per product, category, customer and hour, to the cent and the millisecond.
+fn views_by_key(c: &mut postgres::Client, from_write: bool) -> Vec<String> {
+    let queries: [(&str, &str); 4] = [
+        (
+            "SELECT p.id::text, coalesce(sum(i.quantity), 0)::bigint::text,
+                    coalesce(sum(i.quantity * i.price), 0)::numeric(24,2)::text, count(i.id)::text
+             FROM products p LEFT JOIN order_items i ON i.product_id = p.id GROUP BY p.id ORDER BY p.id",
+            "SELECT product_id::text, total_quantity_sold::text, total_revenue::text, order_count::text
+             FROM product_sales_view ORDER BY product_id",
+        ),
+        (
+            "SELECT p.category, coalesce(sum(i.quantity * i.price), 0)::numeric(24,2)::text,
+                    count(DISTINCT i.order_id)::text, ''
+             FROM products p LEFT JOIN order_items i ON i.product_id = p.id GROUP BY 1 ORDER BY 1",
+            "SELECT category_name, total_revenue::text, total_orders::text, ''
+             FROM category_metrics_view ORDER BY 1",
+        ),
+        (
+            "SELECT customer_id::text, sum(total)::numeric(24,2)::text, count(*)::text, max(created_at)::text
+             FROM orders GROUP BY customer_id ORDER BY customer_id",
+            "SELECT customer_id::text, total_spent::text, order_count::text, last_order_date::text
+             FROM customer_ltv_view ORDER BY customer_id",
+        ),
+        (
+            "SELECT date_trunc('hour', created_at)::text, count(*)::text,
+                    sum(total)::numeric(24,2)::text, ''
+             FROM orders GROUP BY 1 ORDER BY 1",
+            "SELECT hour_timestamp::text, total_orders::text, total_revenue::text, ''
+             FROM hourly_sales_view ORDER BY 1",
+        ),
+    ];
+    c.batch_execute("SET TIME ZONE 'UTC'").unwrap();
+    let mut rows = Vec::new();
+    for (write_sql, read_sql) in queries {
+        let sql = if from_write { write_sql } else { read_sql };
+        for r in c.query(sql, &[]).unwrap() {
+            let cols: Vec<String> = (0..4).map(|i| r.get::<_, String>(i)).collect();
+            rows.push(cols.join("|"));
+        }
+    }
+    rows
+}
+
+/// The read model equals the write model key by key, and every committed event is recorded
+/// as processed exactly once.
+fn assert_read_model_is_exact(env: &TestEnv) {
+    let want = views_by_key(&mut env.write(), true);
+    let got = views_by_key(&mut env.read(), false);
+    let diff: Vec<_> = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| w != g)
+        .take(5)
+        .collect();
+    assert!(
+        want.len() == got.len() && diff.is_empty(),
+        "read model differs from the write model ({} vs {} rows): {diff:?}",
+        want.len(),
+        got.len()
+    );
+    let ids = crate::faults::outbox_event_ids(env);
+    assert_eq!(
+        crate::faults::applied_among(env, &ids),
+        ids.len(),
+        "events not processed"
+    );
+}
+
+/// Runs `cqrs-analytics rebuild-read-model` (the real binary): exit code and stderr.
+fn rebuild(env: &TestEnv) -> (i32, String) {
+    let out = env.binary("rebuild-read-model").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("rebuild-read-model -> {:?}\n{stderr}", out.status);
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// Readers of known ids for the duration of a rebuild: every answer must be a 200.
+struct Readers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Readers {
+    fn start(addr: std::net::SocketAddr, paths: Vec<String>, threads: usize) -> Readers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|t| {
+                let (stop, paths) = (stop.clone(), paths.clone());
+                std::thread::spawn(move || {
+                    let (mut n, mut bad) = (t, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let path = &paths[n % paths.len()];
+                        let r = get(addr, path);
+                        if r.status != 200 && bad.len() < 10 {
+                            bad.push(format!("{path} -> {} {}", r.status, r.body));
+                        }
+                        n += 1;
+                    }
+                    (n, bad)
+                })
+            })
+            .collect();
+        Readers { stop, threads }
+    }
+
+    /// Stops the readers: (requests made, failures seen).
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = (0, Vec::new());
+        for t in self.threads {
+            let (n, bad) = t.join().unwrap();
+            total.0 += n;
+            total.1.extend(bad);
+        }
+        total
+    }
+}
+
+/// The rebuild under a steady order load with the consumers running: the read model is
+/// first damaged (so a rebuild that recomputed nothing would fail), queries for known ids
+/// answer 200 throughout, and afterwards read == write key by key, every event once.
+#[test]
+fn rebuild_under_load_switches_without_a_failed_query_and_ends_exact() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let products = crate::faults::seed_products(app.command());
+    let load = crate::faults::Load::start(app.command(), &products, 3);
+    wait_until("some orders", Duration::from_secs(20), || {
+        (load.created() >= 100).then_some(())
+    });
+    wait_until("customers 1..=5 known", Duration::from_secs(20), || {
+        (1..=5)
+            .all(|c| {
+                get(
+                    app.query(),
+                    &format!("/api/analytics/customers/{c}/lifetime-value"),
+                )
+                .status
+                    == 200
+            })
+            .then_some(())
+    });
+    env.read()
+        .batch_execute("UPDATE product_sales_view SET total_revenue = total_revenue + 1000, order_count = order_count + 7")
+        .unwrap();
+    let mut paths: Vec<String> = products
+        .iter()
+        .map(|p| format!("/api/analytics/products/{p}/sales"))
+        .collect();
+    paths.extend((1..=5).map(|c| format!("/api/analytics/customers/{c}/lifetime-value")));
+    paths.push("/api/analytics/categories/Electronics/revenue".into());
+    paths.push("/api/analytics/sync-status".into());
+    let readers = Readers::start(app.query(), paths, 3);
+    let before = load.created();
+    let (code, stderr) = rebuild(&env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("switched in"), "{stderr}");
+    let after = load.created();
+    wait_until(
+        "more orders after the switch",
+        Duration::from_secs(20),
+        || (load.created() >= after + 50).then_some(()),
+    );
+    let (reads, failures) = readers.stop();
+    let log = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{reads} reads during the rebuild, failures: {failures:?}"
+    );
+    assert!(log.created() > before, "orders flowed during the rebuild");
+    converge(&env);
+    assert_read_model_is_exact(&env);
+}
+
+/// Posts `n` orders spread over `products` and customers 1..=10.
+fn orders(app: &App, products: &[i64], n: usize) {
+    for i in 0..n {
+        order(app, products[i % products.len()], (i % 10) as i64 + 1);
+    }
+}
+
+/// Disaster recovery: the read database is lost and created again empty while the events
+/// still wait in the queues. The rebuild alone recreates the read model from the write
+/// model; the consumers, started afterwards, drop every queued event as already contained.
+#[test]
+fn rebuild_into_an_empty_read_database_then_queued_events_are_dropped() {
+    let env = TestEnv::new();
+    let command = env.start(Role::Command);
+    let products = crate::faults::seed_products(command.command());
+    orders(&command, &products, 60);
+    wait_until("the outbox published", Duration::from_secs(20), || {
+        (unpublished(&env) == 0).then_some(())
+    });
+    let mut w = env.write();
+    w.batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", env.read_db))
+        .unwrap();
+    w.batch_execute(&format!("CREATE DATABASE {}", env.read_db))
+        .unwrap();
+    let (code, stderr) = rebuild(&env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("60 orders from one snapshot"), "{stderr}");
+    assert_read_model_is_exact(&env);
+
+    let consumer = env.start(Role::Consumer);
+    wait_until(
+        "the queued events consumed",
+        Duration::from_secs(30),
+        || {
+            (env.queue_depth(&env.broker.order_queue) == 0
+                && counter(consumer.consumer(), "consumer_duplicates_dropped_total") == 64)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        counter(consumer.consumer(), "consumer_events_applied_total"),
+        0
+    );
+    assert_read_model_is_exact(&env);
+    orders(&command, &products, 5);
+    converge(&env);
+    assert_read_model_is_exact(&env);
+}
+
+/// A second rebuild while one runs refuses with exit 1 and changes nothing; two started at
+/// once both end well (one may refuse), and the result is exact.
+#[test]
+fn two_rebuilds_at_once_the_second_refuses() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let products = crate::faults::seed_products(app.command());
+    orders(&app, &products, 20);
+    converge(&env);
+    let mut holder = env.read();
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&cqrs_analytics::rebuild::REBUILD_LOCK_KEY],
+        )
+        .unwrap();
+    let (code, stderr) = rebuild(&env);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("another rebuild-read-model is running"),
+        "{stderr}"
+    );
+    drop(holder);
+
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            env.binary("rebuild-read-model")
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || (code == 1 && stderr.contains("another rebuild-read-model is running")),
+            "{code}: {stderr}"
+        );
+        codes.push(code);
+    }
+    assert!(codes.contains(&0), "{codes:?}");
+    orders(&app, &products, 5);
+    converge(&env);
+    assert_read_model_is_exact(&env);
+}
+
+/// A rebuild killed in the middle of its switch (held back by a reader's lock) leaves the
+/// live tables as they were; the next run succeeds.
+#[test]
+fn a_rebuild_killed_mid_switch_leaves_the_old_views() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let products = crate::faults::seed_products(app.command());
+    orders(&app, &products, 20);
+    converge(&env);
+    // A marker the rebuild would erase.
+    env.read()
+        .batch_execute("UPDATE product_sales_view SET order_count = order_count + 1000")
+        .unwrap();
+    let mut reader = env.read();
+    let mut lock = reader.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE sync_status IN ACCESS SHARE MODE")
+        .unwrap();
+    let mut child = env
+        .binary("rebuild-read-model")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut watch = env.read();
+    wait_until(
+        "the rebuild waiting in its switch",
+        Duration::from_secs(30),
+        || {
+            let waiting: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'cqrs-analytics-rebuild' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    lock.rollback().unwrap();
+    let marker: i64 = env
+        .read()
+        .query_one("SELECT min(order_count) FROM product_sales_view", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        marker >= 1000,
+        "the old views must stay: min order_count {marker}"
+    );
+    assert_eq!(
+        get(
+            app.query(),
+            &format!("/api/analytics/products/{}/sales", products[0])
+        )
+        .status,
+        200
+    );
+
+    let (code, stderr) = rebuild(&env);
+    assert_eq!(code, 0, "{stderr}");
+    orders(&app, &products, 5);
+    converge(&env);
+    assert_read_model_is_exact(&env);
+}
