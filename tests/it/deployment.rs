@@ -330,7 +330,7 @@ fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
         )
         .unwrap();
     let place = "SELECT r_outcome FROM place_order(ARRAY[1]::bigint[], ARRAY[2], \
-                 ARRAY[NULL]::bigint[], 7, gen_random_uuid(), 't', 'key', 'request')";
+                 ARRAY[NULL]::bigint[], 7, gen_random_uuid(), '2026-02-11T16:35:00.000Z', 'key', 'request')";
     let outcome: String = command.query_one(place, &[]).unwrap().get(0);
     assert_eq!(outcome, "ok");
     let mut query =

@@ -519,7 +519,8 @@ fn a_rebuild_killed_mid_switch_leaves_the_old_views() {
             let waiting: i64 = watch
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = 'cqrs-analytics-rebuild' AND wait_event_type = 'Lock'",
+                 WHERE application_name = 'cqrs-analytics-rebuild' AND wait_event_type = 'Lock'
+                   AND datname = current_database()",
                     &[],
                 )
                 .unwrap()
