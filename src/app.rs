@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use crate::broker::LinkStatus;
 use crate::command::CommandService;
 use crate::config::Config;
 use crate::consumer::{self, ConsumerHttp, ConsumerMetrics};
@@ -214,6 +215,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
     );
     let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
     let outbox_metrics = Arc::new(OutboxMetrics::new());
+    let link = Arc::new(LinkStatus::new());
     // The publishers get their own small pool so HTTP load can never starve them.
     let publisher_pool = db::pool(
         &config.write_db,
@@ -228,8 +230,12 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         wake_rx,
         &running.publishers.shutdown,
         outbox_metrics.clone(),
+        link.clone(),
     ));
-    let service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics));
+    let mut service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics));
+    if config.outbox_publishers > 0 {
+        service = service.with_broker_link(link, config.broker_down_grace);
+    }
     running.serve(
         config,
         "command-service",
@@ -251,14 +257,16 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
     );
     let metrics = Arc::new(ConsumerMetrics::new());
     let progress = Progress::new(config.consumer_threads, config.consumer_stall);
+    let link = Arc::new(LinkStatus::new());
     running.background.threads.extend(consumer::start(
         config,
         pool.clone(),
         &running.background.shutdown,
         metrics.clone(),
         progress.clone(),
+        link.clone(),
     ));
-    let service = ConsumerHttp::new(pool, metrics, progress, config);
+    let service = ConsumerHttp::new(pool, metrics, progress, config, link);
     running.serve(config, "consumer-service", config.consumer_port, 2, service)
 }
 

@@ -2,28 +2,173 @@
 //! (declarations are idempotent): a durable direct exchange, one durable queue per topic
 //! bound by the topic name, and a dead-letter exchange and queue for events that cannot be
 //! applied. amiquip does not reconnect, so callers run sessions under `supervise::run`.
+//!
+//! `BROKER_URL` may name several endpoints (the nodes of a cluster). Each publisher and
+//! consumer thread keeps an [`Endpoints`] cursor: it starts at a random endpoint, so the
+//! threads of all services spread over the nodes, connects to the first endpoint that
+//! answers, and after losing a connection starts with the endpoint after the lost one, so a
+//! dead node is tried last instead of waited for. [`LinkStatus`] tells `/health` how long
+//! every connection of a service has been down.
 
-use std::time::Duration;
-
+use std::hash::{BuildHasher, Hasher};
 use std::net::ToSocketAddrs;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpValue, Auth, Channel, Connection, ConnectionOptions, ConnectionTuning,
     ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
 };
+use log::{info, warn};
 
 use crate::config::{AmqpTarget, BrokerNames, Config, QueueType};
 use crate::error::{Error, Result};
 use crate::event::{ORDER_TOPIC, PRODUCT_TOPIC};
 
-/// Opens a connection. We connect the socket ourselves, for one reason: TCP_NODELAY. amiquip
-/// writes a publish as three frames in separate writes, and with Nagle's algorithm on, the
-/// second waits for the broker to acknowledge the first, which a delayed ACK can hold for
-/// 40 ms: that was the tail of our end-to-end latency (p99 about 50 ms, p50 4 ms).
+/// Opens a connection to the first endpoint that answers, starting at a random one: for
+/// short-lived connections (a status probe, the dead-letter tool).
 pub fn connect(config: &Config) -> Result<Connection> {
-    connect_to(config, &config.broker_target)
+    connect_from(config, random_index(config.broker_targets.len())).map(|(c, _)| c)
 }
 
+/// Tries every endpoint once, starting at `start`; returns the connection and the index of
+/// the endpoint that answered, or the last endpoint's error.
+fn connect_from(config: &Config, start: usize) -> Result<(Connection, usize)> {
+    let targets = &config.broker_targets;
+    let mut last_error = None;
+    for k in 0..targets.len() {
+        let i = (start + k) % targets.len();
+        match connect_to(config, &targets[i]) {
+            Ok(connection) => return Ok((connection, i)),
+            Err(e) => {
+                if targets.len() > 1 {
+                    warn!("broker {}: {e}", endpoint_name(&targets[i]));
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| Error::config("BROKER_URL names no endpoint")))
+}
+
+/// `host:port`, for logs (never the credentials).
+pub fn endpoint_name(target: &AmqpTarget) -> String {
+    if target.host.contains(':') {
+        format!("[{}]:{}", target.host, target.port)
+    } else {
+        format!("{}:{}", target.host, target.port)
+    }
+}
+
+/// A random index below `n` (`n` > 0), from the standard library's randomly keyed hasher.
+fn random_index(n: usize) -> usize {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() % n.max(1) as u64) as usize
+}
+
+/// One thread's way to the broker: the endpoint it tries first next time, and the
+/// service-wide status its connections count in.
+pub struct Endpoints {
+    next: usize,
+    status: Arc<LinkStatus>,
+}
+
+/// An open connection that counts as "up" in its service's [`LinkStatus`] until dropped.
+pub struct Link {
+    pub connection: Connection,
+    /// `host:port` of the endpoint, for logs.
+    pub endpoint: String,
+    _up: LinkUp,
+}
+
+impl Endpoints {
+    /// Starts at a random endpoint, so that threads spread over a cluster's nodes.
+    pub fn new(config: &Config, status: Arc<LinkStatus>) -> Endpoints {
+        Endpoints {
+            next: random_index(config.broker_targets.len()),
+            status,
+        }
+    }
+
+    /// Connects to the first endpoint that answers, starting with the one after the
+    /// endpoint of the previous connection: when that connection was lost, its node is
+    /// tried last, after every other.
+    pub fn connect(&mut self, config: &Config) -> Result<Link> {
+        let (connection, i) = connect_from(config, self.next)?;
+        self.next = (i + 1) % config.broker_targets.len();
+        let endpoint = endpoint_name(&config.broker_targets[i]);
+        info!("connected to the broker at {endpoint}");
+        Ok(Link {
+            connection,
+            endpoint,
+            _up: LinkUp::new(self.status.clone()),
+        })
+    }
+}
+
+/// How many of a service's broker connections are open, and since when none is.
+#[derive(Debug)]
+pub struct LinkStatus {
+    state: Mutex<(usize, Instant)>,
+}
+
+impl Default for LinkStatus {
+    fn default() -> Self {
+        LinkStatus::new()
+    }
+}
+
+impl LinkStatus {
+    /// No connection yet: down since now.
+    pub fn new() -> LinkStatus {
+        LinkStatus {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    /// How long every connection has been down; zero while one is open.
+    pub fn down_for(&self) -> Duration {
+        let (open, since) = *self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if open > 0 {
+            Duration::ZERO
+        } else {
+            since.elapsed()
+        }
+    }
+
+    /// Whether the service counts as connected: some connection is open, or all have been
+    /// down for less than `grace` (a failover to another node takes a moment).
+    pub fn connected(&self, grace: Duration) -> bool {
+        self.down_for() <= grace
+    }
+}
+
+/// One open connection in a [`LinkStatus`].
+struct LinkUp(Arc<LinkStatus>);
+
+impl LinkUp {
+    fn new(status: Arc<LinkStatus>) -> LinkUp {
+        status.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        LinkUp(status)
+    }
+}
+
+impl Drop for LinkUp {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 -= 1;
+        if state.0 == 0 {
+            state.1 = Instant::now();
+        }
+    }
+}
+
+/// Opens a connection to one endpoint. We connect the socket ourselves, for one reason:
+/// TCP_NODELAY. amiquip writes a publish as three frames in separate writes, and with
+/// Nagle's algorithm on, the second waits for the broker to acknowledge the first, which a
+/// delayed ACK can hold for 40 ms: that was the tail of our end-to-end latency (p99 about
+/// 50 ms, p50 4 ms).
 fn connect_to(config: &Config, target: &AmqpTarget) -> Result<Connection> {
     let timeout = target
         .connection_timeout_ms

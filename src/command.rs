@@ -8,11 +8,13 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use tiny_http::Method;
 use uuid::Uuid;
 
+use crate::broker::LinkStatus;
 use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 use crate::event::{self, Event, ProductCreated};
@@ -128,6 +130,9 @@ pub struct CommandService {
     outbox_wake: Option<Sender<()>>,
     pub metrics: Arc<CommandMetrics>,
     outbox_metrics: Option<Arc<crate::outbox::OutboxMetrics>>,
+    /// The publishers' broker connections and how long they may all be down before
+    /// `/health` reports `brokerConnected: false`.
+    broker_link: Option<(Arc<LinkStatus>, Duration)>,
 }
 
 impl CommandService {
@@ -141,7 +146,14 @@ impl CommandService {
             outbox_wake,
             metrics: Arc::default(),
             outbox_metrics,
+            broker_link: None,
         }
+    }
+
+    /// Reports the publishers' broker connections in `/health` (`brokerConnected`).
+    pub fn with_broker_link(mut self, link: Arc<LinkStatus>, grace: Duration) -> CommandService {
+        self.broker_link = Some((link, grace));
+        self
     }
 
     fn wake_outbox(&self) {
@@ -438,6 +450,16 @@ impl Service for CommandService {
     fn health(&self) -> Result<()> {
         db::ping(&self.pool)
             .map_err(|e| Error::unavailable(format!("write database unreachable: {e}")))
+    }
+
+    /// The outbox absorbs a broker outage, so a lost broker leaves the service healthy
+    /// (orders are still taken) but says so.
+    fn health_details(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut details = serde_json::Map::new();
+        if let Some((link, grace)) = &self.broker_link {
+            details.insert("brokerConnected".into(), link.connected(*grace).into());
+        }
+        details
     }
 
     fn metrics(&self, out: &mut String) {

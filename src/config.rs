@@ -82,6 +82,7 @@ pub const VARIABLES: &[Variable] = &[
     int("BROKER_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
     int("BROKER_RECONNECT_MAX_MS", "5000", 10, 600_000),
     int("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000", 0, 600_000),
+    int("BROKER_DOWN_GRACE_SECS", "10", 0, 3600),
     text("BROKER_EXCHANGE", "analytics.events"),
     text("BROKER_PRODUCT_QUEUE", "analytics.product-events"),
     text("BROKER_ORDER_QUEUE", "analytics.order-events"),
@@ -139,7 +140,9 @@ pub struct AmqpTarget {
 pub struct Config {
     pub write_db: postgres::Config,
     pub read_db: postgres::Config,
-    pub broker_target: AmqpTarget,
+    /// `BROKER_URL`'s endpoints (one, or the nodes of a cluster), at most
+    /// `BROKER_ENDPOINTS_MAX`, never empty.
+    pub broker_targets: Vec<AmqpTarget>,
     pub http_bind_addr: IpAddr,
     pub command_port: u16,
     pub query_port: u16,
@@ -170,6 +173,8 @@ pub struct Config {
     pub broker_reconnect_max: Duration,
     /// At shutdown, how long the publishers may keep publishing what is committed.
     pub shutdown_drain_timeout: Duration,
+    /// How long every broker connection of a service may be down before `/health` says so.
+    pub broker_down_grace: Duration,
     pub broker: BrokerNames,
 }
 
@@ -185,7 +190,7 @@ impl Config {
         let config = Config {
             write_db: v.postgres("DATABASE_URL")?,
             read_db: v.postgres("READ_DATABASE_URL")?,
-            broker_target: v.amqp("BROKER_URL")?,
+            broker_targets: v.amqp("BROKER_URL")?,
             http_bind_addr: v.ip("HTTP_BIND_ADDR")?,
             command_port: v.int("COMMAND_SERVICE_PORT")?,
             query_port: v.int("QUERY_SERVICE_PORT")?,
@@ -217,6 +222,7 @@ impl Config {
             consumer_batch_wait: v.ms("CONSUMER_BATCH_WAIT_MS")?,
             consumer_attempts_max: v.int("CONSUMER_MAX_ATTEMPTS")?,
             consumer_stall: v.int("CONSUMER_STALL_SECS").map(Duration::from_secs)?,
+            broker_down_grace: v.int("BROKER_DOWN_GRACE_SECS").map(Duration::from_secs)?,
             broker_heartbeat_secs: v.int("BROKER_HEARTBEAT_SECS")?,
             broker_connect_timeout: v.ms("BROKER_CONNECT_TIMEOUT_MS")?,
             broker_reconnect_max: v.ms("BROKER_RECONNECT_MAX_MS")?,
@@ -308,7 +314,7 @@ impl Values<'_> {
         })
     }
 
-    fn amqp(&self, name: &str) -> Result<AmqpTarget> {
+    fn amqp(&self, name: &str) -> Result<Vec<AmqpTarget>> {
         let (value, _) = self.get(name);
         if !value.starts_with("amqp://") {
             return Err(Error::config(format!(
@@ -316,7 +322,7 @@ impl Values<'_> {
                 redact(&value)
             )));
         }
-        parse_amqp_url(&value)
+        parse_amqp_urls(&value)
     }
 
     fn broker_name(&self, name: &str) -> Result<String> {
@@ -338,6 +344,57 @@ impl Values<'_> {
             ))),
         }
     }
+}
+
+/// The most broker endpoints `BROKER_URL` may name.
+pub const BROKER_ENDPOINTS_MAX: usize = 16;
+
+/// Parses `BROKER_URL`: one amqp:// URL; or several, comma-separated
+/// (`amqp://u:p@a:5672/%2f,amqp://u:p@b:5672/%2f`); or one URL whose hosts share its
+/// credentials, vhost and parameters (`amqp://u:p@a:5672,b:5672,c:5672/%2f`).
+pub fn parse_amqp_urls(value: &str) -> Result<Vec<AmqpTarget>> {
+    // A URL starts at the beginning and after every comma that `amqp://` follows.
+    let starts: Vec<usize> = value
+        .match_indices("amqp://")
+        .map(|(i, _)| i)
+        .filter(|&i| i == 0 || value[..i].trim_end().ends_with(','))
+        .collect();
+    let urls: Vec<String> = if starts.len() > 1 {
+        let ends = starts.iter().skip(1).copied().chain([value.len()]);
+        starts
+            .iter()
+            .zip(ends)
+            .map(|(&a, b)| value[a..b].trim().trim_end_matches(',').trim().to_string())
+            .collect()
+    } else {
+        expand_hosts(value)?
+    };
+    if urls.len() > BROKER_ENDPOINTS_MAX {
+        return Err(Error::config(format!(
+            "BROKER_URL names {} endpoints; at most {BROKER_ENDPOINTS_MAX}",
+            urls.len()
+        )));
+    }
+    urls.iter().map(|u| parse_amqp_url(u)).collect()
+}
+
+/// `amqp://u:p@a,b:5673/v` → `amqp://u:p@a/v`, `amqp://u:p@b:5673/v`.
+fn expand_hosts(url: &str) -> Result<Vec<String>> {
+    let Some(rest) = url.strip_prefix("amqp://") else {
+        return Ok(vec![url.to_string()]); // parse_amqp_url names the problem
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    hosts
+        .split(',')
+        .map(|h| match h.trim() {
+            "" => Err(Error::config("BROKER_URL has an empty host in its list")),
+            h => Ok(format!("amqp://{userinfo}{h}{tail}")),
+        })
+        .collect()
 }
 
 /// Parses a broker URL the way RabbitMQ's URI spec reads it: guest/guest, port 5672 and
@@ -522,5 +579,42 @@ mod tests {
         ] {
             assert!(parse_amqp_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn broker_url_lists_endpoints_in_either_form() {
+        let hosts = |value: &str| -> Vec<(String, u16, String, String)> {
+            parse_amqp_urls(value)
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.host, t.port, t.password, t.vhost))
+                .collect()
+        };
+        let expected = vec![
+            ("a".to_string(), 5672, "p,w".to_string(), "v".to_string()),
+            ("b".to_string(), 5673, "p,w".to_string(), "v".to_string()),
+            ("::1".to_string(), 5674, "p,w".to_string(), "v".to_string()),
+        ];
+        // One URL with a host list (a comma in the password is not a separator)...
+        assert_eq!(hosts("amqp://u:p,w@a, b:5673,[::1]:5674/v"), expected);
+        // ... or a list of URLs.
+        assert_eq!(
+            hosts("amqp://u:p,w@a/v, amqp://u:p,w@b:5673/v,amqp://u:p,w@[::1]:5674/v"),
+            expected
+        );
+        let one = parse_amqp_urls("amqp://guest:guest@localhost:5672/%2f").unwrap();
+        assert_eq!(
+            one,
+            vec![parse_amqp_url("amqp://guest:guest@localhost:5672/%2f").unwrap()]
+        );
+        let q = parse_amqp_urls("amqp://a,b?heartbeat=3").unwrap();
+        assert!(q.iter().all(|t| t.heartbeat_secs == Some(3)), "{q:?}");
+        let many = vec!["h"; BROKER_ENDPOINTS_MAX + 1].join(",");
+        for bad in ["amqp://a,,b/", "amqp://a,b:x/", &format!("amqp://{many}")] {
+            assert!(parse_amqp_urls(bad).is_err(), "{bad}");
+        }
+        let c =
+            Config::from_lookup(|k| (k == "BROKER_URL").then(|| "amqp://a,b,c".into())).unwrap();
+        assert_eq!(c.broker_targets.len(), 3);
     }
 }

@@ -16,7 +16,7 @@ use amiquip::{Channel, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::select;
 use log::{error, info, warn};
 
-use crate::broker;
+use crate::broker::{self, Endpoints, LinkStatus};
 use crate::config::Config;
 use crate::db::Pool;
 use crate::error::{Error, Result};
@@ -91,6 +91,7 @@ pub fn start(
     shutdown: &Shutdown,
     metrics: Arc<ConsumerMetrics>,
     progress: Arc<Progress>,
+    link: Arc<LinkStatus>,
 ) -> Vec<JoinHandle<()>> {
     let backoff_max = config.broker_reconnect_max;
     let mut threads = supervise::spawn(
@@ -101,6 +102,7 @@ pub fn start(
         |thread| {
             let (config, pool) = (config.clone(), pool.clone());
             let (metrics, progress) = (metrics.clone(), progress.clone());
+            let mut endpoints = Endpoints::new(&config, link.clone());
             move |shutdown: &Shutdown| {
                 let consumer = Consumer {
                     config: &config,
@@ -111,7 +113,7 @@ pub fn start(
                     thread,
                 };
                 consumer
-                    .session()
+                    .session(&mut endpoints)
                     .inspect_err(|_| metrics.session_errors.inc())
             }
         },
@@ -158,10 +160,10 @@ RETURNING attempts";
 const FORGET_FAILURES: &str = "DELETE FROM event_failures WHERE message_key = $1";
 
 impl Consumer<'_> {
-    fn session(&self) -> Result<()> {
+    fn session(&self, endpoints: &mut Endpoints) -> Result<()> {
         let (config, shutdown) = (self.config, self.shutdown);
-        let mut connection = broker::connect(config)?;
-        let channel = connection.open_channel(None)?;
+        let mut link = endpoints.connect(config)?;
+        let channel = link.connection.open_channel(None)?;
         broker::declare_topology(&channel, &config.broker)?;
         channel.qos(0, config.consumer_prefetch, false)?;
         let products = channel.basic_consume(
@@ -172,7 +174,7 @@ impl Consumer<'_> {
             config.broker.order_queue.as_str(),
             ConsumerOptions::default(),
         )?;
-        info!("consumer connected to the broker");
+        info!("consumer consuming from {}", link.endpoint);
         let _connected = ConnectedGuard::new(&self.metrics.connected);
         let (prx, orx) = (products.receiver(), orders.receiver());
         let _attached = self
@@ -388,6 +390,8 @@ pub struct ConsumerHttp {
     pub probe: broker::QueueProbe,
     /// Since when the broker has been seen with ready messages while nothing was applied.
     pub ready_since: std::sync::Mutex<Option<Instant>>,
+    /// The consumer threads' broker connections.
+    pub link: Arc<LinkStatus>,
 }
 
 impl ConsumerHttp {
@@ -396,8 +400,10 @@ impl ConsumerHttp {
         metrics: Arc<ConsumerMetrics>,
         progress: Arc<Progress>,
         config: &Config,
+        link: Arc<LinkStatus>,
     ) -> Self {
         ConsumerHttp {
+            link,
             pool,
             metrics,
             progress,
@@ -446,12 +452,21 @@ impl crate::http::Service for ConsumerHttp {
     fn health(&self) -> Result<()> {
         crate::db::ping(&self.pool)
             .map_err(|e| Error::unavailable(format!("read database unreachable: {e}")))?;
-        if self.metrics.connected.get() == 0 {
-            return Err(Error::unavailable(
-                "broker unreachable: no consumer is connected",
-            ));
+        // A failover to another node takes a moment: only an outage longer than the grace
+        // period makes the service unhealthy.
+        let grace = self.config.broker_down_grace;
+        if !self.link.connected(grace) {
+            return Err(Error::unavailable(format!(
+                "broker unreachable: no consumer has been connected for {} s",
+                self.link.down_for().as_secs()
+            )));
         }
         self.stall_check()
+    }
+
+    fn health_details(&self) -> serde_json::Map<String, serde_json::Value> {
+        let connected = self.link.connected(self.config.broker_down_grace);
+        serde_json::Map::from_iter([("brokerConnected".to_string(), connected.into())])
     }
 
     fn metrics(&self, out: &mut String) {

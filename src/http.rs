@@ -122,6 +122,10 @@ pub trait Service: Send + Sync + 'static {
     fn handle(&self, req: &Request) -> (&'static str, Result<Response>);
     /// Checks the service's dependencies; the error names the failing one.
     fn health(&self) -> Result<()>;
+    /// Fields `/health` adds to its body either way, e.g. `brokerConnected`.
+    fn health_details(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
     /// Appends the service's own metrics in Prometheus text format.
     fn metrics(&self, out: &mut String);
 }
@@ -484,13 +488,23 @@ fn only_get(req: &Request) -> Result<()> {
 }
 
 fn health<S: Service>(service: &S) -> Result<Response> {
-    match service.health() {
-        Ok(()) => Ok(Response::json(200, r#"{"status":"healthy"}"#.to_string())),
-        Err(e) => Ok(Response::json(
-            503,
-            serde_json::json!({"status": "unhealthy", "error": e.message()}).to_string(),
-        )),
-    }
+    let mut body = serde_json::Map::new();
+    let status = match service.health() {
+        Ok(()) => {
+            body.insert("status".into(), "healthy".into());
+            200
+        }
+        Err(e) => {
+            body.insert("status".into(), "unhealthy".into());
+            body.insert("error".into(), e.message().into());
+            503
+        }
+    };
+    body.extend(service.health_details());
+    Ok(Response::json(
+        status,
+        serde_json::Value::Object(body).to_string(),
+    ))
 }
 
 /// Reads the head fields we use and the body, enforcing the size limit. The body is already

@@ -17,7 +17,7 @@ use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Publish, Return
 use crossbeam_channel::{select, Receiver};
 use log::{debug, info, warn};
 
-use crate::broker;
+use crate::broker::{self, Endpoints, LinkStatus};
 use crate::config::Config;
 use crate::db::{Pool, Tx};
 use crate::error::{Error, Result};
@@ -73,6 +73,7 @@ pub fn start(
     wake: Receiver<()>,
     shutdown: &Shutdown,
     metrics: Arc<OutboxMetrics>,
+    link: Arc<LinkStatus>,
 ) -> Vec<JoinHandle<()>> {
     let backoff_max = config.broker_reconnect_max;
     supervise::spawn(
@@ -83,8 +84,9 @@ pub fn start(
         |_| {
             let (config, pool, wake, metrics) =
                 (config.clone(), pool.clone(), wake.clone(), metrics.clone());
+            let mut endpoints = Endpoints::new(&config, link.clone());
             move |shutdown: &Shutdown| {
-                Publisher::session(&config, &pool, &wake, shutdown, &metrics)
+                Publisher::session(&config, &pool, &wake, shutdown, &metrics, &mut endpoints)
                     .inspect_err(|_| metrics.session_errors.inc())
             }
         },
@@ -128,18 +130,24 @@ impl<'a> Publisher<'a> {
         wake: &Receiver<()>,
         shutdown: &Shutdown,
         metrics: &OutboxMetrics,
+        endpoints: &mut Endpoints,
     ) -> Result<()> {
-        let mut connection = broker::connect(config)?;
-        let channel = connection.open_channel(None)?;
+        let mut link = endpoints.connect(config)?;
+        let channel = link.connection.open_channel(None)?;
         let mut publisher = Publisher::new(config, channel, metrics)?;
-        info!("outbox publisher connected to the broker");
+        info!("outbox publisher publishing to {}", link.endpoint);
         loop {
             if shutdown.is_triggered() {
                 return publisher.drain_before_exit(pool, wake);
             }
             publisher.drain(pool, wake, &|| shutdown.is_triggered())?;
+            // Every confirm has arrived: the confirms channel only closes now, when the
+            // connection is lost, which an idle publisher thus notices at once.
             select! {
                 recv(wake) -> _ => {}
+                recv(publisher.confirms) -> c => if c.is_err() {
+                    return Err(Error::unavailable("broker connection lost"));
+                },
                 recv(shutdown.receiver()) -> _ => {}
                 default(config.outbox_poll_interval) => {}
             }

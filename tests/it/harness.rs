@@ -9,7 +9,8 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use cqrs_analytics::app::{self, Role, Running};
@@ -805,4 +806,118 @@ pub fn publish_raw(env: &TestEnv, routing_key: &str, message_id: &str, body: &[u
         .recv_timeout(Duration::from_secs(5))
         .expect("a confirm");
     conn.close().unwrap();
+}
+
+/// A TCP proxy on a loopback port in front of `upstream` (the shared broker), for a broker
+/// endpoint a test can kill while it is in use without touching the broker: `kill` cuts
+/// every proxied connection and closes the port, as a dead node would.
+pub struct TcpProxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    killed: AtomicBool,
+    /// Both sockets of every proxied connection and whether it has closed, and the
+    /// threads copying between them.
+    conns: std::sync::Mutex<Vec<(TcpStream, TcpStream, Arc<AtomicBool>)>>,
+    pumps: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: (String, u16)) -> TcpProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let s = state.clone();
+        let accept = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.killed.load(Ordering::SeqCst) {
+                    return; // drops the listener: the port is closed
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let closed = Arc::new(AtomicBool::new(false));
+                s.conns.lock().unwrap().push((
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    closed.clone(),
+                ));
+                let mut pumps = s.pumps.lock().unwrap();
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let closed = closed.clone();
+                    pumps.push(std::thread::spawn(move || {
+                        pump(from, to);
+                        closed.store(true, Ordering::SeqCst);
+                    }));
+                }
+            }
+        });
+        TcpProxy {
+            port,
+            state,
+            accept: Some(accept),
+        }
+    }
+
+    /// Connections proxied so far that are still open.
+    pub fn open_connections(&self) -> usize {
+        let conns = self.state.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|(_, _, closed)| !closed.load(Ordering::SeqCst))
+            .count()
+    }
+
+    /// Cuts every connection and closes the port; joins every thread of the proxy.
+    pub fn kill(&mut self) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        self.state.killed.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port)); // wakes the accept loop
+        accept.join().unwrap();
+        for (client, server, _) in self.state.conns.lock().unwrap().drain(..) {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = server.shutdown(std::net::Shutdown::Both);
+        }
+        for pump in self.state.pumps.lock().unwrap().drain(..) {
+            pump.join().unwrap();
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Copies `from` to `to` until either side closes, then closes both.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// The test broker's URL with its host and port replaced by 127.0.0.1:`port` (a proxy's).
+pub fn broker_url_via(port: u16) -> String {
+    let url = broker_url();
+    let (scheme_user, rest) = url.rsplit_once('@').expect("TEST_BROKER_URL has user@host");
+    let path = rest.find(['/', '?']).map_or("", |i| &rest[i..]);
+    format!("{scheme_user}@127.0.0.1:{port}{path}")
+}
+
+/// The test broker's host and port, for a proxy in front of it.
+pub fn broker_host_port() -> (String, u16) {
+    let targets = cqrs_analytics::config::parse_amqp_urls(&broker_url()).unwrap();
+    (targets[0].host.clone(), targets[0].port)
 }

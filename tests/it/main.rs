@@ -9,6 +9,7 @@ mod harness;
 mod connections;
 mod dashboard;
 mod deployment;
+mod failover;
 mod faults;
 mod hostile;
 mod lists;

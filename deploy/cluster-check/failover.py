@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Failover check of the three-node RabbitMQ cluster (docker-compose.cluster.yml).
+
+Against a running stack:
+
+    docker compose -f docker-compose.yml -f docker-compose.cluster.yml up --build -d
+    python3 deploy/cluster-check/failover.py
+
+it places about RATE orders/s (one product, one customer per scenario) and, while they
+flow, stops one broker node gracefully (`docker stop`), later kills one (`docker kill`),
+each time the node that carries the command service's publisher connection, and starts it
+again. Per scenario it prints and records (JSON, --out): orders accepted, 5xx answers,
+events lost and doubled (the write database against the read model once the pipeline has
+caught up), and the longest pipeline pause: the longest time in which the read model
+applied nothing while accepted orders were waiting for it. Not for CI: it needs Docker and
+takes a few minutes. Exit 1 if any scenario lost or doubled an event, got a 5xx, or paused
+for PAUSE_MAX_S or more.
+
+Environment: COMPOSE (the compose command, default the two files above), CMD_URL and
+QRY_URL (default http://127.0.0.1:8080 and :8081), RATE (50), PAUSE_MAX_S (2),
+POSTGRES_USER (user).
+"""
+import argparse, http.client, json, os, random, shlex, subprocess, sys, threading, time
+import urllib.parse
+
+COMPOSE = shlex.split(os.environ.get(
+    "COMPOSE", "docker compose -f docker-compose.yml -f docker-compose.cluster.yml"))
+CMD = os.environ.get("CMD_URL", "http://127.0.0.1:8080")
+QRY = os.environ.get("QRY_URL", "http://127.0.0.1:8081")
+RATE = float(os.environ.get("RATE", "50"))
+PAUSE_MAX_S = float(os.environ.get("PAUSE_MAX_S", "2"))
+OWNER = os.environ.get("POSTGRES_USER", "user")
+NODES = ("broker", "broker-2", "broker-3")
+
+
+def log(msg):
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def sh(args, timeout=120):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+class Client:
+    """One keep-alive HTTP connection (reconnects after an error)."""
+
+    def __init__(self, base):
+        u = urllib.parse.urlsplit(base)
+        self.host, self.port, self.conn = u.hostname, u.port, None
+
+    def request(self, method, path, body=None):
+        for attempt in range(2):
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                data = json.dumps(body).encode() if body is not None else None
+                headers = {"Content-Type": "application/json"} if data else {}
+                self.conn.request(method, path, body=data, headers=headers)
+                r = self.conn.getresponse()
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
+            except (OSError, http.client.HTTPException) as e:
+                self.conn = None
+                if attempt == 1:
+                    return None, str(e)
+
+
+def container(service):
+    r = sh(COMPOSE + ["ps", "-a", "-q", service])
+    ids = r.stdout.split()
+    return ids[0] if ids else None
+
+
+def container_ips():
+    """{ip: service} for the app containers."""
+    out = {}
+    for svc in ("command-service", "consumer-service", "query-service"):
+        for cid in sh(COMPOSE + ["ps", "-q", svc]).stdout.split():
+            ips = sh(["docker", "inspect", "-f",
+                      "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", cid]).stdout.split()
+            for ip in ips:
+                out[ip] = svc
+    return out
+
+
+def rabbitmqctl(node, *args):
+    cid = container(node)
+    return sh(["docker", "exec", cid, "rabbitmqctl", "-q", *args]) if cid else None
+
+
+def any_running_node():
+    for node in NODES:
+        r = rabbitmqctl(node, "cluster_status", "--formatter", "json")
+        if r is not None and r.returncode == 0:
+            return node, json.loads(r.stdout)
+    return None, None
+
+
+def connections():
+    """[(node, service)] for every AMQP connection the cluster has."""
+    node, _ = any_running_node()
+    if node is None:
+        return []
+    r = rabbitmqctl(node, "list_connections", "pid", "peer_host", "--formatter", "json")
+    if r is None or r.returncode != 0:
+        return []
+    ips = container_ips()
+    out = []
+    for c in json.loads(r.stdout or "[]"):
+        # pid looks like <rabbit@broker-2.1639.0>
+        owner = str(c.get("pid", "")).strip("<>").split(".")[0].replace("rabbit@", "")
+        out.append((owner, ips.get(c.get("peer_host"), c.get("peer_host"))))
+    return out
+
+
+def queue_leaders():
+    node, _ = any_running_node()
+    r = rabbitmqctl(node, "list_queues", "name", "type", "leader", "members", "--formatter", "json")
+    return json.loads(r.stdout) if r is not None and r.returncode == 0 else r.stderr if r else None
+
+
+def wait_cluster(want=3, timeout=180):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        _, status = any_running_node()
+        if status and len(status.get("running_nodes", [])) == want:
+            return time.time() - t0
+        time.sleep(1)
+    raise SystemExit(f"the cluster did not get {want} running nodes within {timeout} s")
+
+
+def psql(sql):
+    r = sh(COMPOSE + ["exec", "-T", "db", "psql", f"postgresql://{OWNER}@/write_db", "-XAtq",
+                      "-c", sql])
+    return r.stdout.strip()
+
+
+class Load(threading.Thread):
+    """Places orders at RATE per second until stopped; records every status."""
+
+    def __init__(self, product, customer):
+        super().__init__(daemon=True)
+        self.product, self.customer = product, customer
+        self.statuses, self.stop_at = [], None
+        self.done = threading.Event()
+
+    def run(self):
+        client, period, next_at = Client(CMD), 1.0 / RATE, time.time()
+        while not self.done.is_set():
+            status, _ = client.request("POST", "/api/orders", {
+                "customerId": self.customer,
+                "items": [{"productId": self.product, "quantity": 1}]})
+            self.statuses.append((time.time(), status))
+            next_at += period
+            time.sleep(max(0.0, next_at - time.time()))
+
+
+class Watch(threading.Thread):
+    """Samples the read model's order count for the customer every 50 ms."""
+
+    def __init__(self, customer):
+        super().__init__(daemon=True)
+        self.customer, self.samples = customer, []
+        self.done = threading.Event()
+
+    def run(self):
+        client = Client(QRY)
+        while not self.done.is_set():
+            status, body = client.request(
+                "GET", f"/api/analytics/customers/{self.customer}/lifetime-value")
+            count = body.get("orderCount", 0) if status == 200 and isinstance(body, dict) else 0
+            self.samples.append((time.time(), count))
+            time.sleep(0.05)
+
+
+def longest_pause(load, watch):
+    """Longest stretch without progress of the read model while accepted orders waited."""
+    accepted = [t for t, s in load.statuses if s == 201]
+    worst, since, last = 0.0, None, 0
+    for t, count in watch.samples:
+        waiting = sum(1 for a in accepted if a <= t - 0.05) > count
+        if count > last or not waiting:
+            since = None
+        elif since is None:
+            since = t
+        else:
+            worst = max(worst, t - since)
+        last = max(last, count)
+    return worst
+
+
+def health(base):
+    status, body = Client(base).request("GET", "/health")
+    return status, body if isinstance(body, dict) else {}
+
+
+def scenario(name, action, product, before_s=10.0, outage_s=15.0, after_s=15.0):
+    customer = random.randint(10**8, 2 * 10**8)
+    load, watch = Load(product, customer), Watch(customer)
+    conns = connections()
+    publisher_node = next((n for n, svc in conns if svc == "command-service"), NODES[0])
+    log(f"{name}: connections {conns}; acting on {publisher_node}")
+    load.start(), watch.start()
+    time.sleep(before_s)
+    t_act = time.time()
+    r = sh(["docker", action, container(publisher_node)])
+    log(f"{name}: docker {action} {publisher_node} rc={r.returncode} in {time.time() - t_act:.1f} s")
+    time.sleep(outage_s / 2)
+    during = {"command": health(CMD), "connections": connections(), "queues": queue_leaders()}
+    log(f"{name}: during the outage: {during}")
+    time.sleep(outage_s / 2)
+    r = sh(["docker", "start", container(publisher_node)])
+    rejoined = wait_cluster()
+    log(f"{name}: {publisher_node} started again, cluster of 3 after {rejoined:.1f} s")
+    time.sleep(after_s)
+    load.done.set(), load.join()
+    t_end = time.time()
+    accepted = sum(1 for _, s in load.statuses if s == 201)
+    written = int(psql(f"SELECT count(*) FROM orders WHERE customer_id = {customer}") or 0)
+    read = 0
+    while time.time() - t_end < 120:
+        read = watch.samples[-1][1] if watch.samples else 0
+        if read >= written:
+            break
+        time.sleep(0.2)
+    time.sleep(2)  # a doubled event would show up late
+    read = watch.samples[-1][1]
+    watch.done.set(), watch.join()
+    result = {
+        "scenario": name, "node": publisher_node,
+        "orders": accepted, "written": written,
+        "fivexx": sum(1 for _, s in load.statuses if s is not None and s >= 500),
+        "no_answer": sum(1 for _, s in load.statuses if s is None),
+        "other": sorted({s for _, s in load.statuses if s not in (201, None) and s < 500}),
+        "lost": max(0, written - read), "doubled": max(0, read - written),
+        "pause_s": round(longest_pause(load, watch), 2),
+        "caught_up_after_s": round(time.time() - t_end, 1),
+        "after": {"command": health(CMD), "connections": connections(), "queues": queue_leaders()},
+    }
+    log(f"{name}: {json.dumps(result)}")
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="cluster-failover.json")
+    args = ap.parse_args()
+    log(f"cluster of 3 after {wait_cluster():.1f} s; queues: {queue_leaders()}")
+    status, body = Client(CMD).request("POST", "/api/products", {
+        "name": "Failover probe", "category": f"Failover{random.randint(1000, 9999)}",
+        "price": 9.99, "stock": 2_000_000_000})
+    if status != 201:
+        raise SystemExit(f"creating the product: {status} {body}")
+    product = body["productId"]
+    results = [scenario("node stopped (docker stop)", "stop", product),
+               scenario("node killed (docker kill)", "kill", product)]
+    json.dump(results, open(args.out, "w"), indent=2)
+    print("\n| scenario | node | orders | 5xx | lost | doubled | pause |")
+    print("|---|---|---|---|---|---|---|")
+    bad = 0
+    for r in results:
+        print(f"| {r['scenario']} | {r['node']} | {r['orders']} | {r['fivexx']} | {r['lost']} "
+              f"| {r['doubled']} | {r['pause_s']:.2f} s |")
+        ok = (r["fivexx"] == 0 and r["lost"] == 0 and r["doubled"] == 0
+              and r["pause_s"] < PAUSE_MAX_S and r["orders"] == r["written"])
+        print(("PASS " if ok else "FAIL ") + r["scenario"])
+        bad += not ok
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

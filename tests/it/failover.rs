@@ -1,0 +1,175 @@
+//! Several broker endpoints (`BROKER_URL` listing a cluster's nodes): connections go to the
+//! first endpoint that answers, move on to the next when one dies in use, and `/health`
+//! says when every connection has been down for longer than `BROKER_DOWN_GRACE_SECS`.
+//! A dead endpoint is a closed port or a `TcpProxy` in front of the shared broker that the
+//! test kills: the shared broker itself is never stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_analytics::app::Role;
+use cqrs_analytics::broker::{endpoint_name, Endpoints, LinkStatus};
+use cqrs_analytics::config::parse_amqp_urls;
+use serde_json::json;
+
+use crate::harness::{
+    assert_converges, broker_host_port, broker_url, broker_url_via, counter, create_product,
+    free_port, get, post_json, wait_until, TcpProxy, TestEnv,
+};
+
+fn order(addr: std::net::SocketAddr, product: i64, customer: i64) {
+    let r = post_json(
+        addr,
+        "/api/orders",
+        &json!({"customerId": customer, "items": [{"productId": product, "quantity": 1}]}),
+    );
+    assert_eq!(r.status, 201, "order: {}", r.body);
+}
+
+fn health(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let r = get(addr, "/health");
+    (r.status, r.json())
+}
+
+#[test]
+fn a_dead_first_endpoint_is_skipped() {
+    let env = TestEnv::new();
+    // Endpoint 0 is a closed port, endpoint 1 the broker (the URL-list form).
+    let url = format!("{},{}", broker_url_via(free_port()), broker_url());
+    let mut config = env.config();
+    config.broker_targets = parse_amqp_urls(&url).unwrap();
+    let live = endpoint_name(&config.broker_targets[1]);
+    // Each connection after the first starts with the endpoint after the previous one, so
+    // whatever the random start, the dead endpoint comes first at least every other time.
+    let status = Arc::new(LinkStatus::new());
+    let mut endpoints = Endpoints::new(&config, status.clone());
+    for _ in 0..4 {
+        let link = endpoints
+            .connect(&config)
+            .expect("the live endpoint answers");
+        assert_eq!(link.endpoint, live);
+        assert_eq!(status.down_for(), Duration::ZERO, "a connection is open");
+    }
+    assert!(
+        status.down_for() > Duration::ZERO,
+        "every connection is closed"
+    );
+
+    let app = env.start_with(Role::All, |c| {
+        c.broker_targets = config.broker_targets.clone()
+    });
+    let product = create_product(app.command(), "Desk", "Office", 120.0, 1000);
+    for customer in 1..=20 {
+        order(app.command(), product, customer);
+    }
+    assert_converges(&env, Duration::from_secs(30));
+    let (status, body) = health(app.command());
+    assert_eq!(
+        (status, &body["brokerConnected"]),
+        (200, &json!(true)),
+        "{body}"
+    );
+}
+
+#[test]
+fn an_endpoint_that_dies_in_use_fails_over_and_loses_nothing() {
+    let env = TestEnv::new();
+    let mut proxies = [
+        TcpProxy::start(broker_host_port()),
+        TcpProxy::start(broker_host_port()),
+    ];
+    // The host-list form: one URL, two hosts sharing its credentials and vhost.
+    let url = broker_url_via(proxies[0].port).replacen(
+        "@127.0.0.1:",
+        &format!("@127.0.0.1:{},127.0.0.1:", proxies[1].port),
+        1,
+    );
+    let targets = parse_amqp_urls(&url).unwrap();
+    assert_eq!(targets.len(), 2, "{url}");
+    let app = env.start_with(Role::All, |c| c.broker_targets = targets);
+    let product = create_product(app.command(), "Lamp", "Home", 15.5, 1_000_000);
+    wait_until(
+        "the publisher and the consumer to connect",
+        Duration::from_secs(20),
+        || (proxies[0].open_connections() + proxies[1].open_connections() >= 2).then_some(()),
+    );
+    let mut killed = None;
+    for i in 0..300 {
+        order(app.command(), product, 1 + i % 7);
+        if i == 100 {
+            // The endpoint carrying more connections dies while orders flow.
+            let busier = usize::from(proxies[1].open_connections() > proxies[0].open_connections());
+            let cut = proxies[busier].open_connections();
+            assert!(cut >= 1, "no connection to cut");
+            proxies[busier].kill();
+            killed = Some((busier, cut));
+        }
+    }
+    let (busier, cut) = killed.unwrap();
+    let survivor = &proxies[1 - busier];
+    wait_until(
+        "the cut connections to fail over",
+        Duration::from_secs(20),
+        || (survivor.open_connections() >= 2).then_some(()),
+    );
+    assert_converges(&env, Duration::from_secs(60));
+    let errors = counter(app.command(), "outbox_session_errors_total")
+        + counter(app.consumer(), "consumer_session_errors_total");
+    assert!(
+        errors >= 1,
+        "{cut} connections were cut but no session failed"
+    );
+    let (status, body) = health(app.command());
+    assert_eq!(
+        (status, &body["brokerConnected"]),
+        (200, &json!(true)),
+        "{body}"
+    );
+    assert_eq!(health(app.consumer()).0, 200);
+}
+
+#[test]
+fn health_reports_a_broker_lost_for_longer_than_the_grace_period() {
+    let env = TestEnv::new();
+    let mut proxies = [
+        TcpProxy::start(broker_host_port()),
+        TcpProxy::start(broker_host_port()),
+    ];
+    let url = format!(
+        "{},{}",
+        broker_url_via(proxies[0].port),
+        broker_url_via(proxies[1].port)
+    );
+    let app = env.start_with(Role::All, |c| {
+        c.broker_targets = parse_amqp_urls(&url).unwrap();
+        c.broker_down_grace = Duration::from_secs(1);
+    });
+    wait_until(
+        "both services to be connected",
+        Duration::from_secs(20),
+        || {
+            let (command, body) = health(app.command());
+            (command == 200
+                && body["brokerConnected"] == json!(true)
+                && health(app.consumer()).0 == 200)
+                .then_some(())
+        },
+    );
+    for p in &mut proxies {
+        p.kill();
+    }
+    // The command service stays healthy (its outbox keeps the events) but says so; the
+    // consumer service cannot work without the broker.
+    wait_until(
+        "the outage to show in /health",
+        Duration::from_secs(20),
+        || {
+            let (command, body) = health(app.command());
+            let (consumer, consumer_body) = health(app.consumer());
+            (command == 200 && body["brokerConnected"] == json!(false) && consumer == 503)
+                .then_some(consumer_body)
+        },
+    );
+    let product = create_product(app.command(), "Chair", "Office", 40.0, 10);
+    order(app.command(), product, 1);
+}
