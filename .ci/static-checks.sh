@@ -8,6 +8,9 @@
 # then checks:
 #   * docker-compose.yml with Compose v2 (what `docker compose up` runs) and
 #     with Debian's docker-compose 1.29, with .env.example and with no .env;
+#   * docker-compose.cluster.yml over it with Compose v2, and its promises
+#     (three nodes of one image, classic_config discovery, quorum queues, the
+#     apps given every node);
 #   * the compose file's promises (health checks, restart policies, depends_on,
 #     least-privileged URLs, a scalable consumer-service);
 #   * that .env.example is KEY=value lines, each with a comment above, and
@@ -172,6 +175,64 @@ compose_v1_config() { # env-file
     clean_env "$COMPOSE_V1" --env-file "$1" -f docker-compose.yml config -q
 }
 
+compose_cluster_config() { # env-file
+    clean_env "${COMPOSE_V2[@]}" --env-file "$1" -f docker-compose.yml \
+        -f docker-compose.cluster.yml config -q
+}
+
+cluster_promises() {
+    clean_env "${COMPOSE_V2[@]}" --env-file "$EMPTY_ENV" -f docker-compose.yml \
+        -f docker-compose.cluster.yml config --format json >"$V2_JSON" || return 1
+    "$(python_bin)" - "$V2_JSON" <<'PY'
+import json, sys
+
+cfg = json.load(open(sys.argv[1]))
+svcs = cfg["services"]
+errors = []
+
+def need(cond, msg):
+    if not cond:
+        errors.append(msg)
+
+nodes = {"broker": "broker", "broker-2": "broker-2", "broker-3": "broker-3"}
+images = set()
+for name, host in nodes.items():
+    s = svcs.get(name)
+    if s is None:
+        errors.append(f"{name}: missing")
+        continue
+    images.add(s.get("image"))
+    need(s.get("hostname") == host, f"{name}: hostname must be {host} (its node name)")
+    env = s.get("environment", {})
+    need(env.get("BROKER_ERLANG_COOKIE"), f"{name}: needs the shared Erlang cookie")
+    need(any(v.get("target") == "/etc/rabbitmq/conf.d/30-cluster.conf"
+             and v.get("source", "").endswith("deploy/rabbitmq/cluster.conf")
+             for v in s.get("volumes", [])), f"{name}: must mount deploy/rabbitmq/cluster.conf")
+    need(any(v.get("target") == "/var/lib/rabbitmq" and v.get("type") == "volume"
+             for v in s.get("volumes", [])), f"{name}: needs its own data volume")
+    need("healthcheck" in s and s.get("restart") == "unless-stopped", f"{name}: health check, restart")
+need(len(images) == 1, f"the three nodes must run one image, have {images}")
+conf = open("deploy/rabbitmq/cluster.conf").read()
+need("peer_discovery_backend = classic_config" in conf, "cluster.conf: classic_config discovery")
+for host in nodes.values():
+    need(f"rabbit@{host}" in conf, f"cluster.conf: must list rabbit@{host}")
+for name in ("command-service", "consumer-service", "query-service"):
+    env = svcs[name].get("environment", {})
+    url = env.get("BROKER_URL", "")
+    need(all(f"{h}:5672" in url for h in nodes.values()), f"{name}: BROKER_URL must list all three nodes")
+    need(env.get("BROKER_QUEUE_TYPE") == "quorum", f"{name}: BROKER_QUEUE_TYPE must be quorum")
+    dep = svcs[name].get("depends_on", {})
+    need(all(dep.get(n, {}).get("condition") == "service_healthy" for n in nodes),
+         f"{name}: must wait for all three nodes")
+vols = {v.get("source") for n in nodes for v in svcs[n].get("volumes", []) if v.get("type") == "volume"}
+need(len(vols) == 3, f"each node needs its own volume, have {vols}")
+
+if errors:
+    print("\n".join("  " + e for e in errors), file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
 compose_promises() {
     clean_env "${COMPOSE_V2[@]}" --env-file "$EMPTY_ENV" -f docker-compose.yml \
         config --format json >"$V2_JSON" || return 1
@@ -266,10 +327,10 @@ PY
 }
 
 env_example() {
-    "$(python_bin)" - .env.example docker-compose.yml <<'PY'
+    "$(python_bin)" - .env.example docker-compose.yml docker-compose.cluster.yml <<'PY'
 import re, sys
 
-env_path, compose_path = sys.argv[1], sys.argv[2]
+env_path, compose_paths = sys.argv[1], sys.argv[2:]
 lines = open(env_path).read().splitlines()
 errors, keys = [], []
 for i, line in enumerate(lines):
@@ -295,7 +356,8 @@ missing = [v for v in binary_vars if v not in keys]
 if missing:
     errors.append(f"{env_path}: missing binary variables {missing}")
 
-compose = "\n".join(l for l in open(compose_path).read().splitlines()
+compose_path = " and ".join(compose_paths)
+compose = "\n".join(l for p in compose_paths for l in open(p).read().splitlines()
                     if not l.lstrip().startswith("#"))
 # ${VAR}, ${VAR:-x}, ${VAR-x}, ${VAR:?x}; $${...} is a literal for the container.
 used = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", compose))
@@ -409,6 +471,9 @@ check "compose v2: config with no .env (defaults)" compose_v2_config "$EMPTY_ENV
 check "compose v1 (Debian docker-compose): config with .env.example" compose_v1_config .env.example
 check "compose v1 (Debian docker-compose): config with no .env" compose_v1_config "$EMPTY_ENV"
 check "compose: services, health checks, roles, scaling" compose_promises
+check "compose v2 + docker-compose.cluster.yml: config with .env.example" compose_cluster_config .env.example
+check "compose v2 + docker-compose.cluster.yml: config with no .env" compose_cluster_config "$EMPTY_ENV"
+check "compose cluster: three nodes, one image, classic_config, quorum, all endpoints" cluster_promises
 check ".env.example: format, comments, completeness" env_example
 check "Dockerfile: hadolint (any finding fails)" dockerfile_lint
 check "Dockerfile: target stubs, sources, locked build" dockerfile_targets
