@@ -7,9 +7,9 @@ Against a running stack:
     python3 deploy/cluster-check/failover.py
 
 it places about RATE orders/s (one product, one customer per scenario) and, while they
-flow, stops one broker node gracefully (`docker stop`), later kills one (`docker kill`),
-each time the node that carries the command service's publisher connection, and starts it
-again. Per scenario it prints and records (JSON, --out): orders accepted, 5xx answers,
+flow, stops the node that carries the command service's publisher connection gracefully
+(`docker stop`), then kills (`docker kill`) the node the consumer consumes from, then the
+publisher's node again, each time starting the node again 15 s later. Per scenario it prints and records (JSON, --out): orders accepted, 5xx answers,
 events lost and doubled (the write database against the read model once the pipeline has
 caught up), and the longest pipeline pause: the longest time in which the read model
 applied nothing while accepted orders were waiting for it. Not for CI: it needs Docker and
@@ -101,15 +101,16 @@ def connections():
     node, _ = any_running_node()
     if node is None:
         return []
-    r = rabbitmqctl(node, "list_connections", "pid", "peer_host", "--formatter", "json")
+    r = rabbitmqctl(node, "list_connections", "--no-table-headers", "pid", "peer_host")
     if r is None or r.returncode != 0:
         return []
     ips = container_ips()
     out = []
-    for c in json.loads(r.stdout or "[]"):
-        # pid looks like <rabbit@broker-2.1639.0>
-        owner = str(c.get("pid", "")).strip("<>").split(".")[0].replace("rabbit@", "")
-        out.append((owner, ips.get(c.get("peer_host"), c.get("peer_host"))))
+    for line in r.stdout.splitlines():
+        # <rabbit@broker-2.1795674944.890.0>\t172.24.0.7
+        pid, _, peer = line.partition("\t")
+        owner = pid.strip("<>").split(".")[0].replace("rabbit@", "")
+        out.append((owner, ips.get(peer.strip(), peer.strip())))
     return out
 
 
@@ -194,12 +195,23 @@ def health(base):
     return status, body if isinstance(body, dict) else {}
 
 
-def scenario(name, action, product, before_s=10.0, outage_s=15.0, after_s=15.0):
+def consumer_node():
+    """The node the consumer thread consumes from, as the consumer service logs it."""
+    r = sh(COMPOSE + ["logs", "--no-color", "consumer-service"])
+    lines = [l for l in r.stdout.splitlines() if "consumer consuming from " in l]
+    return lines[-1].split("consumer consuming from ")[1].split(":")[0].strip() if lines else None
+
+
+def scenario(name, action, product, victim, before_s=10.0, outage_s=15.0, after_s=15.0):
     customer = random.randint(10**8, 2 * 10**8)
     load, watch = Load(product, customer), Watch(customer)
     conns = connections()
-    publisher_node = next((n for n, svc in conns if svc == "command-service"), NODES[0])
-    log(f"{name}: connections {conns}; acting on {publisher_node}")
+    if victim == "publisher":
+        target = next((n for n, svc in conns if svc == "command-service"), NODES[0])
+    else:
+        target = consumer_node() or NODES[0]
+    publisher_node = target
+    log(f"{name}: connections {conns}; acting on {target}, the {victim}'s node")
     load.start(), watch.start()
     time.sleep(before_s)
     t_act = time.time()
@@ -252,8 +264,11 @@ def main():
     if status != 201:
         raise SystemExit(f"creating the product: {status} {body}")
     product = body["productId"]
-    results = [scenario("node stopped (docker stop)", "stop", product),
-               scenario("node killed (docker kill)", "kill", product)]
+    results = [
+        scenario("publisher's node stopped (docker stop)", "stop", product, "publisher"),
+        scenario("consumer's node killed (docker kill)", "kill", product, "consumer"),
+        scenario("publisher's node killed (docker kill)", "kill", product, "publisher"),
+    ]
     json.dump(results, open(args.out, "w"), indent=2)
     print("\n| scenario | node | orders | 5xx | lost | doubled | pause |")
     print("|---|---|---|---|---|---|---|")
