@@ -213,7 +213,12 @@ fn unknown_routes_and_methods_get_json_404_and_405() {
     let r = request(a, "DELETE", "/api/products", &[], b"");
     assert_eq!(r.status, 405);
     let r = get(a, "/health");
-    assert_eq!((r.status, &r.json()["status"]), (200, &json!("healthy")), "{}", r.body);
+    assert_eq!(
+        (r.status, &r.json()["status"]),
+        (200, &json!("healthy")),
+        "{}",
+        r.body
+    );
     // Within BROKER_DOWN_GRACE_SECS of the start the publisher counts as connected.
     assert_eq!(r.json()["brokerConnected"], json!(true), "{}", r.body);
     let r = get(a, "/metrics");
