@@ -325,7 +325,7 @@ def check_phone(browser, args, problems):
     browser.screenshot(os.path.join(args.shots, "dashboard-390x844.png"))
 
 
-def check_unreachable(browser, problems):
+def check_unreachable(browser, args, problems):
     browser.call("Fetch.enable", patterns=[{"urlPattern": "*/api/*"}])
     browser.wait_for("the page to notice the API is unreachable",
                      "document.body.dataset.state === 'error'")
@@ -336,6 +336,7 @@ def check_unreachable(browser, problems):
         problems.append(f"status line not red while the API is unreachable: {snap['status']!r}")
     if not snap["products"] or snap["products"][0][1] != "Refresh Probe":
         problems.append("the last figures disappeared while the API is unreachable")
+    browser.screenshot(os.path.join(args.shots, "dashboard-unreachable-1280x800.png"))
     browser.call("Fetch.disable")
     browser.wait_for("the page to recover when the API is back", "document.body.dataset.state === 'ok'")
 
@@ -371,7 +372,7 @@ def run(args):
         check_phone(browser, args, problems)
         browser.viewport(1280, 800, False)
         check_refresh(browser, args, expect, problems)
-        check_unreachable(browser, problems)
+        check_unreachable(browser, args, problems)
         check_hostile(expect, browser.js(SNAPSHOT_JS), problems)
         check_console(browser, problems)
     finally:
