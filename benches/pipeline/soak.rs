@@ -15,8 +15,8 @@
 //!    then VACUUM ANALYZE), then the same steady load.
 //!
 //! Each minute (`BENCH_SOAK_SLICE_SECS`, 60, shorter for a smoke run): orders/s and p99 (paced clients), query p99 (a paced query load beside it),
-//! freshness p99 (sequential probes); every 10 s the size of each bookkeeping table
-//! (`pg_total_relation_size`). After each run: read == write in SQL.
+//! freshness p99 (sequential probes); every 20 s the rows and bytes
+//! (`pg_total_relation_size`) of each bookkeeping table; flatness is judged on rows. After each run: read == write in SQL.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,10 +53,17 @@ pub struct Minute {
     pub fresh_us: Vec<u64>,
 }
 
+/// Rows and bytes (`pg_total_relation_size`) per table, in `TABLES` order.
+pub struct Sizes {
+    pub at_seconds: f64,
+    pub rows: Vec<i64>,
+    pub bytes: Vec<i64>,
+}
+
 pub struct SoakRun {
     pub minutes: Vec<Minute>,
-    /// (seconds since the start of the run, bytes per table in `TABLES` order).
-    pub sizes: Vec<(f64, Vec<i64>)>,
+    /// Every 20 s: rows and bytes of each table.
+    pub sizes: Vec<Sizes>,
     pub read_equals_write: bool,
     pub cpu: Value,
 }
@@ -155,7 +162,7 @@ fn start_again(stack: &Stack) {
 }
 
 /// `minutes` minutes of paced orders (with Idempotency-Keys), paced queries and
-/// freshness probes, one measurement per minute; table sizes every 10 s.
+/// freshness probes, one measurement per minute; table sizes every 20 s.
 fn steady(
     s: &Settings,
     stack: &Stack,
@@ -260,24 +267,30 @@ fn one_minute(
     })
 }
 
-/// Bytes of each bookkeeping table every 10 s until `stop`.
-fn sample_sizes(stack: &Stack, started: Instant, stop: &AtomicBool) -> Vec<(f64, Vec<i64>)> {
+/// Rows and bytes of each bookkeeping table every 20 s until `stop`.
+fn sample_sizes(stack: &Stack, started: Instant, stop: &AtomicBool) -> Vec<Sizes> {
     let (mut write, mut read) = (stack.write(), stack.read());
     let mut out = Vec::new();
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next {
-            let sizes = TABLES
-                .iter()
-                .map(|(t, w)| {
-                    let c = if *w { &mut write } else { &mut read };
-                    c.query_one("SELECT pg_total_relation_size($1::text::regclass)", &[t])
-                        .map(|r| r.get(0))
-                        .unwrap_or(-1)
-                })
-                .collect();
-            out.push((started.elapsed().as_secs_f64(), sizes));
-            next += Duration::from_secs(10);
+            let mut sample = Sizes {
+                at_seconds: started.elapsed().as_secs_f64(),
+                rows: Vec::new(),
+                bytes: Vec::new(),
+            };
+            for (t, w) in TABLES {
+                let c = if *w { &mut write } else { &mut read };
+                let sql = format!("SELECT count(*), pg_total_relation_size('{t}') FROM {t}");
+                let (rows, bytes) = c
+                    .query_one(sql.as_str(), &[])
+                    .map(|r| (r.get(0), r.get(1)))
+                    .unwrap_or((-1, -1));
+                sample.rows.push(rows);
+                sample.bytes.push(bytes);
+            }
+            out.push(sample);
+            next += Duration::from_secs(20);
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -397,22 +410,23 @@ impl SoakRun {
         pct(&all, 99.0) / 1000.0
     }
     /// (max - min) / min of table `i`'s size over the last `secs` seconds.
+    /// (max - min) / min of table `i`'s row count over the last `secs` seconds.
     fn growth(&self, i: usize, secs: f64) -> f64 {
-        let end = self.sizes.last().map(|s| s.0).unwrap_or(0.0);
+        let end = self.sizes.last().map(|s| s.at_seconds).unwrap_or(0.0);
         let v: Vec<i64> = self
             .sizes
             .iter()
-            .filter(|s| s.0 >= end - secs)
-            .map(|s| s.1[i])
+            .filter(|s| s.at_seconds >= end - secs)
+            .map(|s| s.rows[i])
             .collect();
         let (min, max) = (
             v.iter().min().copied().unwrap_or(0),
             v.iter().max().copied().unwrap_or(0),
         );
-        if min <= 0 {
-            0.0
-        } else {
-            (max - min) as f64 / min as f64
+        match (min, max) {
+            (_, 0) => 0.0,
+            (0, _) => f64::INFINITY,
+            _ => (max - min) as f64 / min as f64,
         }
     }
     fn rows(&self, label: &str, judged: bool) -> Vec<Row> {
@@ -450,10 +464,17 @@ impl SoakRun {
         ];
         let (first_sizes, last_sizes) = (self.sizes.first(), self.sizes.last());
         for (i, (t, _)) in TABLES.iter().enumerate() {
-            let mib = |s: Option<&(f64, Vec<i64>)>| {
-                s.map(|s| s.1[i] as f64 / 1_048_576.0).unwrap_or(f64::NAN)
+            let at = |s: Option<&Sizes>| {
+                s.map(|s| {
+                    format!(
+                        "{} rows, {:.1} MiB",
+                        s.rows[i],
+                        s.bytes[i] as f64 / 1_048_576.0
+                    )
+                })
+                .unwrap_or_default()
             };
-            let figure = format!("{label}: {t} size change, last 3 min");
+            let figure = format!("{label}: {t} rows change, last 3 min");
             let growth = self.growth(i, 180.0);
             // Only the history run is in its steady state: the empty one fills its windows.
             let row = if judged {
@@ -461,11 +482,7 @@ impl SoakRun {
             } else {
                 Row::info(figure, growth, "share")
             };
-            rows.push(row.detail(format!(
-                "{:.1} MiB at start, {:.1} MiB at end",
-                mib(first_sizes),
-                mib(last_sizes)
-            )));
+            rows.push(row.detail(format!("start {}; end {}", at(first_sizes), at(last_sizes))));
         }
         rows.push(Row {
             met: Some(self.read_equals_write),
@@ -483,9 +500,13 @@ impl SoakRun {
                 "orders": load_json(&m.orders), "queries": load_json(&m.queries),
                 "fresh_p50_ms": round(pct(&m.fresh_us, 50.0) / 1000.0, 2), "fresh_p99_ms": round(pct(&m.fresh_us, 99.0) / 1000.0, 2),
                 "fresh_samples": m.fresh_us.len()})).collect::<Vec<_>>(),
-            "sizes_bytes": self.sizes.iter().map(|(t, v)| {
-                let mut o: BTreeMap<&str, Value> = TABLES.iter().zip(v).map(|((n, _), b)| (*n, json!(b))).collect();
-                o.insert("at_seconds", json!(round(*t, 1)));
+            "sizes": self.sizes.iter().map(|z| {
+                let mut o: BTreeMap<String, Value> = BTreeMap::new();
+                for (i, (n, _)) in TABLES.iter().enumerate() {
+                    o.insert(format!("{n}_rows"), json!(z.rows[i]));
+                    o.insert(format!("{n}_bytes"), json!(z.bytes[i]));
+                }
+                o.insert("at_seconds".into(), json!(round(z.at_seconds, 1)));
                 o
             }).collect::<Vec<_>>(),
             "read_equals_write": self.read_equals_write, "cpu_cores": self.cpu,
