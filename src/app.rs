@@ -20,6 +20,7 @@ use crate::http::{HttpServer, Limits, Service};
 use crate::outbox::{self, OutboxMetrics};
 use crate::progress::Progress;
 use crate::query::QueryService;
+use crate::retention::{self, Job, RetentionMetrics, Table};
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::supervise::Backoff;
 
@@ -232,7 +233,19 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         outbox_metrics.clone(),
         link.clone(),
     ));
-    let mut service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics));
+    let retention_metrics = Arc::new(RetentionMetrics::default());
+    running.background.threads.extend(start_retention(
+        config,
+        &config.write_db,
+        &[
+            (Table::Outbox, config.retention.outbox),
+            (Table::IdempotencyKeys, config.retention.idempotency_key_ttl),
+        ],
+        &running.background.shutdown,
+        retention_metrics.clone(),
+    ));
+    let mut service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics))
+        .with_retention(config.retention.idempotency_key_ttl, retention_metrics);
     if config.outbox_publishers > 0 {
         service = service.with_broker_link(link, config.broker_down_grace);
     }
@@ -266,7 +279,21 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
         progress.clone(),
         link.clone(),
     ));
-    let service = ConsumerHttp::new(pool, metrics, progress, config, link);
+    let retention_metrics = Arc::new(RetentionMetrics::default());
+    running.background.threads.extend(start_retention(
+        config,
+        &config.read_db,
+        &[
+            (Table::ProcessedEvents, config.retention.processed_events),
+            (Table::EventFailures, config.retention.processed_events),
+        ],
+        &running.background.shutdown,
+        retention_metrics.clone(),
+    ));
+    let service = ConsumerHttp {
+        retention: retention_metrics,
+        ..ConsumerHttp::new(pool, metrics, progress, config, link)
+    };
     running.serve(config, "consumer-service", config.consumer_port, 2, service)
 }
 
@@ -294,4 +321,24 @@ fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         config.query_http_workers,
         service,
     )
+}
+
+/// Starts the pruner of the tables in `windows` whose window is set, on its own one-connection
+/// pool (so request load never starves it, and it never takes more than one connection).
+fn start_retention(
+    config: &Config,
+    db_config: &postgres::Config,
+    windows: &[(Table, Option<Duration>)],
+    shutdown: &Shutdown,
+    metrics: Arc<RetentionMetrics>,
+) -> Option<JoinHandle<()>> {
+    let jobs: Vec<Job> = windows
+        .iter()
+        .filter_map(|&(table, window)| window.map(|window| Job { table, window }))
+        .collect();
+    if jobs.is_empty() {
+        return None;
+    }
+    let pool = db::pool(db_config, 1, &config.db, "retention", false);
+    retention::start(config, pool, jobs, shutdown, metrics)
 }

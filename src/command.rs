@@ -21,6 +21,7 @@ use crate::event::{self, Event, ProductCreated};
 use crate::http::{self, Request, Response, Service};
 use crate::json::{self, ItemField, Object};
 use crate::metrics::Counter;
+use crate::retention::{RetentionMetrics, Table};
 
 const NAME_CHARS_MAX: usize = 200;
 const PRICE_CENTS_MAX: i64 = 100_000_000_000; // prices are below 1,000,000,000.00
@@ -133,6 +134,9 @@ pub struct CommandService {
     /// The publishers' broker connections and how long they may all be down before
     /// `/health` reports `brokerConnected: false`.
     broker_link: Option<(Arc<LinkStatus>, Duration)>,
+    /// Seconds after which an Idempotency-Key is forgotten; 0: never.
+    idempotency_key_ttl_secs: f64,
+    retention_metrics: Option<Arc<RetentionMetrics>>,
 }
 
 impl CommandService {
@@ -147,12 +151,26 @@ impl CommandService {
             metrics: Arc::default(),
             outbox_metrics,
             broker_link: None,
+            idempotency_key_ttl_secs: 0.0,
+            retention_metrics: None,
         }
     }
 
     /// Reports the publishers' broker connections in `/health` (`brokerConnected`).
     pub fn with_broker_link(mut self, link: Arc<LinkStatus>, grace: Duration) -> CommandService {
         self.broker_link = Some((link, grace));
+        self
+    }
+
+    /// Forgets Idempotency-Keys older than `ttl` (None: keeps them forever) and reports the
+    /// pruner's counters and the write side's table sizes at /metrics.
+    pub fn with_retention(
+        mut self,
+        ttl: Option<std::time::Duration>,
+        metrics: Arc<RetentionMetrics>,
+    ) -> CommandService {
+        self.idempotency_key_ttl_secs = ttl.map_or(0.0, |t| t.as_secs_f64());
+        self.retention_metrics = Some(metrics);
         self
     }
 
@@ -177,7 +195,7 @@ impl CommandService {
             Checkout::Fresh(conn, record) => (conn, record),
         };
         let (key, request) = IdempotencyRecord::params(&record);
-        let (event_id, timestamp) = (Uuid::new_v4(), event::now_millis());
+        let (event_id, timestamp) = (Uuid::now_v7(), event::now_millis());
         let payload = Event::ProductCreated(ProductCreated {
             event_id,
             timestamp,
@@ -222,7 +240,7 @@ impl CommandService {
         });
         let mut conn = self.pool.get()?;
         if let Some(g) = &record {
-            if let Some(response) = replay(&mut conn, &g.key, &g.request)? {
+            if let Some(response) = replay(&mut conn, &g.key, &g.request, self.ttl())? {
                 self.metrics.idempotent_replays.inc();
                 return Ok(Checkout::Replay(response));
             }
@@ -237,8 +255,12 @@ impl CommandService {
         record: Option<&IdempotencyRecord>,
     ) -> Result<Response> {
         let g = record.ok_or_else(|| Error::internal("replay without a key"))?;
-        replay(conn, &g.key, &g.request)?
+        replay(conn, &g.key, &g.request, self.ttl())?
             .ok_or_else(|| Error::unavailable("idempotency key race; retry"))
+    }
+
+    fn ttl(&self) -> f64 {
+        self.idempotency_key_ttl_secs
     }
 
     fn create_order(&self, req: &Request) -> Result<Response> {
@@ -263,7 +285,7 @@ impl CommandService {
                 &quantities,
                 &prices,
                 &order.customer_id,
-                &Uuid::new_v4(),
+                &Uuid::now_v7(),
                 &timestamp,
                 &key,
                 &request,
@@ -384,10 +406,15 @@ fn canonical_request(route: &str, body: &[u8]) -> String {
 }
 
 /// Returns the recorded response for `key`, 422 if the key was used for another request,
-/// or None if the key is new.
-fn replay(conn: &mut db::Conn, key: &str, request: &str) -> Result<Option<Response>> {
+/// or None if the key is new or has expired (older than `ttl_secs`, unless that is 0).
+fn replay(
+    conn: &mut db::Conn,
+    key: &str,
+    request: &str,
+    ttl_secs: f64,
+) -> Result<Option<Response>> {
     let stmt = conn.prepared(SELECT_KEY)?;
-    let Some(row) = conn.client.query_opt(&stmt, &[&key])? else {
+    let Some(row) = conn.client.query_opt(&stmt, &[&key, &ttl_secs])? else {
         return Ok(None);
     };
     recorded_response(row.get(0), request, row.get(1), row.get(2)).map(Some)
@@ -403,8 +430,16 @@ fn recorded_response(stored: &str, request: &str, status: i16, body: String) -> 
     Ok(Response::json(status as u16, body))
 }
 
-const SELECT_KEY: &str =
-    "SELECT request, response_status, response_body FROM idempotency_keys WHERE key = $1";
+/// The key's record unless it has expired. An expired record is deleted in the same
+/// statement (committed before the request's own transaction begins), so the request can
+/// record the key afresh even before the pruner has come by.
+const SELECT_KEY: &str = "
+WITH expired AS (
+    DELETE FROM idempotency_keys
+    WHERE key = $1 AND $2::float8 > 0 AND created_at <= now() - make_interval(secs => $2::float8)
+)
+SELECT request, response_status, response_body FROM idempotency_keys
+WHERE key = $1 AND ($2::float8 = 0 OR created_at > now() - make_interval(secs => $2::float8))";
 
 /// The product, its outbox row and the key's record in one statement. The id is drawn first
 /// so that the key can be recorded before anything else: when a concurrent request already
@@ -473,6 +508,9 @@ impl Service for CommandService {
         crate::metrics::render_pool(out, "write", &self.pool);
         if let Some(o) = &self.outbox_metrics {
             o.render(out);
+        }
+        if let Some(r) = &self.retention_metrics {
+            r.render(out, &self.pool, &[Table::Outbox, Table::IdempotencyKeys]);
         }
         // The backlog is counted at scrape time: one index-only query per scrape.
         if let Ok(backlog) = self.outbox_backlog() {

@@ -89,7 +89,21 @@ pub const VARIABLES: &[Variable] = &[
     text("BROKER_DEAD_LETTER_EXCHANGE", "analytics.dead-letter"),
     text("BROKER_DEAD_LETTER_QUEUE", "analytics.dead-letter"),
     text("BROKER_QUEUE_TYPE", "classic"),
+    int("OUTBOX_RETENTION_SECS", "3600", 0, RETENTION_MAX_SECS),
+    int("PROCESSED_EVENTS_RETENTION_SECS", "604800", 0, RETENTION_MAX_SECS),
+    int("IDEMPOTENCY_KEY_TTL_SECS", "86400", 0, RETENTION_MAX_SECS),
+    int("RETENTION_INTERVAL_MS", "10000", 10, 3_600_000),
+    int("RETENTION_BATCH_SIZE", "5000", 1, 10_000),
 ];
+
+/// Ten years: the longest retention accepted.
+const RETENTION_MAX_SECS: u64 = 315_360_000;
+
+/// The shortest deduplication window accepted from the environment: a duplicate delivered
+/// after the window is applied again, and a message may sit in the broker (or be redelivered
+/// after an outage) for a long time. Tests that need windows of seconds set
+/// `Config::retention` directly.
+pub const DEDUP_WINDOW_MIN_SECS: u64 = 3600;
 
 /// Whether the broker's queues are classic (one node) or quorum (replicated, for clusters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +190,25 @@ pub struct Config {
     /// How long every broker connection of a service may be down before `/health` says so.
     pub broker_down_grace: Duration,
     pub broker: BrokerNames,
+    pub retention: Retention,
+}
+
+/// How long bookkeeping rows are kept (src/retention.rs). `None` keeps them forever (the
+/// variable was 0).
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Published outbox rows older than this are deleted (unpublished rows never are).
+    pub outbox: Option<Duration>,
+    /// The deduplication window: `processed_events` rows older than this are deleted, and
+    /// `event_failures` rows untouched for as long.
+    pub processed_events: Option<Duration>,
+    /// An Idempotency-Key older than this is forgotten: the lookup ignores it at once, the
+    /// pruner deletes it later, and the key may be used for a new request.
+    pub idempotency_key_ttl: Option<Duration>,
+    /// How often the pruner runs.
+    pub interval: Duration,
+    /// Rows deleted per statement at most.
+    pub batch_size_max: usize,
 }
 
 impl Config {
@@ -235,6 +268,13 @@ impl Config {
                 dead_letter_queue: v.broker_name("BROKER_DEAD_LETTER_QUEUE")?,
                 queue_type: v.queue_type("BROKER_QUEUE_TYPE")?,
             },
+            retention: Retention {
+                outbox: v.secs_or_never("OUTBOX_RETENTION_SECS")?,
+                processed_events: v.dedup_window("PROCESSED_EVENTS_RETENTION_SECS")?,
+                idempotency_key_ttl: v.secs_or_never("IDEMPOTENCY_KEY_TTL_SECS")?,
+                interval: v.ms("RETENTION_INTERVAL_MS")?,
+                batch_size_max: v.int("RETENTION_BATCH_SIZE")?,
+            },
         };
         if config.consumer_batch_size_max > usize::from(config.consumer_prefetch) {
             return Err(Error::config(format!(
@@ -278,6 +318,25 @@ impl Values<'_> {
 
     fn ms(&self, name: &str) -> Result<Duration> {
         self.int(name).map(Duration::from_millis)
+    }
+
+    /// Seconds, where 0 means "never" (None).
+    fn secs_or_never(&self, name: &str) -> Result<Option<Duration>> {
+        let n: u64 = self.int(name)?;
+        Ok((n > 0).then(|| Duration::from_secs(n)))
+    }
+
+    /// The deduplication window: 0 (keep forever) or at least `DEDUP_WINDOW_MIN_SECS`.
+    fn dedup_window(&self, name: &str) -> Result<Option<Duration>> {
+        let window = self.secs_or_never(name)?;
+        if window.is_some_and(|w| w.as_secs() < DEDUP_WINDOW_MIN_SECS) {
+            return Err(Error::config(format!(
+                "{name} must be 0 (keep forever) or at least {DEDUP_WINDOW_MIN_SECS}: a \
+                 duplicate delivered after the deduplication window is applied again, got {:?}",
+                self.get(name).0
+            )));
+        }
+        Ok(window)
     }
 
     fn bool(&self, name: &str) -> Result<bool> {
@@ -528,6 +587,48 @@ mod tests {
         let e =
             Config::from_lookup(|k| (k == "BROKER_URL").then(|| "http://x".into())).unwrap_err();
         assert!(e.message().contains("BROKER_URL"), "{e}");
+    }
+
+    #[test]
+    fn retention_windows() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.retention.outbox, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            c.retention.processed_events,
+            Some(Duration::from_secs(604_800))
+        );
+        assert_eq!(
+            c.retention.idempotency_key_ttl,
+            Some(Duration::from_secs(86_400))
+        );
+        let zeros = [
+            "OUTBOX_RETENTION_SECS",
+            "PROCESSED_EVENTS_RETENTION_SECS",
+            "IDEMPOTENCY_KEY_TTL_SECS",
+        ];
+        let c = Config::from_lookup(|k| zeros.contains(&k).then(|| "0".to_string())).unwrap();
+        assert_eq!(c.retention.outbox, None);
+        assert_eq!(c.retention.processed_events, None);
+        assert_eq!(c.retention.idempotency_key_ttl, None);
+        for (k, v) in [
+            ("PROCESSED_EVENTS_RETENTION_SECS", "3599"),
+            ("PROCESSED_EVENTS_RETENTION_SECS", "-1"),
+            ("OUTBOX_RETENTION_SECS", "1h"),
+            ("IDEMPOTENCY_KEY_TTL_SECS", "99999999999"),
+            ("RETENTION_BATCH_SIZE", "10001"),
+            ("RETENTION_INTERVAL_MS", "0"),
+        ] {
+            let e = Config::from_lookup(|x| (x == k).then(|| v.to_string())).unwrap_err();
+            assert!(e.message().contains(k), "{k}={v}: {e}");
+        }
+        let c = Config::from_lookup(|k| {
+            (k == "PROCESSED_EVENTS_RETENTION_SECS").then(|| "3600".to_string())
+        })
+        .unwrap();
+        assert_eq!(
+            c.retention.processed_events,
+            Some(Duration::from_secs(3600))
+        );
     }
 
     #[test]

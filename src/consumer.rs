@@ -392,6 +392,7 @@ pub struct ConsumerHttp {
     pub ready_since: std::sync::Mutex<Option<Instant>>,
     /// The consumer threads' broker connections.
     pub link: Arc<LinkStatus>,
+    pub retention: Arc<crate::retention::RetentionMetrics>,
 }
 
 impl ConsumerHttp {
@@ -410,6 +411,7 @@ impl ConsumerHttp {
             config: config.clone(),
             probe: broker::QueueProbe::default(),
             ready_since: std::sync::Mutex::new(None),
+            retention: Arc::default(),
         }
     }
 
@@ -480,5 +482,11 @@ impl crate::http::Service for ConsumerHttp {
             u8::from(snap.stalled.is_some())
         );
         crate::metrics::render_pool(out, "read", &self.pool);
+        use crate::retention::Table;
+        self.retention.render(
+            out,
+            &self.pool,
+            &[Table::ProcessedEvents, Table::EventFailures],
+        );
     }
 }

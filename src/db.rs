@@ -216,6 +216,11 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/write/001_schema.sql"),
     },
     Migration {
+        version: 2,
+        name: "retention",
+        sql: include_str!("../sql/write/002_retention.sql"),
+    },
+    Migration {
         version: 3,
         name: "place_order",
         sql: include_str!("../sql/write/003_place_order.sql"),
@@ -242,6 +247,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "consumer_progress",
         sql: include_str!("../sql/read/003_consumer_progress.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "retention",
+        sql: include_str!("../sql/read/005_retention.sql"),
     },
     Migration {
         version: 8,

@@ -30,6 +30,7 @@ pub mod progress;
 pub mod projection;
 pub mod query;
 pub mod rebuild;
+pub mod retention;
 pub mod shutdown;
 pub mod supervise;
 

@@ -17,5 +17,6 @@ mod operations;
 mod panics;
 mod pipeline;
 mod read_api;
+mod retention;
 mod stopping;
 mod write_api;
