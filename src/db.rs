@@ -254,6 +254,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/read/005_retention.sql"),
     },
     Migration {
+        version: 6,
+        name: "sharded_counters",
+        sql: include_str!("../sql/read/006_sharded_counters.sql"),
+    },
+    Migration {
         version: 8,
         name: "list_indexes",
         sql: include_str!("../sql/read/008_list_indexes.sql"),

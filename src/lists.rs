@@ -68,14 +68,16 @@ const SORTS: &[Sort] = &[
     Sort {
         list: List::Categories,
         name: "revenue",
-        sql: "SELECT category_name, total_revenue::text AS revenue_text, total_orders FROM category_metrics_view
-              ORDER BY total_revenue DESC, category_name COLLATE \"C\" LIMIT $1",
+        sql: "SELECT category_name, sum(total_revenue)::text AS revenue_text, sum(total_orders)::bigint AS total_orders
+              FROM category_metrics_view GROUP BY category_name
+              ORDER BY sum(total_revenue) DESC, category_name COLLATE \"C\" LIMIT $1",
     },
     Sort {
         list: List::Categories,
         name: "orders",
-        sql: "SELECT category_name, total_revenue::text AS revenue_text, total_orders FROM category_metrics_view
-              ORDER BY total_orders DESC, category_name COLLATE \"C\" LIMIT $1",
+        sql: "SELECT category_name, sum(total_revenue)::text AS revenue_text, sum(total_orders)::bigint AS total_orders
+              FROM category_metrics_view GROUP BY category_name
+              ORDER BY sum(total_orders) DESC, category_name COLLATE \"C\" LIMIT $1",
     },
     Sort {
         list: List::Customers,

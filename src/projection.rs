@@ -156,6 +156,7 @@ pub fn apply_in(
     let ids: Vec<Uuid> = unique.keys().copied().collect();
     let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
     let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
+    let shard = claim_shard(tx, statements)?;
     let fresh: HashSet<Uuid> = tx
         .query(&statements.processed, &[&ids, &types, &stamps, &backdate])?
         .iter()
@@ -167,7 +168,7 @@ pub fn apply_in(
             .copied()
             .filter(|e| fresh.contains(&e.event_id())),
     )?;
-    upsert(tx, statements, &delta)?;
+    upsert(tx, statements, &delta, shard)?;
     let applied = fresh.len();
     Ok(BatchCounts {
         applied,
@@ -175,8 +176,25 @@ pub fn apply_in(
     })
 }
 
+/// Shards of the rows every batch adds to (categories, hours, sync counters): see
+/// sql/read/006_sharded_counters.sql. More shards than concurrent consumer transactions.
+const SHARDS: i32 = 16;
+
+/// An arbitrary constant: the advisory-lock class of the shards.
+const SHARD_LOCK_CLASS: i32 = 0x7368_6172;
+
+/// Takes a shard no concurrent batch holds, for this transaction (released at its end).
+/// Each consumer starts its search at its own place (the backend's pid), so usually the
+/// first try wins. With more concurrent batches than shards, the last ones share shard 0
+/// and take turns on its rows, as all batches did before sharding.
+fn claim_shard(tx: &mut Transaction, s: &Statements) -> Result<i16> {
+    let row = tx.query_opt(&s.shard, &[&SHARD_LOCK_CLASS, &SHARDS])?;
+    Ok(row.map_or(0, |r| r.get(0)))
+}
+
 /// The statements of `apply_batch`, prepared once per pooled connection.
 pub struct Statements {
+    shard: Statement,
     processed: Statement,
     products: Statement,
     categories: Statement,
@@ -188,6 +206,7 @@ pub struct Statements {
 impl Statements {
     pub fn prepare(conn: &mut Conn) -> Result<Statements> {
         Ok(Statements {
+            shard: conn.prepared(CLAIM_SHARD)?,
             processed: conn.prepared(INSERT_PROCESSED)?,
             products: conn.prepared(UPSERT_PRODUCTS)?,
             categories: conn.prepared(UPSERT_CATEGORIES)?,
@@ -198,8 +217,18 @@ impl Statements {
     }
 }
 
-/// Writes `delta`: one upsert per view that has keys, then the sync status.
-fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta) -> Result<()> {
+/// Writes `delta`: one upsert per view that has keys, then the sync status. Customers
+/// (many keys, rarely shared between concurrent batches) go first; the rows every batch
+/// touches (products, categories, the hour, the sync counters) last, so that another
+/// consumer waits for their row locks only while this transaction finishes and commits.
+fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta, shard: i16) -> Result<()> {
+    if !delta.customers.is_empty() {
+        let keys: Vec<i64> = delta.customers.keys().copied().collect();
+        let spent: Vec<i64> = delta.customers.values().map(|c| c.spent_cents).collect();
+        let orders: Vec<i64> = delta.customers.values().map(|c| c.orders).collect();
+        let last: Vec<DateTime<Utc>> = delta.customers.values().map(|c| c.last_order).collect();
+        tx.execute(&s.customers, &[&keys, &spent, &orders, &last])?;
+    }
     if !delta.products.is_empty() {
         let p = &delta.products;
         let keys: Vec<i64> = p.keys().copied().collect();
@@ -217,26 +246,27 @@ fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta) -> Result<()> {
         let keys: Vec<&str> = delta.categories.keys().map(String::as_str).collect();
         let rev: Vec<i64> = delta.categories.values().map(|c| c.revenue_cents).collect();
         let orders: Vec<i64> = delta.categories.values().map(|c| c.orders).collect();
-        tx.execute(&s.categories, &[&keys, &rev, &orders])?;
-    }
-    if !delta.customers.is_empty() {
-        let keys: Vec<i64> = delta.customers.keys().copied().collect();
-        let spent: Vec<i64> = delta.customers.values().map(|c| c.spent_cents).collect();
-        let orders: Vec<i64> = delta.customers.values().map(|c| c.orders).collect();
-        let last: Vec<DateTime<Utc>> = delta.customers.values().map(|c| c.last_order).collect();
-        tx.execute(&s.customers, &[&keys, &spent, &orders, &last])?;
+        tx.execute(&s.categories, &[&keys, &rev, &orders, &shard])?;
     }
     if !delta.hours.is_empty() {
         let keys: Vec<DateTime<Utc>> = delta.hours.keys().copied().collect();
         let orders: Vec<i64> = delta.hours.values().map(|h| h.orders).collect();
         let rev: Vec<i64> = delta.hours.values().map(|h| h.revenue_cents).collect();
-        tx.execute(&s.hours, &[&keys, &orders, &rev])?;
+        tx.execute(&s.hours, &[&keys, &orders, &rev, &shard])?;
     }
     if let Some(newest) = delta.newest_event {
-        tx.execute(&s.sync, &[&newest, &delta.events])?;
+        tx.execute(&s.sync, &[&newest, &delta.events, &shard])?;
     }
     Ok(())
 }
+
+/// The first free shard, searching from a place that differs per backend; evaluated row by
+/// row, so the lock is taken on exactly one shard.
+const CLAIM_SHARD: &str = "
+SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
+    LATERAL (SELECT (i + pg_backend_pid()) % $2::int AS s) AS x
+WHERE pg_try_advisory_xact_lock($1::int, s)
+LIMIT 1";
 
 const INSERT_PROCESSED: &str = "
 INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
@@ -259,10 +289,10 @@ ON CONFLICT (product_id) DO UPDATE SET
     last_updated = now()";
 
 const UPSERT_CATEGORIES: &str = "
-INSERT INTO category_metrics_view AS v (category_name, total_revenue, total_orders)
-SELECT name, cents::numeric / 100, orders
+INSERT INTO category_metrics_view AS v (category_name, total_revenue, total_orders, shard)
+SELECT name, cents::numeric / 100, orders, $4::smallint
 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(name, cents, orders)
-ON CONFLICT (category_name) DO UPDATE SET
+ON CONFLICT (category_name, shard) DO UPDATE SET
     total_revenue = v.total_revenue + excluded.total_revenue,
     total_orders = v.total_orders + excluded.total_orders,
     last_updated = now()";
@@ -278,20 +308,21 @@ ON CONFLICT (customer_id) DO UPDATE SET
     last_updated = now()";
 
 const UPSERT_HOURS: &str = "
-INSERT INTO hourly_sales_view AS v (hour_timestamp, total_orders, total_revenue)
-SELECT hour, orders, cents::numeric / 100
+INSERT INTO hourly_sales_view AS v (hour_timestamp, total_orders, total_revenue, shard)
+SELECT hour, orders, cents::numeric / 100, $4::smallint
 FROM unnest($1::timestamptz[], $2::bigint[], $3::bigint[]) AS u(hour, orders, cents)
-ON CONFLICT (hour_timestamp) DO UPDATE SET
+ON CONFLICT (hour_timestamp, shard) DO UPDATE SET
     total_orders = v.total_orders + excluded.total_orders,
     total_revenue = v.total_revenue + excluded.total_revenue,
     last_updated = now()";
 
 const UPDATE_SYNC: &str = "
-UPDATE sync_status SET
-    last_processed_event_timestamp = GREATEST(last_processed_event_timestamp, $1),
-    events_applied = events_applied + $2,
-    last_applied_at = now()
-WHERE id = 1";
+INSERT INTO sync_status AS v (id, last_processed_event_timestamp, events_applied, last_applied_at)
+VALUES (1 + $3::smallint, $1, $2, now())
+ON CONFLICT (id) DO UPDATE SET
+    last_processed_event_timestamp = GREATEST(v.last_processed_event_timestamp, excluded.last_processed_event_timestamp),
+    events_applied = v.events_applied + excluded.events_applied,
+    last_applied_at = excluded.last_applied_at";
 
 #[cfg(test)]
 mod tests {

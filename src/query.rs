@@ -251,18 +251,19 @@ fn positive_id(s: &str, what: &str) -> Result<i64> {
 
 const PRODUCT_SALES: &str =
     "SELECT total_quantity_sold, total_revenue::text, order_count FROM product_sales_view WHERE product_id = $1";
-const CATEGORY_REVENUE: &str =
-    "SELECT total_revenue::text, total_orders FROM category_metrics_view WHERE category_name = $1";
+// Categories, hours and the sync counters are sums over shards (sql/read/006).
+const CATEGORY_REVENUE: &str = "SELECT sum(total_revenue)::text, sum(total_orders)::bigint
+FROM category_metrics_view WHERE category_name = $1 GROUP BY category_name";
 const CUSTOMER_LTV: &str =
     "SELECT total_spent::text, order_count, last_order_date FROM customer_ltv_view WHERE customer_id = $1";
 const HOURLY: &str = "
-SELECT hour_timestamp, total_orders, total_revenue::text FROM hourly_sales_view
+SELECT hour_timestamp, sum(total_orders)::bigint, sum(total_revenue)::text FROM hourly_sales_view
 WHERE ($1::timestamptz IS NULL OR hour_timestamp >= $1) AND ($2::timestamptz IS NULL OR hour_timestamp < $2)
-ORDER BY hour_timestamp LIMIT $3";
+GROUP BY hour_timestamp ORDER BY hour_timestamp LIMIT $3";
 const SYNC_STATUS: &str = "
-SELECT last_processed_event_timestamp, events_applied,
-       extract(epoch FROM now() - last_applied_at)::float8
-FROM sync_status WHERE id = 1";
+SELECT max(last_processed_event_timestamp), sum(events_applied)::bigint,
+       extract(epoch FROM now() - max(last_applied_at))::float8
+FROM sync_status";
 const CONSUMERS_HOLDING: &str = "
 SELECT coalesce(sum(held_messages), 0)::bigint, min(oldest_held_event_at),
        coalesce(bool_or(stalled_reason IS NOT NULL), false)
