@@ -231,8 +231,9 @@ fn views_by_key(c: &mut postgres::Client, from_write: bool) -> Vec<String> {
             "SELECT p.category, coalesce(sum(i.quantity * i.price), 0)::numeric(24,2)::text,
                     count(DISTINCT i.order_id)::text, ''
              FROM products p LEFT JOIN order_items i ON i.product_id = p.id GROUP BY 1 ORDER BY 1",
-            "SELECT category_name, total_revenue::text, total_orders::text, ''
-             FROM category_metrics_view ORDER BY 1",
+            // Categories and hours are kept in shards (read migration 006): sum them.
+            "SELECT category_name, sum(total_revenue)::text, sum(total_orders)::text, ''
+             FROM category_metrics_view GROUP BY 1 ORDER BY 1",
         ),
         (
             "SELECT customer_id::text, sum(total)::numeric(24,2)::text, count(*)::text, max(created_at)::text
@@ -244,8 +245,8 @@ fn views_by_key(c: &mut postgres::Client, from_write: bool) -> Vec<String> {
             "SELECT date_trunc('hour', created_at)::text, count(*)::text,
                     sum(total)::numeric(24,2)::text, ''
              FROM orders GROUP BY 1 ORDER BY 1",
-            "SELECT hour_timestamp::text, total_orders::text, total_revenue::text, ''
-             FROM hourly_sales_view ORDER BY 1",
+            "SELECT hour_timestamp::text, sum(total_orders)::text, sum(total_revenue)::text, ''
+             FROM hourly_sales_view GROUP BY 1 ORDER BY 1",
         ),
     ];
     c.batch_execute("SET TIME ZONE 'UTC'").unwrap();
