@@ -22,7 +22,7 @@ use crate::progress::Progress;
 use crate::query::QueryService;
 use crate::retention::{self, Job, RetentionMetrics, Table};
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::supervise::Backoff;
+use crate::supervise::{Backoff, Supervised, Supervision};
 
 /// Which services a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,8 @@ pub struct Running {
     publishers: Stage,
     /// Stopped last: the consumers (after their current batch) and the other threads.
     background: Stage,
+    /// Restarts and threads down of the supervised workers, for /health and /metrics.
+    supervision: Arc<Supervision>,
     /// Fired by a signal: `main` waits for it, then calls `stop`.
     stop_request: Option<Trigger>,
     stop_requested: Shutdown,
@@ -91,6 +93,11 @@ impl Running {
         &self.stop_requested
     }
 
+    /// The supervision of this process's publishers and consumers.
+    pub fn supervision(&self) -> &Arc<Supervision> {
+        &self.supervision
+    }
+
     /// Takes the trigger of the request to stop, so that a signal thread can fire it.
     pub fn take_trigger(&mut self) -> Option<Trigger> {
         self.stop_request.take()
@@ -108,6 +115,10 @@ impl Running {
     ) -> Result<SocketAddr> {
         let addr = SocketAddr::new(config.http_bind_addr, port);
         let limits = Limits::from_config(config, workers);
+        let service = Supervised {
+            inner: service,
+            supervision: self.supervision.clone(),
+        };
         let server = HttpServer::start(name, addr, limits, Arc::new(service))?;
         let addr = server.addr;
         self.servers.push(server);
@@ -190,6 +201,7 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         servers: Vec::new(),
         publishers: Stage::new(),
         background: Stage::new(),
+        supervision: Arc::default(),
         stop_request: Some(trigger),
         stop_requested: shutdown,
     };
@@ -232,6 +244,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         &running.publishers.shutdown,
         outbox_metrics.clone(),
         link.clone(),
+        &running.supervision,
     ));
     let retention_metrics = Arc::new(RetentionMetrics::default());
     running.background.threads.extend(start_retention(
@@ -278,6 +291,7 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
         metrics.clone(),
         progress.clone(),
         link.clone(),
+        &running.supervision,
     ));
     let retention_metrics = Arc::new(RetentionMetrics::default());
     running.background.threads.extend(start_retention(

@@ -25,7 +25,7 @@ use crate::metrics::{Counter, Gauge, Histogram, BATCH_BOUNDS, LATENCY_BOUNDS_SEC
 use crate::progress::Progress;
 use crate::projection;
 use crate::shutdown::Shutdown;
-use crate::supervise::{self, Backoff};
+use crate::supervise::{self, Backoff, Supervision};
 
 pub struct ConsumerMetrics {
     pub deliveries: Counter,
@@ -92,6 +92,7 @@ pub fn start(
     metrics: Arc<ConsumerMetrics>,
     progress: Arc<Progress>,
     link: Arc<LinkStatus>,
+    supervision: &Arc<Supervision>,
 ) -> Vec<JoinHandle<()>> {
     let backoff_max = config.broker_reconnect_max;
     let mut threads = supervise::spawn(
@@ -99,10 +100,12 @@ pub fn start(
         config.consumer_threads,
         shutdown,
         backoff_max,
+        supervision,
         |thread| {
             let (config, pool) = (config.clone(), pool.clone());
             let (metrics, progress) = (metrics.clone(), progress.clone());
             let mut endpoints = Endpoints::new(&config, link.clone());
+            let supervision = supervision.clone();
             move |shutdown: &Shutdown| {
                 let consumer = Consumer {
                     config: &config,
@@ -110,6 +113,7 @@ pub fn start(
                     shutdown,
                     metrics: &metrics,
                     progress: &progress,
+                    supervision: &supervision,
                     thread,
                 };
                 consumer
@@ -130,6 +134,7 @@ struct Consumer<'a> {
     shutdown: &'a Shutdown,
     metrics: &'a ConsumerMetrics,
     progress: &'a Progress,
+    supervision: &'a Supervision,
     thread: usize,
 }
 
@@ -181,6 +186,7 @@ impl Consumer<'_> {
             .progress
             .attach(self.thread, vec![prx.clone(), orx.clone()]);
         loop {
+            self.supervision.checkpoint("consumer");
             let first = select! {
                 recv(prx) -> m => m,
                 recv(orx) -> m => m,

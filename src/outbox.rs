@@ -23,7 +23,7 @@ use crate::db::{Pool, Tx};
 use crate::error::{Error, Result};
 use crate::metrics::{Counter, Histogram, BATCH_BOUNDS};
 use crate::shutdown::Shutdown;
-use crate::supervise;
+use crate::supervise::{self, Supervision};
 
 pub struct OutboxMetrics {
     pub published: Counter,
@@ -74,6 +74,7 @@ pub fn start(
     shutdown: &Shutdown,
     metrics: Arc<OutboxMetrics>,
     link: Arc<LinkStatus>,
+    supervision: &Arc<Supervision>,
 ) -> Vec<JoinHandle<()>> {
     let backoff_max = config.broker_reconnect_max;
     supervise::spawn(
@@ -81,13 +82,23 @@ pub fn start(
         config.outbox_publishers,
         shutdown,
         backoff_max,
+        supervision,
         |_| {
             let (config, pool, wake, metrics) =
                 (config.clone(), pool.clone(), wake.clone(), metrics.clone());
             let mut endpoints = Endpoints::new(&config, link.clone());
+            let supervision = supervision.clone();
             move |shutdown: &Shutdown| {
-                Publisher::session(&config, &pool, &wake, shutdown, &metrics, &mut endpoints)
-                    .inspect_err(|_| metrics.session_errors.inc())
+                Publisher::session(
+                    &config,
+                    &pool,
+                    &wake,
+                    shutdown,
+                    &metrics,
+                    &mut endpoints,
+                    &supervision,
+                )
+                .inspect_err(|_| metrics.session_errors.inc())
             }
         },
     )
@@ -131,12 +142,14 @@ impl<'a> Publisher<'a> {
         shutdown: &Shutdown,
         metrics: &OutboxMetrics,
         endpoints: &mut Endpoints,
+        supervision: &Supervision,
     ) -> Result<()> {
         let mut link = endpoints.connect(config)?;
         let channel = link.connection.open_channel(None)?;
         let mut publisher = Publisher::new(config, channel, metrics)?;
         info!("outbox publisher publishing to {}", link.endpoint);
         loop {
+            supervision.checkpoint("publisher");
             if shutdown.is_triggered() {
                 return publisher.drain_before_exit(pool, wake);
             }

@@ -6,12 +6,17 @@
 //! `run` is the single place where a worker's body is run and re-run: supervision
 //! policy (what counts as healthy, what is logged, what is counted) lives here only.
 
+use std::collections::BTreeMap;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{error, warn};
 
-use crate::error::Result;
+use crate::error::{panic_message, Error, Result};
+use crate::http::{Request, Response, Service};
 use crate::shutdown::Shutdown;
 
 /// Waits that start at `initial` and double up to `max`.
@@ -44,6 +49,104 @@ impl Backoff {
     }
 }
 
+/// What the supervisors of one process have seen, by role: restarts after a panic, and
+/// threads down right now (panicked, waiting out the backoff before their next session).
+/// The services' `/health` and `/metrics` read it (`Supervised`).
+#[derive(Default)]
+pub struct Supervision {
+    roles: Mutex<BTreeMap<&'static str, RoleState>>,
+    /// Panics a test asked for, by role (`inject_panic`); `injected_any` keeps the check
+    /// in the workers' loops to one atomic load when there are none.
+    injected: Mutex<BTreeMap<&'static str, u32>>,
+    injected_any: AtomicBool,
+}
+
+#[derive(Default, Clone, Copy)]
+struct RoleState {
+    restarts: u64,
+    down: usize,
+}
+
+impl Supervision {
+    fn update(&self, role: &'static str, f: impl FnOnce(&mut RoleState)) {
+        let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        f(roles.entry(role).or_default());
+    }
+
+    /// The roles with a thread down now.
+    pub fn down(&self) -> Vec<&'static str> {
+        let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        roles
+            .iter()
+            .filter(|(_, s)| s.down > 0)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
+    /// `thread_restarts_total{role=...}` for every supervised role.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str("# TYPE thread_restarts_total counter\n");
+        for (role, state) in roles.iter() {
+            let _ = writeln!(
+                out,
+                "thread_restarts_total{{role=\"{role}\"}} {}",
+                state.restarts
+            );
+        }
+    }
+
+    /// For tests only: the next `times` calls of `checkpoint(role)` panic, as a bug in that
+    /// worker would. Nothing else calls it; production code only ever checks.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, role: &'static str, times: u32) {
+        let mut injected = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        *injected.entry(role).or_default() += times;
+        self.injected_any.store(true, Ordering::SeqCst);
+    }
+
+    /// Called by a worker once per loop; panics if a test injected a panic for `role`.
+    pub fn checkpoint(&self, role: &'static str) {
+        if !self.injected_any.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut injected = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = injected.get_mut(role).filter(|n| **n > 0) {
+            *n -= 1;
+            drop(injected);
+            panic!("{role}: a panic injected by a test");
+        }
+    }
+}
+
+/// A service whose `/health` is 503 while a supervised thread of the process is down, and
+/// whose `/metrics` add the restart counts.
+pub struct Supervised<S> {
+    pub inner: S,
+    pub supervision: Arc<Supervision>,
+}
+
+impl<S: Service> Service for Supervised<S> {
+    fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {
+        self.inner.handle(req)
+    }
+
+    fn health(&self) -> Result<()> {
+        match self.supervision.down().first() {
+            Some(role) => Err(Error::unavailable(format!(
+                "a {role} thread panicked and is being restarted"
+            ))),
+            None => self.inner.health(),
+        }
+    }
+
+    fn metrics(&self, out: &mut String) {
+        self.inner.metrics(out);
+        self.supervision.render(out);
+    }
+}
+
 /// A session that ran this long was healthy: the backoff starts over after it fails.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
@@ -57,44 +160,67 @@ pub fn spawn<S>(
     count: usize,
     shutdown: &Shutdown,
     backoff_max: Duration,
+    supervision: &Arc<Supervision>,
     make: impl Fn(usize) -> S,
 ) -> Vec<JoinHandle<()>>
 where
     S: FnMut(&Shutdown) -> Result<()> + Send + 'static,
 {
+    supervision.update(role, |_| {});
     (0..count)
         .map(|i| {
             let session = make(i);
             let shutdown = shutdown.clone();
+            let supervision = supervision.clone();
             std::thread::Builder::new()
                 .name(format!("{role}-{i}"))
-                .spawn(move || run(role, &shutdown, backoff_max, session))
+                .spawn(move || run(role, &shutdown, backoff_max, &supervision, session))
                 .unwrap_or_else(|e| panic!("spawning thread {role}-{i}: {e}"))
         })
         .collect()
 }
 
 /// Runs `session` until it returns Ok (a clean stop, at shutdown) or shutdown is
-/// triggered. After an error, waits with backoff (100 ms doubling up to `backoff_max`,
-/// starting over after a session that ran for a while) and runs a new session.
+/// triggered. After an error or a panic (caught here, logged with its message, counted in
+/// `thread_restarts_total`, and shown by `/health` until the next session starts), waits
+/// with backoff (100 ms doubling up to `backoff_max`, starting over after a session that
+/// ran for a while) and runs a new session.
 pub fn run(
-    role: &str,
+    role: &'static str,
     shutdown: &Shutdown,
     backoff_max: Duration,
+    supervision: &Supervision,
     mut session: impl FnMut(&Shutdown) -> Result<()>,
 ) {
     let mut backoff = Backoff::new(SESSION_BACKOFF_INITIAL, backoff_max);
     while !shutdown.is_triggered() {
         let started = Instant::now();
-        let Err(e) = session(shutdown) else {
-            return;
+        let failure = match panic::catch_unwind(AssertUnwindSafe(|| session(shutdown))) {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(payload) => {
+                supervision.update(role, |s| {
+                    s.restarts += 1;
+                    s.down += 1;
+                });
+                format!("panicked: {}", panic_message(&*payload))
+            }
         };
+        let panicked = failure.starts_with("panicked: ");
         if started.elapsed() > HEALTHY_SESSION {
             backoff.reset();
         }
         let wait = backoff.next_wait();
-        warn!("{role}: {e}; retrying in {} ms", wait.as_millis());
-        if shutdown.sleep(wait) {
+        if panicked {
+            error!("{role}: {failure}; restarting in {} ms", wait.as_millis());
+        } else {
+            warn!("{role}: {failure}; retrying in {} ms", wait.as_millis());
+        }
+        let stopping = shutdown.sleep(wait);
+        if panicked {
+            supervision.update(role, |s| s.down -= 1);
+        }
+        if stopping {
             return;
         }
     }

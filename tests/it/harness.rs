@@ -306,6 +306,11 @@ impl App {
         self.running().consumer_addr.expect("consumer service")
     }
 
+    /// The supervision of the app's publishers and consumers (restarts, panic injection).
+    pub fn supervision(&self) -> &std::sync::Arc<cqrs_analytics::supervise::Supervision> {
+        self.running().supervision()
+    }
+
     pub fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop();

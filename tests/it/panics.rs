@@ -5,9 +5,16 @@
 //! HTTP layer (`HttpServer::start`, as `app::start` does) wrapped in a `Service` of its own
 //! that panics on one path and hands every other request to the real service. Production
 //! code has no test route, flag or hook for this: the wrapper exists only in this file.
+//!
+//! A publisher or consumer thread that panics is restarted by its supervisor with backoff,
+//! counted, and `/health` says so meanwhile. There the panic comes from the one hook
+//! production code has for it: `Supervision::inject_panic` (`#[doc(hidden)]`, per process,
+//! never called outside tests), checked once per worker loop with one atomic load.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use cqrs_analytics::app::Role;
 use cqrs_analytics::command::CommandService;
 use cqrs_analytics::db;
 use cqrs_analytics::error::Result;
@@ -79,4 +86,44 @@ fn panicking_handlers_answer_500_and_the_workers_live_on() {
         "{routes}"
     );
     server.stop();
+}
+
+#[test]
+fn panicking_publisher_and_consumer_threads_are_restarted_and_health_says_so() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let (a, c) = (app.command(), app.consumer());
+    let pid = create_product(a, "Restarted", "Resilience", 2.5, 100);
+    // Four panics in a row each: the backoff grows 100, 200, 400, 800 ms, so the threads
+    // are down for about 1.5 s, long enough for /health to be seen saying so.
+    let panics = 4;
+    app.supervision().inject_panic("publisher", panics);
+    app.supervision().inject_panic("consumer", panics);
+    let r = post_json(
+        a,
+        "/api/orders",
+        &json!({"customerId": 7, "items": [{"productId": pid, "quantity": 2}]}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let down = wait_until(
+        "/health to name the restarting publisher",
+        Duration::from_secs(10),
+        || {
+            let h = get(a, "/health");
+            (h.status == 503 && h.body.contains("publisher")).then_some(h.body)
+        },
+    );
+    assert!(down.contains("panicked"), "{down}");
+    // The order still makes it through both restarted threads into the read model.
+    assert_converges(&env, Duration::from_secs(30));
+    assert_eq!(unpublished(&env), 0);
+    wait_until(
+        "/health to be healthy again",
+        Duration::from_secs(10),
+        || (get(a, "/health").status == 200 && get(c, "/health").status == 200).then_some(()),
+    );
+    for role in ["publisher", "consumer"] {
+        let sample = format!("thread_restarts_total{{role=\"{role}\"}}");
+        assert_eq!(counter(a, &sample), u64::from(panics), "{role}");
+    }
 }
