@@ -45,7 +45,6 @@ pub struct ClientConnection {
     head_timeout: Duration,
     idle_timeout: Duration,
     head_started: bool,
-    first_request: bool,
 }
 
 /// PATCHED: the most headers a request may have.
@@ -65,9 +64,11 @@ enum ReadError {
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
-    /// PATCHED: the first request head must arrive whole within `limits.head_timeout` of
-    /// the accept; each later one within `head_timeout` of its first byte, which must come
-    /// within `idle_timeout` of the previous response.
+    /// PATCHED: a request head must arrive whole within `limits.head_timeout` of its first
+    /// byte. That first byte must come within `head_timeout` of the connection thread's
+    /// first read (not of the accept: on a busy machine a new thread may start late, and
+    /// the request already waiting in the socket must not count as late), and for later
+    /// requests within `idle_timeout` of the previous response.
     pub fn new(
         write_socket: RefinedTcpStream,
         read_socket: RefinedTcpStream,
@@ -75,7 +76,7 @@ impl ClientConnection {
     ) -> ClientConnection {
         let head_timeout = limits.head_timeout;
         let idle_timeout = limits.idle_timeout;
-        let deadline = ReadDeadline::head(Instant::now() + head_timeout, limits.read_timeout);
+        let deadline = ReadDeadline::idle(head_timeout, limits.read_timeout);
         let mut read_socket = read_socket.with_deadline(deadline.clone());
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -94,7 +95,6 @@ impl ClientConnection {
             head_timeout,
             idle_timeout,
             head_started: false,
-            first_request: true,
         }
     }
 
@@ -122,12 +122,10 @@ impl ClientConnection {
             if available.is_empty() {
                 return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF"));
             }
-            // PATCHED: a later request's head deadline counts from its first byte.
+            // PATCHED: a request's head deadline counts from its first byte.
             if !self.head_started {
                 self.head_started = true;
-                if !self.first_request {
-                    self.deadline.set_head(Instant::now() + self.head_timeout);
-                }
+                self.deadline.set_head(Instant::now() + self.head_timeout);
             }
             let (taken, done) = match available.iter().position(|&b| b == b'\n') {
                 Some(i) => (i + 1, true),
@@ -224,7 +222,6 @@ impl ClientConnection {
         // PATCHED: the head (and the buffered body) is in; now the connection may idle.
         self.deadline.set_idle(self.idle_timeout);
         self.head_started = false;
-        self.first_request = false;
 
         // return the request
         Ok(request)

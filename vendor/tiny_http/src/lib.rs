@@ -141,7 +141,8 @@ pub struct Limits {
     /// closed, without ever getting a thread.
     pub max_connections: usize,
     /// A request head (and the body the connection's thread buffers) must arrive whole
-    /// within this, however slowly it trickles; the first one counts from the accept.
+    /// within this of its first byte, however slowly it trickles; a new connection's first
+    /// byte must come within this too.
     pub head_timeout: Duration,
     /// An idle keep-alive connection is closed after this.
     pub idle_timeout: Duration,

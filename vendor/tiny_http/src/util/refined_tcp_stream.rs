@@ -121,9 +121,10 @@ enum Phase {
 }
 
 impl ReadDeadline {
-    pub(crate) fn head(deadline: Instant, read_max: Duration) -> Arc<ReadDeadline> {
+    /// Starts idle: the first byte must come within `idle` of the first read.
+    pub(crate) fn idle(idle: Duration, read_max: Duration) -> Arc<ReadDeadline> {
         Arc::new(ReadDeadline {
-            phase: Mutex::new(Phase::Head(deadline)),
+            phase: Mutex::new(Phase::IdleFor(idle)),
             read_max,
         })
     }
