@@ -141,6 +141,10 @@ impl<S: Service> Service for Supervised<S> {
         }
     }
 
+    fn health_details(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.inner.health_details()
+    }
+
     fn metrics(&self, out: &mut String) {
         self.inner.metrics(out);
         self.supervision.render(out);

@@ -40,6 +40,10 @@ impl<S: Service> Service for PanicsOnOnePath<S> {
         self.inner.health()
     }
 
+    fn health_details(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.inner.health_details()
+    }
+
     fn metrics(&self, out: &mut String) {
         self.inner.metrics(out)
     }
