@@ -35,7 +35,7 @@ RUN mkdir -p src \
 
 # The real sources, and the files they embed with include_str! (sql/,
 # openapi.json served at /openapi.json, and the dashboard's page, script and
-# style in src/dashboard/, which COPY src brings): all must be here at build time.
+# style in src/read/dashboard/, which COPY src brings): all must be here at build time.
 COPY src ./src
 COPY sql ./sql
 COPY openapi.json ./

@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use crate::broker::LinkStatus;
-use crate::command::CommandService;
 use crate::config::Config;
-use crate::consumer::{self, ConsumerHttp, ConsumerMetrics};
 use crate::db;
 use crate::error::Result;
 use crate::http::{HttpServer, Limits, Service};
-use crate::outbox::{self, OutboxMetrics};
-use crate::progress::Progress;
-use crate::query::QueryService;
-use crate::retention::{self, Job, RetentionMetrics, Table};
+use crate::ops::retention::{self, Job, RetentionMetrics, Table};
+use crate::read::consumer::{self, ConsumerHttp, ConsumerMetrics};
+use crate::read::progress::Progress;
+use crate::read::query::QueryService;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::supervise::{Backoff, Supervised, Supervision};
+use crate::write::command::CommandService;
+use crate::write::outbox::{self, OutboxMetrics};
 
 /// Which services a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -55,11 +55,11 @@ pub fn run(command: Command) -> Result<bool> {
         Command::Migrate => migrate(&Config::from_env()?).map(|()| true),
         Command::Healthcheck(port) => healthcheck(port).map(|()| true),
         Command::DeadLetters(args) => {
-            crate::dead_letters::run(&Config::from_env()?, &args, &mut std::io::stdout())
+            crate::ops::dead_letters::run(&Config::from_env()?, &args, &mut std::io::stdout())
         }
         // Progress and the outcome on stderr: stdout stays free for a pipe.
         Command::RebuildReadModel => {
-            crate::rebuild::run(&Config::from_env()?, &mut std::io::stderr())
+            crate::ops::rebuild::run(&Config::from_env()?, &mut std::io::stderr())
         }
     }
 }

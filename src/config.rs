@@ -193,7 +193,7 @@ pub struct Config {
     pub retention: Retention,
 }
 
-/// How long bookkeeping rows are kept (src/retention.rs). `None` keeps them forever (the
+/// How long bookkeeping rows are kept (src/ops/retention.rs). `None` keeps them forever (the
 /// variable was 0).
 #[derive(Debug, Clone)]
 pub struct Retention {

@@ -5,34 +5,29 @@
 //! exactly once; the query service reads those views. Everything is synchronous threads
 //! and channels.
 //!
-//! Reading order (the `mod` lines below are sorted by rustfmt): `config`, `error`,
-//! `metrics`, `json`, `http`, `db`, `event`, `command`, `broker`, `supervise`, `outbox`,
-//! `projection`, `consumer`, `progress`, `query`, `shutdown`, `app`, `cli`; ARCHITECTURE.md
-//! says what each is.
+//! The modules shared by every side sit at the top; the rest is grouped by side: `write`
+//! (command API, outbox publisher), `read` (consumers, projection, queries, dashboard) and
+//! `ops` (retention, rebuild, dead letters). Reading order (the `mod` lines below are sorted
+//! by rustfmt): `config`, `error`, `metrics`, `json`, `http`, `db`, `event`,
+//! `write::command`, `broker`, `supervise`, `write::outbox`, `read::projection`,
+//! `read::consumer`, `read::progress`, `read::query`, `shutdown`, `app`, `cli`, then `ops`;
+//! ARCHITECTURE.md says what each is.
 
 pub mod app;
 pub mod broker;
 pub mod cli;
-pub mod command;
 pub mod config;
-pub mod consumer;
-pub mod dashboard;
 pub mod db;
-pub mod dead_letters;
 pub mod error;
 pub mod event;
 pub mod http;
 pub mod json;
-pub mod lists;
 pub mod metrics;
-pub mod outbox;
-pub mod progress;
-pub mod projection;
-pub mod query;
-pub mod rebuild;
-pub mod retention;
+pub mod ops;
+pub mod read;
 pub mod shutdown;
 pub mod supervise;
+pub mod write;
 
 pub use config::Config;
 pub use error::{Error, Result};

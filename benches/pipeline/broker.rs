@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use amiquip::{AmqpProperties, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use cqrs_analytics::config::Config;
 use cqrs_analytics::event::ORDER_TOPIC;
-use cqrs_analytics::{broker, outbox};
+use cqrs_analytics::{broker, write::outbox};
 use serde_json::{json, Value};
 
 use crate::ceiling::Ceilings;

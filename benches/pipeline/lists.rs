@@ -95,7 +95,7 @@ FROM (SELECT i, 1 + (random() * ($3::bigint - 1))::bigint AS c,
              $2::bigint / 2 + 1 + (random() * ($2::bigint / 2 - 1))::bigint AS p2
       FROM generate_series(1, $1::bigint) i) s";
 
-/// One consumer batch of 1,000 events as `src/projection.rs` writes it (2,000 product and
+/// One consumer batch of 1,000 events as `src/read/projection.rs` writes it (2,000 product and
 /// 1,000 customer upserts on random keys), measured and rolled back.
 const BATCH: [(&str, Count); 2] = [
     (

@@ -540,7 +540,7 @@ fn consumer_dying_after_commit_before_ack_changes_nothing_on_redelivery() {
     let pool =
         cqrs_analytics::db::pool(&env.config().read_db, 1, &env.config().db, "doomed", false);
     let counts =
-        cqrs_analytics::projection::apply_batch(&mut pool.get().unwrap(), &events).unwrap();
+        cqrs_analytics::read::projection::apply_batch(&mut pool.get().unwrap(), &events).unwrap();
     assert_eq!(counts.applied, TAKEN, "the doomed consumer's commit");
     drop(deliveries);
     drop(ch);

@@ -454,7 +454,7 @@ fn two_rebuilds_at_once_the_second_refuses() {
     holder
         .execute(
             "SELECT pg_advisory_lock($1)",
-            &[&cqrs_analytics::rebuild::REBUILD_LOCK_KEY],
+            &[&cqrs_analytics::ops::rebuild::REBUILD_LOCK_KEY],
         )
         .unwrap();
     let (code, stderr) = rebuild(&env);

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_analytics::app::Role;
-use cqrs_analytics::command::CommandService;
 use cqrs_analytics::db;
 use cqrs_analytics::error::Result;
 use cqrs_analytics::http::{HttpServer, Limits, Request, Response, Service};
+use cqrs_analytics::write::command::CommandService;
 use serde_json::json;
 
 use crate::harness::*;

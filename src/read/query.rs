@@ -11,7 +11,7 @@ use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 use crate::event::format_timestamp;
 use crate::http::{self, percent_decode, Request, Response, Service};
-use crate::lists::{self, List};
+use crate::read::lists::{self, List};
 
 /// Hours returned by one hourly-sales request at most (more than a year).
 const HOURS_MAX: i64 = 10_000;
@@ -160,7 +160,7 @@ impl QueryService {
         let p99: Option<f64> = latency.get(2);
         let held = conn.client.query_one(
             CONSUMERS_HOLDING,
-            &[&(crate::progress::ROW_FRESH_SECS as f64)],
+            &[&(crate::read::progress::ROW_FRESH_SECS as f64)],
         )?;
         let held_messages: i64 = held.get(0);
         let oldest_held: Option<DateTime<Utc>> = held.get(1);
@@ -282,7 +282,7 @@ const OLDEST_QUEUED: &str =
 
 impl Service for QueryService {
     fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {
-        if let Some((route, page)) = crate::dashboard::asset(&req.path) {
+        if let Some((route, page)) = crate::read::dashboard::asset(&req.path) {
             if req.method != Method::Get && req.method != Method::Head {
                 return http::method_not_allowed(route, "GET");
             }

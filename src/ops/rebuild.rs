@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::db::Conn;
 use crate::error::Result;
 use crate::event::{Event, OrderCreated, OrderItem, ProductCreated};
-use crate::projection::{self, Statements};
+use crate::read::projection::{self, Statements};
 
 /// Serialises rebuilds of one read DB (`pg_try_advisory_lock`).
 pub const REBUILD_LOCK_KEY: i64 = 0x7265_6275_696c_6421;

@@ -22,8 +22,8 @@ use crate::db::Pool;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::metrics::{Counter, Gauge, Histogram, BATCH_BOUNDS, LATENCY_BOUNDS_SECONDS};
-use crate::progress::Progress;
-use crate::projection;
+use crate::read::progress::Progress;
+use crate::read::projection;
 use crate::shutdown::Shutdown;
 use crate::supervise::{self, Backoff, Supervision};
 
@@ -122,7 +122,9 @@ pub fn start(
             }
         },
     );
-    threads.push(crate::progress::start_reporter(pool, progress, shutdown));
+    threads.push(crate::read::progress::start_reporter(
+        pool, progress, shutdown,
+    ));
     threads
 }
 
@@ -398,7 +400,7 @@ pub struct ConsumerHttp {
     pub ready_since: std::sync::Mutex<Option<Instant>>,
     /// The consumer threads' broker connections.
     pub link: Arc<LinkStatus>,
-    pub retention: Arc<crate::retention::RetentionMetrics>,
+    pub retention: Arc<crate::ops::retention::RetentionMetrics>,
 }
 
 impl ConsumerHttp {
@@ -488,7 +490,7 @@ impl crate::http::Service for ConsumerHttp {
             u8::from(snap.stalled.is_some())
         );
         crate::metrics::render_pool(out, "read", &self.pool);
-        use crate::retention::Table;
+        use crate::ops::retention::Table;
         self.retention.render(
             out,
             &self.pool,

@@ -21,7 +21,7 @@ use crate::event::{self, Event, ProductCreated};
 use crate::http::{self, Request, Response, Service};
 use crate::json::{self, ItemField, Object};
 use crate::metrics::Counter;
-use crate::retention::{RetentionMetrics, Table};
+use crate::ops::retention::{RetentionMetrics, Table};
 
 const NAME_CHARS_MAX: usize = 200;
 const PRICE_CENTS_MAX: i64 = 100_000_000_000; // prices are below 1,000,000,000.00
@@ -130,7 +130,7 @@ pub struct CommandService {
     /// Wakes the outbox publishers of this process after a commit (never blocks).
     outbox_wake: Option<Sender<()>>,
     pub metrics: Arc<CommandMetrics>,
-    outbox_metrics: Option<Arc<crate::outbox::OutboxMetrics>>,
+    outbox_metrics: Option<Arc<crate::write::outbox::OutboxMetrics>>,
     /// The publishers' broker connections and how long they may all be down before
     /// `/health` reports `brokerConnected: false`.
     broker_link: Option<(Arc<LinkStatus>, Duration)>,
@@ -143,7 +143,7 @@ impl CommandService {
     pub fn new(
         pool: Pool,
         outbox_wake: Option<Sender<()>>,
-        outbox_metrics: Option<Arc<crate::outbox::OutboxMetrics>>,
+        outbox_metrics: Option<Arc<crate::write::outbox::OutboxMetrics>>,
     ) -> CommandService {
         CommandService {
             pool,
