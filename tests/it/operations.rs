@@ -361,7 +361,12 @@ fn rebuild_under_load_switches_without_a_failed_query_and_ends_exact() {
             .then_some(())
     });
     env.read()
-        .batch_execute("UPDATE product_sales_view SET total_revenue = total_revenue + 1000, order_count = order_count + 7")
+        // Rows locked in id order, as the consumer locks them: an unordered UPDATE here can
+        // deadlock with a batch being applied.
+        .batch_execute(
+            "UPDATE product_sales_view SET total_revenue = total_revenue + 1000, order_count = order_count + 7
+             WHERE product_id IN (SELECT product_id FROM product_sales_view ORDER BY product_id FOR UPDATE)",
+        )
         .unwrap();
     let mut paths: Vec<String> = products
         .iter()
