@@ -107,6 +107,7 @@ pub fn fill(s: &Settings, stack: &Stack, orders: i64) -> LoadResult {
 pub fn publish(s: &Settings, stack: &Stack) -> Drain {
     let mut write = stack.write();
     let n0 = outbox_pending(&mut write);
+    services::checkpoint();
     let sampler = WaitSampler::start(&stack.env.write_db, Duration::from_millis(20));
     let spawned = Instant::now();
     let cmd = stack.spawn("command-service", &[], &s.log_dir);
@@ -167,6 +168,7 @@ fn timed(
 pub fn consume(s: &Settings, stack: &Stack, processes: usize, exact: bool) -> Drain {
     let queued = i64::from(stack.env.queue_depth(&stack.env.broker.order_queue))
         + i64::from(stack.env.queue_depth(&stack.env.broker.product_queue));
+    services::checkpoint();
     let sampler = WaitSampler::start(&stack.env.read_db, Duration::from_millis(10));
     let spawned = Instant::now();
     let consumers: Vec<_> = (0..processes)

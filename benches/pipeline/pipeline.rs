@@ -111,6 +111,7 @@ fn burst(s: &Settings, stack: &Stack, pid: u32, products: &[Product]) -> Pipelin
         s.clients, s.seconds
     ));
     let procs = [(pid, "all")];
+    services::checkpoint();
     let sampler = WaitSampler::start(&stack.env.write_db, Duration::from_millis(20));
     let cpu0 = cpu_snapshot(&procs);
     let orders = load(

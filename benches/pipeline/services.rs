@@ -228,3 +228,13 @@ pub fn clone_database(source: &str, target: &str) {
         .batch_execute(&format!("CREATE DATABASE {target} TEMPLATE {source}"))
         .expect("cloning a database");
 }
+
+/// A CHECKPOINT before a timed measurement: what earlier phases left dirty (dropped
+/// databases, bulk loads) is written out now, not by the checkpointer and the kernel's
+/// flush threads in the middle of the measurement (they took 0.4-0.7 cores during the
+/// broker-alone phase that followed the backlog's clean-up).
+pub fn checkpoint() {
+    let mut admin = Client::connect(&format!("{}/postgres", harness::pg_base()), NoTls)
+        .expect("connecting as a superuser");
+    admin.batch_execute("CHECKPOINT").expect("CHECKPOINT");
+}
