@@ -283,6 +283,30 @@ where
     load_paced(addr, clients, until, None, expect, make)
 }
 
+/// A closed-loop burst of random orders: `clients` clients for `seconds`, 201 counts as ok.
+pub fn order_burst(
+    addr: SocketAddr,
+    clients: usize,
+    seconds: u64,
+    products: &[Product],
+    customers: usize,
+) -> LoadResult {
+    load(
+        addr,
+        clients,
+        Until::Time(Duration::from_secs(seconds)),
+        201,
+        |rng| {
+            (
+                "POST",
+                "/api/orders".into(),
+                Some(order_body(rng, products, customers)),
+                None,
+            )
+        },
+    )
+}
+
 /// Like `load`, optionally paced: each client sends at most `pace` requests per second.
 pub fn load_paced<F>(
     addr: SocketAddr,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::ceiling::Ceilings;
-use crate::client::{create_products, load, order_body, pct, Http, LoadResult, Product, Until};
+use crate::client::{create_products, load, order_burst, pct, Http, LoadResult, Product, Until};
 use crate::report::{Figures, Row};
 use crate::sample::{cpu_delta, cpu_snapshot, WaitSampler};
 use crate::services::{self, wait_healthy, Stack};
@@ -114,20 +114,7 @@ fn burst(s: &Settings, stack: &Stack, pid: u32, products: &[Product]) -> Pipelin
     services::checkpoint();
     let sampler = WaitSampler::start(&stack.env.write_db, Duration::from_millis(20));
     let cpu0 = cpu_snapshot(&procs);
-    let orders = load(
-        stack.command,
-        s.clients,
-        Until::Time(Duration::from_secs(s.seconds)),
-        201,
-        |rng| {
-            (
-                "POST",
-                "/api/orders".into(),
-                Some(order_body(rng, products, s.customers)),
-                None,
-            )
-        },
-    );
+    let orders = order_burst(stack.command, s.clients, s.seconds, products, s.customers);
     let burst_end = Instant::now();
     let cpu1 = cpu_snapshot(&procs);
     let waits = sampler.finish();

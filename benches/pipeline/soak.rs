@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use crate::ceiling::Ceilings;
 use crate::client::{
-    create_products, load, load_paced, order_body, pct, LoadResult, Product, Request, Until,
+    create_products, load_paced, order_body, order_burst, pct, LoadResult, Product, Request, Until,
 };
 use crate::pipeline::{load_json, Probe};
 use crate::report::{Figures, Row};
@@ -90,20 +90,7 @@ pub fn run(s: &Settings) -> SoakFigures {
             "soak: burst, {} clients for {} s",
             s.clients, s.seconds
         ));
-        let burst = load(
-            first.command,
-            s.clients,
-            Until::Time(Duration::from_secs(s.seconds)),
-            201,
-            |rng| {
-                (
-                    "POST",
-                    "/api/orders".into(),
-                    Some(order_body(rng, &products, s.customers)),
-                    None,
-                )
-            },
-        );
+        let burst = order_burst(first.command, s.clients, s.seconds, &products, s.customers);
         all.stop();
         (burst.per_second(), products)
     };
