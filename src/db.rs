@@ -263,6 +263,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         name: "list_indexes",
         sql: include_str!("../sql/read/008_list_indexes.sql"),
     },
+    Migration {
+        version: 9,
+        name: "pending_deltas",
+        sql: include_str!("../sql/read/009_pending_deltas.sql"),
+    },
 ];
 
 /// An arbitrary constant that serialises concurrent migrators of one database.

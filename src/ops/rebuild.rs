@@ -2,7 +2,7 @@
 //! source of truth) while the services run, then switches to it in one short transaction.
 //!
 //! 1. Under an advisory lock on the read DB (a second rebuild refuses), empty copies of the
-//!    six read-model tables are created in the schema `rebuild_shadow`.
+//!    read-model tables are created in the schema `rebuild_shadow`.
 //! 2. `r0` = the read DB's clock. Then ONE snapshot of the write DB (REPEATABLE READ): every
 //!    product and order visible in it is folded into the shadow tables by the consumer's own
 //!    projection code, and its event id (stored on the row since write migration 005) goes
@@ -41,12 +41,16 @@ pub const REBUILD_LOCK_KEY: i64 = 0x7265_6275_696c_6421;
 const SHADOW: &str = "rebuild_shadow";
 const RETIRED: &str = "rebuild_retired";
 /// The tables switched, in the order the consumer's transaction touches them (the locks
-/// are taken in this order, so the switch cannot deadlock with a consumer).
-const TABLES: [&str; 6] = [
+/// are taken in this order, so the switch cannot deadlock with a consumer). The shadow's
+/// pending tables stay empty (the rebuild writes the views directly); the live ones are
+/// retired with the views, their rows being sums of events the shadow has applied too.
+const TABLES: [&str; 8] = [
     "processed_events",
-    "product_sales_view",
-    "category_metrics_view",
     "customer_ltv_view",
+    "customer_ltv_delta",
+    "product_sales_view",
+    "product_sales_delta",
+    "category_metrics_view",
     "hourly_sales_view",
     "sync_status",
 ];
@@ -84,7 +88,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
     shadow
         .client
         .batch_execute(&format!("SET search_path = {SHADOW}"))?;
-    let stmts = Statements::prepare(&mut shadow)?;
+    let stmts = Statements::prepare(&mut shadow)?.exclusive();
     let mut write = connect(&config.write_db)?;
     let started = Instant::now();
     let mut progress = Progress::new(out);

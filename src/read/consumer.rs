@@ -8,6 +8,7 @@
 //! reason other than a lost database is replayed one event at a time to isolate the bad
 //! one, which is retried a bounded number of times and then dead-lettered.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -108,6 +109,7 @@ pub fn start(
             let supervision = supervision.clone();
             move |shutdown: &Shutdown| {
                 let consumer = Consumer {
+                    pending: Cell::new(true),
                     config: &config,
                     pool: &pool,
                     shutdown,
@@ -131,6 +133,9 @@ pub fn start(
 /// One consumer thread's work: its sessions on the broker, each applying batches, like
 /// the outbox's `Publisher`.
 struct Consumer<'a> {
+    /// Whether product or customer sums may be pending (a batch of ours left some, or
+    /// another consumer's may be left from before this session): folded when idle.
+    pending: Cell<bool>,
     config: &'a Config,
     pool: &'a Pool,
     shutdown: &'a Shutdown,
@@ -187,12 +192,22 @@ impl Consumer<'_> {
         let _attached = self
             .progress
             .attach(self.thread, vec![prx.clone(), orx.clone()]);
+        let never = crossbeam_channel::never();
         loop {
             self.supervision.checkpoint("consumer");
+            let idle = if self.pending.get() {
+                crossbeam_channel::after(FOLD_WHEN_IDLE)
+            } else {
+                never.clone()
+            };
             let first = select! {
                 recv(prx) -> m => m,
                 recv(orx) -> m => m,
                 recv(shutdown.receiver()) -> _ => return Ok(()), // unacked messages are redelivered
+                recv(idle) -> _ => {
+                    self.fold_when_idle();
+                    continue;
+                }
             };
             let mut batch = vec![delivery(first)?];
             let deadline = Instant::now() + config.consumer_batch_wait;
@@ -331,7 +346,25 @@ impl Consumer<'_> {
         }
     }
 
+    /// No delivery for `FOLD_WHEN_IDLE` while sums may be pending: fold them, so that the
+    /// views the ranked lists read catch up once the load stops.
+    fn fold_when_idle(&self) {
+        let folded = self
+            .pool
+            .get()
+            .map_err(Error::from)
+            .and_then(|mut conn| projection::fold_pending(&mut conn));
+        match folded {
+            Ok(still) => self.pending.set(still),
+            // The next batch meets the same database and reports it; try again later.
+            Err(e) => log::debug!("folding pending sums failed: {e}"),
+        }
+    }
+
     fn record_applied(&self, events: &[Event], counts: projection::BatchCounts) {
+        if counts.left_pending {
+            self.pending.set(true);
+        }
         let metrics = self.metrics;
         self.progress.applied(self.thread);
         metrics.applied.add(counts.applied as u64);
@@ -369,6 +402,9 @@ fn message_key(d: &Delivery) -> String {
         .clone()
         .unwrap_or_else(|| String::from_utf8_lossy(&d.body[..d.body.len().min(256)]).into_owned())
 }
+
+/// How long a consumer with pending sums waits for a delivery before it folds them itself.
+const FOLD_WHEN_IDLE: Duration = Duration::from_millis(20);
 
 /// The first wait when the read database refuses a batch for a transient reason.
 const DB_RETRY_INITIAL: Duration = Duration::from_millis(50);

@@ -3,6 +3,11 @@
 //! view (`apply_batch`), whatever order the events arrived in. The event ids go into
 //! `processed_events` in the same transaction, and only the ids that were not there yet
 //! are folded: a redelivered or duplicated event changes nothing.
+//!
+//! Concurrent batches never write the same row (sql/read/006 and 009): each holds a shard
+//! of the counters every batch adds to, and only the batch holding the fold lock writes
+//! the product and customer views; the others add to pending rows under their shard, which
+//! the fold lock's next holder moves into the views (`fold_pending` when idle).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -121,11 +126,13 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<Delta> {
     Ok(d)
 }
 
-/// What a batch did: events applied now, and events dropped as already processed.
+/// What a batch did: events applied now, events dropped as already processed, and whether
+/// it left product or customer sums pending (another batch held the fold lock).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchCounts {
     pub applied: usize,
     pub duplicates: usize,
+    pub left_pending: bool,
 }
 
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
@@ -136,6 +143,27 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     let counts = apply_in(&mut tx, &statements, events, false)?;
     tx.commit()?;
     Ok(counts)
+}
+
+/// Moves pending product and customer rows into the views, in a transaction of its own, if
+/// the fold lock is free (the consumers call it when idle while rows are pending). Returns
+/// whether rows are still pending: under a shard a batch in flight holds, or all of them
+/// when another transaction holds the fold lock (which may fold them, or not: its snapshot
+/// may predate them), so the caller tries again a little later.
+pub fn fold_pending(conn: &mut Conn) -> Result<bool> {
+    let statements = Statements::prepare(conn)?;
+    let mut tx = conn.client.transaction()?;
+    let claim = claim(&mut tx, &statements)?;
+    if !claim.folder {
+        tx.rollback()?;
+        return Ok(true);
+    }
+    if claim.pending {
+        tx.execute(&statements.fold, &[&SHARD_LOCK_CLASS, &SHARDS])?;
+    }
+    let still: bool = tx.query_one(&statements.pending, &[])?.get(0);
+    tx.commit()?;
+    Ok(still)
 }
 
 /// `apply_batch` inside a transaction the caller commits. `backdate` records the events as
@@ -156,7 +184,7 @@ pub fn apply_in(
     let ids: Vec<Uuid> = unique.keys().copied().collect();
     let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
     let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
-    let shard = claim_shard(tx, statements)?;
+    let claim = claim(tx, statements)?;
     let fresh: HashSet<Uuid> = tx
         .query(&statements.processed, &[&ids, &types, &stamps, &backdate])?
         .iter()
@@ -168,11 +196,16 @@ pub fn apply_in(
             .copied()
             .filter(|e| fresh.contains(&e.event_id())),
     )?;
-    upsert(tx, statements, &delta, shard)?;
+    upsert(tx, statements, &delta, &claim)?;
+    if claim.folder && claim.pending {
+        tx.execute(&statements.fold, &[&SHARD_LOCK_CLASS, &SHARDS])?;
+    }
     let applied = fresh.len();
+    let wrote_views = !delta.products.is_empty() || !delta.customers.is_empty();
     Ok(BatchCounts {
         applied,
         duplicates: events.len() - applied,
+        left_pending: wrote_views && !claim.folder,
     })
 }
 
@@ -183,22 +216,50 @@ const SHARDS: i32 = 16;
 /// An arbitrary constant: the advisory-lock class of the shards.
 const SHARD_LOCK_CLASS: i32 = 0x7368_6172;
 
-/// Takes a shard no concurrent batch holds, for this transaction (released at its end).
-/// Each consumer starts its search at its own place (the backend's pid), so usually the
-/// first try wins. With more concurrent batches than shards, the last ones share shard 0
-/// and take turns on its rows, as all batches did before sharding.
-fn claim_shard(tx: &mut Transaction, s: &Statements) -> Result<i16> {
-    let row = tx.query_opt(&s.shard, &[&SHARD_LOCK_CLASS, &SHARDS])?;
-    Ok(row.map_or(0, |r| r.get(0)))
+/// An arbitrary constant: the advisory-lock class of the fold lock.
+pub const FOLD_LOCK_CLASS: i32 = 0x666f_6c64;
+
+/// What a batch's transaction holds until it ends.
+struct Claim {
+    /// A shard no concurrent batch holds. Each consumer starts its search at its own place
+    /// (the backend's pid), so usually the first try wins. With more concurrent batches
+    /// than shards, the last ones share shard 0 and take turns on its rows.
+    shard: i16,
+    /// The fold lock: this transaction is the only one writing the product and customer
+    /// views now. Always true for a writer that has its tables to itself (the rebuild).
+    folder: bool,
+    /// Whether pending product or customer rows exist (some may be in flight still).
+    pending: bool,
+}
+
+/// Takes a shard and, if it is free, the fold lock, for this transaction (advisory
+/// try-locks: a batch never waits for another).
+fn claim(tx: &mut Transaction, s: &Statements) -> Result<Claim> {
+    let row = tx.query_one(
+        &s.claim,
+        &[&SHARD_LOCK_CLASS, &SHARDS, &FOLD_LOCK_CLASS, &s.exclusive],
+    )?;
+    Ok(Claim {
+        shard: row.get::<_, Option<i16>>(0).unwrap_or(0),
+        folder: row.get(1),
+        pending: row.get(2),
+    })
 }
 
 /// The statements of `apply_batch`, prepared once per pooled connection.
 pub struct Statements {
-    shard: Statement,
+    /// The tables are this writer's alone: no fold lock, no pending rows (the rebuild's
+    /// shadow tables).
+    exclusive: bool,
+    claim: Statement,
     processed: Statement,
     products: Statement,
     categories: Statement,
     customers: Statement,
+    pending_products: Statement,
+    pending_customers: Statement,
+    fold: Statement,
+    pending: Statement,
     hours: Statement,
     sync: Statement,
 }
@@ -206,28 +267,48 @@ pub struct Statements {
 impl Statements {
     pub fn prepare(conn: &mut Conn) -> Result<Statements> {
         Ok(Statements {
-            shard: conn.prepared(CLAIM_SHARD)?,
+            exclusive: false,
+            claim: conn.prepared(CLAIM)?,
             processed: conn.prepared(INSERT_PROCESSED)?,
             products: conn.prepared(UPSERT_PRODUCTS)?,
             categories: conn.prepared(UPSERT_CATEGORIES)?,
             customers: conn.prepared(UPSERT_CUSTOMERS)?,
+            pending_products: conn.prepared(PENDING_PRODUCTS)?,
+            pending_customers: conn.prepared(PENDING_CUSTOMERS)?,
+            fold: conn.prepared(FOLD)?,
+            pending: conn.prepared(ANY_PENDING)?,
             hours: conn.prepared(UPSERT_HOURS)?,
             sync: conn.prepared(UPDATE_SYNC)?,
         })
     }
+
+    /// For a writer with the tables to itself: every batch writes the views directly.
+    pub fn exclusive(self) -> Statements {
+        Statements {
+            exclusive: true,
+            ..self
+        }
+    }
 }
 
-/// Writes `delta`: one upsert per view that has keys, then the sync status. Customers
-/// (many keys, rarely shared between concurrent batches) go first; the rows every batch
-/// touches (products, categories, the hour, the sync counters) last, so that another
-/// consumer waits for their row locks only while this transaction finishes and commits.
-fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta, shard: i16) -> Result<()> {
+/// Writes `delta`: one upsert per view that has keys, then the sync status. Product and
+/// customer sums go to the views if this batch holds the fold lock, else to the pending
+/// rows of its shard; categories, hours and sync counters to its shard's rows.
+fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta, claim: &Claim) -> Result<()> {
+    let shard = claim.shard;
     if !delta.customers.is_empty() {
         let keys: Vec<i64> = delta.customers.keys().copied().collect();
         let spent: Vec<i64> = delta.customers.values().map(|c| c.spent_cents).collect();
         let orders: Vec<i64> = delta.customers.values().map(|c| c.orders).collect();
         let last: Vec<DateTime<Utc>> = delta.customers.values().map(|c| c.last_order).collect();
-        tx.execute(&s.customers, &[&keys, &spent, &orders, &last])?;
+        if claim.folder {
+            tx.execute(&s.customers, &[&keys, &spent, &orders, &last])?;
+        } else {
+            tx.execute(
+                &s.pending_customers,
+                &[&keys, &spent, &orders, &last, &shard],
+            )?;
+        }
     }
     if !delta.products.is_empty() {
         let p = &delta.products;
@@ -237,10 +318,17 @@ fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta, shard: i16) -> Re
         let qty: Vec<i64> = p.values().map(|p| p.quantity).collect();
         let rev: Vec<i64> = p.values().map(|p| p.revenue_cents).collect();
         let orders: Vec<i64> = p.values().map(|p| p.orders).collect();
-        tx.execute(
-            &s.products,
-            &[&keys, &names, &categories, &qty, &rev, &orders],
-        )?;
+        if claim.folder {
+            tx.execute(
+                &s.products,
+                &[&keys, &names, &categories, &qty, &rev, &orders],
+            )?;
+        } else {
+            tx.execute(
+                &s.pending_products,
+                &[&keys, &names, &categories, &qty, &rev, &orders, &shard],
+            )?;
+        }
     }
     if !delta.categories.is_empty() {
         let keys: Vec<&str> = delta.categories.keys().map(String::as_str).collect();
@@ -260,13 +348,76 @@ fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta, shard: i16) -> Re
     Ok(())
 }
 
-/// The first free shard, searching from a place that differs per backend; evaluated row by
-/// row, so the lock is taken on exactly one shard.
-const CLAIM_SHARD: &str = "
-SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
-    LATERAL (SELECT (i + pg_backend_pid()) % $2::int AS s) AS x
-WHERE pg_try_advisory_xact_lock($1::int, s)
-LIMIT 1";
+/// The first free shard, searching from a place that differs per backend (evaluated row
+/// by row, so the lock is taken on exactly one shard); the fold lock if it is free (or the
+/// writer is exclusive); whether pending rows exist.
+const CLAIM: &str = "
+SELECT (SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
+            LATERAL (SELECT (i + pg_backend_pid()) % $2::int AS s) AS x
+        WHERE pg_try_advisory_xact_lock($1::int, s)
+        LIMIT 1),
+    CASE WHEN $4::bool THEN true ELSE pg_try_advisory_xact_lock($3::int, 0) END,
+    EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta)";
+
+const ANY_PENDING: &str =
+    "SELECT EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta)";
+
+/// Moves the pending rows of every shard no batch in flight holds (a try-lock per shard
+/// with rows: taken, the shard's rows are complete, committed and stay untouched until
+/// this transaction ends) into the views, summed per key. Run by the fold lock's holder.
+const FOLD: &str = "
+WITH shards AS MATERIALIZED (
+    SELECT g.s::smallint AS s FROM generate_series(0, $2::int - 1) AS g(s)
+    WHERE (EXISTS (SELECT 1 FROM product_sales_delta d WHERE d.shard = g.s)
+        OR EXISTS (SELECT 1 FROM customer_ltv_delta d WHERE d.shard = g.s))
+      AND pg_try_advisory_xact_lock($1::int, g.s)
+), products AS (
+    DELETE FROM product_sales_delta d USING shards WHERE d.shard = shards.s
+    RETURNING d.product_id, d.name, d.category, d.quantity, d.revenue, d.orders
+), customers AS (
+    DELETE FROM customer_ltv_delta d USING shards WHERE d.shard = shards.s
+    RETURNING d.customer_id, d.spent, d.orders, d.last_order
+), folded_products AS (
+    INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
+    SELECT product_id, max(name), max(category), sum(quantity), sum(revenue), sum(orders)
+    FROM products GROUP BY product_id ORDER BY product_id
+    ON CONFLICT (product_id) DO UPDATE SET
+        name = COALESCE(v.name, excluded.name),
+        category = COALESCE(v.category, excluded.category),
+        total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
+        total_revenue = v.total_revenue + excluded.total_revenue,
+        order_count = v.order_count + excluded.order_count,
+        last_updated = now()
+)
+INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
+SELECT customer_id, sum(spent), sum(orders), max(last_order)
+FROM customers GROUP BY customer_id ORDER BY customer_id
+ON CONFLICT (customer_id) DO UPDATE SET
+    total_spent = v.total_spent + excluded.total_spent,
+    order_count = v.order_count + excluded.order_count,
+    last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
+    last_updated = now()";
+
+const PENDING_PRODUCTS: &str = "
+INSERT INTO product_sales_delta AS v (shard, product_id, name, category, quantity, revenue, orders)
+SELECT $7::smallint, id, name, category, qty, cents::numeric / 100, orders
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+    AS u(id, name, category, qty, cents, orders)
+ON CONFLICT (shard, product_id) DO UPDATE SET
+    name = COALESCE(v.name, excluded.name),
+    category = COALESCE(v.category, excluded.category),
+    quantity = v.quantity + excluded.quantity,
+    revenue = v.revenue + excluded.revenue,
+    orders = v.orders + excluded.orders";
+
+const PENDING_CUSTOMERS: &str = "
+INSERT INTO customer_ltv_delta AS v (shard, customer_id, spent, orders, last_order)
+SELECT $5::smallint, id, cents::numeric / 100, orders, last
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
+ON CONFLICT (shard, customer_id) DO UPDATE SET
+    spent = v.spent + excluded.spent,
+    orders = v.orders + excluded.orders,
+    last_order = GREATEST(v.last_order, excluded.last_order)";
 
 const INSERT_PROCESSED: &str = "
 INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)

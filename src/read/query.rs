@@ -250,12 +250,20 @@ fn positive_id(s: &str, what: &str) -> Result<i64> {
 }
 
 const PRODUCT_SALES: &str =
-    "SELECT total_quantity_sold, total_revenue::text, order_count FROM product_sales_view WHERE product_id = $1";
+    "SELECT sum(q)::bigint, sum(r)::text, sum(o)::bigint FROM (
+         SELECT total_quantity_sold, total_revenue, order_count FROM product_sales_view WHERE product_id = $1
+         UNION ALL
+         SELECT quantity, revenue, orders FROM product_sales_delta WHERE product_id = $1) AS x(q, r, o)
+     HAVING count(*) > 0";
 // Categories, hours and the sync counters are sums over shards (sql/read/006).
 const CATEGORY_REVENUE: &str = "SELECT sum(total_revenue)::text, sum(total_orders)::bigint
 FROM category_metrics_view WHERE category_name = $1 GROUP BY category_name";
 const CUSTOMER_LTV: &str =
-    "SELECT total_spent::text, order_count, last_order_date FROM customer_ltv_view WHERE customer_id = $1";
+    "SELECT sum(s)::text, sum(o)::bigint, max(l) FROM (
+         SELECT total_spent, order_count, last_order_date FROM customer_ltv_view WHERE customer_id = $1
+         UNION ALL
+         SELECT spent, orders, last_order FROM customer_ltv_delta WHERE customer_id = $1) AS x(s, o, l)
+     HAVING count(*) > 0";
 const HOURLY: &str = "
 SELECT hour_timestamp, sum(total_orders)::bigint, sum(total_revenue)::text FROM hourly_sales_view
 WHERE ($1::timestamptz IS NULL OR hour_timestamp >= $1) AND ($2::timestamptz IS NULL OR hour_timestamp < $2)

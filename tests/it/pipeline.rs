@@ -129,6 +129,71 @@ fn the_same_event_delivered_twice_is_applied_once() {
     assert_eq!(applied, rows.len() as i64);
 }
 
+/// While another transaction holds the fold lock (as a concurrent consumer's batch would),
+/// a batch adds its product and customer sums to pending rows instead of waiting: the
+/// single-key routes include them at once, and they reach the views once the lock is free.
+#[test]
+fn sums_left_pending_behind_the_fold_lock_are_exact_and_folded_when_it_is_free() {
+    use cqrs_analytics::read::projection::FOLD_LOCK_CLASS;
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let (c, q) = (app.command(), app.query());
+    let pid = create_product(c, "Pending", "Deltas", 2.5, 100);
+    assert_converges(&env, CONVERGE);
+    let mut holder = env.read();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&FOLD_LOCK_CLASS])
+        .unwrap();
+    for (customer, quantity) in [(41, 2), (42, 3), (41, 1)] {
+        let body =
+            json!({"customerId": customer, "items": [{"productId": pid, "quantity": quantity}]});
+        assert_eq!(post_json(c, "/api/orders", &body).status, 201);
+    }
+    let sales = format!("/api/analytics/products/{pid}/sales");
+    let seen = wait_until(
+        "the product's sales to include all orders",
+        CONVERGE,
+        || {
+            let r = get(q, &sales);
+            (r.status == 200 && r.json()["totalQuantitySold"] == 6).then_some(r.json())
+        },
+    );
+    assert_eq!(seen["orderCount"], 3);
+    assert_eq!(seen["totalRevenue"], 15.0);
+    let ltv = get(q, "/api/analytics/customers/41/lifetime-value").json();
+    assert_eq!(
+        (ltv["totalSpent"].as_f64(), ltv["orderCount"].as_i64()),
+        (Some(7.5), Some(2))
+    );
+    // The views themselves have not been written: the sums wait in the pending rows.
+    let mut read = env.read();
+    let (in_view, pending): (i64, i64) = {
+        let r = read
+            .query_one(
+                "SELECT (SELECT total_quantity_sold FROM product_sales_view WHERE product_id = $1),
+                        (SELECT count(*) FROM product_sales_delta) + (SELECT count(*) FROM customer_ltv_delta)",
+                &[&pid],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(in_view, 0);
+    assert!(pending >= 3, "{pending} pending rows");
+    hold.commit().unwrap();
+    // Free again: the idle consumer folds them, exactly once.
+    wait_until("the pending rows to be folded", CONVERGE, || {
+        let r = read
+            .query_one(
+                "SELECT (SELECT count(*) FROM product_sales_delta) + (SELECT count(*) FROM customer_ltv_delta)",
+                &[],
+            )
+            .unwrap();
+        (r.get::<_, i64>(0) == 0).then_some(())
+    });
+    assert_converges(&env, CONVERGE);
+    assert_eq!(get(q, &sales).json(), seen);
+}
+
 #[test]
 fn three_publishers_and_three_consumers_over_ten_thousand_orders() {
     let env = TestEnv::new();
