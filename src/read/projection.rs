@@ -365,12 +365,14 @@ const ANY_PENDING: &str =
 /// Moves the pending rows of every shard no batch in flight holds (a try-lock per shard
 /// with rows: taken, the shard's rows are complete, committed and stay untouched until
 /// this transaction ends) into the views, summed per key. Run by the fold lock's holder.
+/// The CASE makes the try-lock come after the check for rows (PostgreSQL orders the terms
+/// of an AND by cost, and would lock every free shard first, leaving none to claim).
 const FOLD: &str = "
 WITH shards AS MATERIALIZED (
     SELECT g.s::smallint AS s FROM generate_series(0, $2::int - 1) AS g(s)
-    WHERE (EXISTS (SELECT 1 FROM product_sales_delta d WHERE d.shard = g.s)
-        OR EXISTS (SELECT 1 FROM customer_ltv_delta d WHERE d.shard = g.s))
-      AND pg_try_advisory_xact_lock($1::int, g.s)
+    WHERE CASE WHEN EXISTS (SELECT 1 FROM product_sales_delta d WHERE d.shard = g.s)
+                 OR EXISTS (SELECT 1 FROM customer_ltv_delta d WHERE d.shard = g.s)
+          THEN pg_try_advisory_xact_lock($1::int, g.s) ELSE false END
 ), products AS (
     DELETE FROM product_sales_delta d USING shards WHERE d.shard = shards.s
     RETURNING d.product_id, d.name, d.category, d.quantity, d.revenue, d.orders
