@@ -139,7 +139,11 @@ fn sums_left_pending_behind_the_fold_lock_are_exact_and_folded_when_it_is_free()
     let app = env.start(Role::All);
     let (c, q) = (app.command(), app.query());
     let pid = create_product(c, "Pending", "Deltas", 2.5, 100);
-    assert_converges(&env, CONVERGE);
+    let mut read = env.read();
+    wait_until("the product in its view", CONVERGE, || {
+        let sql = "SELECT 1 FROM product_sales_view WHERE product_id = $1";
+        (read.query_opt(sql, &[&pid]).unwrap().is_some()).then_some(())
+    });
     let mut holder = env.read();
     let mut hold = holder.transaction().unwrap();
     hold.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&FOLD_LOCK_CLASS])
@@ -166,7 +170,6 @@ fn sums_left_pending_behind_the_fold_lock_are_exact_and_folded_when_it_is_free()
         (Some(7.5), Some(2))
     );
     // The views themselves have not been written: the sums wait in the pending rows.
-    let mut read = env.read();
     let (in_view, pending): (i64, i64) = {
         let r = read
             .query_one(
