@@ -136,6 +136,97 @@ def psql(sql):
     return r.stdout.strip()
 
 
+def psql_read(sql):
+    r = sh(COMPOSE + ["exec", "-T", "read_db", "psql", f"postgresql://{OWNER}@/read_db", "-XAtq",
+                      "-F", "\t", "-c", sql])
+    return r.stdout.strip()
+
+
+def longest_gap(times, t0, t1):
+    """The longest stretch within [t0, t1] with none of `times`: (seconds, start)."""
+    inside = sorted(t for t in times if t0 <= t <= t1)
+    best, start, prev = 0.0, t0, t0
+    for t in inside + [t1]:
+        if t - prev > best:
+            best, start = t - prev, prev
+        prev = t
+    return best, start
+
+
+def where_the_time_went(t_start, t_end, t_act):
+    """Splits a pause between the stages, from the databases' own timestamps: when each
+    event of the scenario was committed (outbox.created_at), claimed by the publish that
+    finally succeeded (outbox.published_at: the claiming transaction's start) and applied
+    (processed_events.processed_at). The longest gap in each stage's timestamps around the
+    action says which stage stopped."""
+    written = {}
+    out = sh(COMPOSE + ["exec", "-T", "db", "psql", f"postgresql://{OWNER}@/write_db", "-XAtq",
+                        "-F", "\t", "-c",
+                        "SELECT payload->>'eventId', extract(epoch FROM created_at), "
+                        "extract(epoch FROM published_at) FROM outbox "
+                        f"WHERE created_at BETWEEN to_timestamp({t_start}) AND to_timestamp({t_end})"]).stdout
+    for line in out.splitlines():
+        eid, created, published = line.split("\t")
+        written[eid] = (float(created), float(published) if published else None)
+    applied = {}
+    for line in psql_read("SELECT event_id, extract(epoch FROM processed_at) FROM processed_events "
+                          f"WHERE processed_at >= to_timestamp({t_start})").splitlines():
+        eid, at = line.split("\t")
+        applied[eid] = float(at)
+    lo, hi = t_act - 2, t_act + 20
+    stages = {
+        "committed": [c for c, _ in written.values()],
+        "claimed": [p for _, p in written.values() if p],
+        "applied": [applied[e] for e in written if e in applied],
+    }
+    out = {}
+    for stage, times in stages.items():
+        gap, start = longest_gap(times, lo, hi)
+        out[stage] = {"gap_s": round(gap, 2), "from_s": round(start - t_act, 2)}
+    pub = [(p - c, c) for c, p in written.values() if p]
+    app = [(applied[e] - p, p) for e, (c, p) in written.items() if p and e in applied]
+    if pub:
+        d, at = max(pub)
+        out["worst_commit_to_claim_s"] = {"s": round(d, 2), "committed_at_s": round(at - t_act, 2)}
+    if app:
+        d, at = max(app)
+        out["worst_claim_to_apply_s"] = {"s": round(d, 2), "claimed_at_s": round(at - t_act, 2)}
+    total = [(applied[e] - c, c) for e, (c, _) in written.items() if e in applied]
+    if total:
+        d, at = max(total)
+        out["worst_commit_to_apply_s"] = {"s": round(d, 2), "committed_at_s": round(at - t_act, 2),
+                                          "events_over_2_s": sum(1 for x, _ in total if x >= 2)}
+    return out
+
+
+class Consumers(threading.Thread):
+    """Lists the order queue's consumers on a surviving node, again and again for a while
+    after the action: a channel stuck on the broker keeps its consumer registered."""
+
+    def __init__(self, victim, seconds=10):
+        super().__init__(daemon=True)
+        self.victim, self.seconds, self.seen = victim, seconds, []
+
+    def run(self):
+        node = next(n for n in NODES if n != self.victim)
+        t0 = time.time()
+        while time.time() - t0 < self.seconds:
+            r = rabbitmqctl(node, "list_consumers", "--no-table-headers", "queue_name",
+                            "channel_pid", "prefetch_count")
+            lines = [l for l in (r.stdout if r else "").splitlines() if "order-events" in l]
+            self.seen.append((round(time.time() - t0, 1), lines))
+
+
+def app_logs(since, until):
+    """The apps' log lines between two times (for the record of a scenario)."""
+    lines = []
+    for svc in ("command-service", "consumer-service"):
+        r = sh(COMPOSE + ["logs", "--no-color", "--since", str(int(since)), "--until",
+                          str(int(until) + 1), svc])
+        lines += [l for l in r.stdout.splitlines() if " DEBUG " not in l]
+    return lines
+
+
 class Load(threading.Thread):
     """Places orders at RATE per second until stopped; records every status."""
 
@@ -202,20 +293,50 @@ def consumer_node():
     return lines[-1].split("consumer consuming from ")[1].split(":")[0].strip() if lines else None
 
 
+def order_queue_leader():
+    for q in queue_leaders() or []:
+        if isinstance(q, dict) and q.get("name", "").endswith("order-events"):
+            return q.get("leader", "").replace("rabbit@", "")
+    return None
+
+
+def publisher_onto_order_leader(tries=8):
+    """Restarts the command service until its publisher connects to the node that leads
+    the order queue (each start picks a random first endpoint): the scenario in which a
+    kill takes both the publisher's connection and the queue's leader."""
+    for _ in range(tries):
+        leader = order_queue_leader()
+        conns = connections()
+        if leader and any(n == leader and svc == "command-service" for n, svc in conns):
+            return leader, conns
+        sh(COMPOSE + ["restart", "command-service"])
+        for _ in range(60):
+            if health(CMD)[0] == 200:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+    raise SystemExit(f"the publisher never connected to the order queue's leader ({leader})")
+
+
 def scenario(name, action, product, victim, before_s=10.0, outage_s=15.0, after_s=15.0):
     customer = random.randint(10**8, 2 * 10**8)
     load, watch = Load(product, customer), Watch(customer)
     conns = connections()
     if victim == "publisher":
         target = next((n for n, svc in conns if svc == "command-service"), NODES[0])
+    elif victim == "leader":
+        target, conns = publisher_onto_order_leader()
     else:
         target = consumer_node() or NODES[0]
     publisher_node = target
     log(f"{name}: connections {conns}; acting on {target}, the {victim}'s node")
+    t_start = time.time()
     load.start(), watch.start()
     time.sleep(before_s)
     t_act = time.time()
+    consumers = Consumers(publisher_node)
     r = sh(["docker", action, container(publisher_node)])
+    consumers.start()
     log(f"{name}: docker {action} {publisher_node} rc={r.returncode} in {time.time() - t_act:.1f} s")
     time.sleep(outage_s / 2)
     during = {"command": health(CMD), "connections": connections(), "queues": queue_leaders()}
@@ -247,15 +368,20 @@ def scenario(name, action, product, victim, before_s=10.0, outage_s=15.0, after_
         "lost": max(0, written - read), "doubled": max(0, read - written),
         "pause_s": round(longest_pause(load, watch), 2),
         "caught_up_after_s": round(time.time() - t_end, 1),
+        "stages": where_the_time_went(t_start, t_end, t_act),
+        "order_queue_consumers": consumers.seen,
+        "logs": app_logs(t_act - 1, t_act + 15),
         "after": {"command": health(CMD), "connections": connections(), "queues": queue_leaders()},
     }
-    log(f"{name}: {json.dumps(result)}")
+    log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'logs'})}")
     return result
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="cluster-failover.json")
+    ap.add_argument("--scenarios", default="stop,kill-consumer,kill-publisher,kill-leader",
+                    help="comma-separated, of: stop, kill-consumer, kill-publisher, kill-leader")
     args = ap.parse_args()
     log(f"cluster of 3 after {wait_cluster():.1f} s; queues: {queue_leaders()}")
     status, body = Client(CMD).request("POST", "/api/products", {
@@ -264,11 +390,17 @@ def main():
     if status != 201:
         raise SystemExit(f"creating the product: {status} {body}")
     product = body["productId"]
-    results = [
-        scenario("publisher's node stopped (docker stop)", "stop", product, "publisher"),
-        scenario("consumer's node killed (docker kill)", "kill", product, "consumer"),
-        scenario("publisher's node killed (docker kill)", "kill", product, "publisher"),
-    ]
+    scenarios = {
+        "stop": ("publisher's node stopped (docker stop)", "stop", "publisher"),
+        "kill-consumer": ("consumer's node killed (docker kill)", "kill", "consumer"),
+        "kill-publisher": ("publisher's node killed (docker kill)", "kill", "publisher"),
+        "kill-leader": ("publisher's node, the order queue's leader, killed (docker kill)",
+                        "kill", "leader"),
+    }
+    results = []
+    for key in args.scenarios.split(","):
+        name, action, victim = scenarios[key]
+        results.append(scenario(name, action, product, victim))
     json.dump(results, open(args.out, "w"), indent=2)
     print("\n| scenario | node | orders | 5xx | lost | doubled | pause |")
     print("|---|---|---|---|---|---|---|")
