@@ -81,6 +81,7 @@ pub const VARIABLES: &[Variable] = &[
     int("BROKER_HEARTBEAT_SECS", "10", 0, 3600),
     int("BROKER_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
     int("BROKER_RECONNECT_MAX_MS", "5000", 10, 600_000),
+    int("BROKER_STALL_TIMEOUT_MS", "1000", 10, 600_000),
     int("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000", 0, 600_000),
     int("BROKER_DOWN_GRACE_SECS", "10", 0, 3600),
     text("BROKER_EXCHANGE", "analytics.events"),
@@ -185,6 +186,10 @@ pub struct Config {
     pub broker_heartbeat_secs: u16,
     pub broker_connect_timeout: Duration,
     pub broker_reconnect_max: Duration,
+    /// How long a broker channel may leave us waiting (a setup call unanswered, published
+    /// messages without a single confirm) before its connection is abandoned for the next
+    /// endpoint: a cluster node whose channels wait on a dead peer stalls them for seconds.
+    pub broker_stall_timeout: Duration,
     /// At shutdown, how long the publishers may keep publishing what is committed.
     pub shutdown_drain_timeout: Duration,
     /// How long every broker connection of a service may be down before `/health` says so.
@@ -259,6 +264,7 @@ impl Config {
             broker_heartbeat_secs: v.int("BROKER_HEARTBEAT_SECS")?,
             broker_connect_timeout: v.ms("BROKER_CONNECT_TIMEOUT_MS")?,
             broker_reconnect_max: v.ms("BROKER_RECONNECT_MAX_MS")?,
+            broker_stall_timeout: v.ms("BROKER_STALL_TIMEOUT_MS")?,
             shutdown_drain_timeout: v.ms("SHUTDOWN_DRAIN_TIMEOUT_MS")?,
             broker: BrokerNames {
                 exchange: v.broker_name("BROKER_EXCHANGE")?,

@@ -175,17 +175,25 @@ impl Consumer<'_> {
     fn session(&self, endpoints: &mut Endpoints) -> Result<()> {
         let (config, shutdown) = (self.config, self.shutdown);
         let mut link = endpoints.connect(config)?;
-        let channel = link.connection.open_channel(None)?;
-        broker::declare_topology(&channel, &config.broker)?;
-        channel.qos(0, config.consumer_prefetch, false)?;
-        let products = channel.basic_consume(
-            config.broker.product_queue.as_str(),
-            ConsumerOptions::default(),
-        )?;
-        let orders = channel.basic_consume(
-            config.broker.order_queue.as_str(),
-            ConsumerOptions::default(),
-        )?;
+        let stall = config.broker_stall_timeout;
+        let channel = link.within(stall, "opening the consumer's channel", |connection| {
+            Ok(connection.open_channel(None)?)
+        })?;
+        // Each call waits for the broker's answer; a node whose queue client waits on a dead
+        // peer leaves basic.consume unanswered for seconds (measured: 7 s).
+        let (products, orders) = link.within(stall, "declaring and consuming", |_| {
+            broker::declare_topology(&channel, &config.broker)?;
+            channel.qos(0, config.consumer_prefetch, false)?;
+            let products = channel.basic_consume(
+                config.broker.product_queue.as_str(),
+                ConsumerOptions::default(),
+            )?;
+            let orders = channel.basic_consume(
+                config.broker.order_queue.as_str(),
+                ConsumerOptions::default(),
+            )?;
+            Ok((products, orders))
+        })?;
         info!("consumer consuming from {}", link.endpoint);
         let _connected = ConnectedGuard::new(&self.metrics.connected);
         let (prx, orx) = (products.receiver(), orders.receiver());
@@ -193,7 +201,7 @@ impl Consumer<'_> {
             .progress
             .attach(self.thread, vec![prx.clone(), orx.clone()]);
         let never = crossbeam_channel::never();
-        loop {
+        let consume = || loop {
             self.supervision.checkpoint("consumer");
             let idle = if self.pending.get() {
                 crossbeam_channel::after(FOLD_WHEN_IDLE)
@@ -224,7 +232,13 @@ impl Consumer<'_> {
                 batch.push(delivery(Ok(next))?);
             }
             self.process(&channel, batch)?;
+        };
+        let result = consume();
+        if result.is_err() {
+            // The channel may be stuck on the broker: cancelling and closing would wait.
+            link.cut();
         }
+        result
     }
 
     fn process(&self, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {

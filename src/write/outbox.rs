@@ -122,6 +122,13 @@ pub struct Publisher<'a> {
     returned: HashSet<String>,
     metrics: &'a OutboxMetrics,
     claim_sql: String,
+    /// When the channel was opened and when its last confirm arrived: for the logs, which
+    /// say how long a fresh channel took to confirm anything (after a failover) and how
+    /// long a stalled one had been silent.
+    opened_at: Instant,
+    last_confirm_at: Option<Instant>,
+    /// The highest delivery tag confirmed so far (0: none).
+    confirmed_up_to: u64,
 }
 
 /// A claimed and published batch, waiting for its confirms. Its rows stay locked by the
@@ -132,6 +139,9 @@ struct InFlight {
     ids: Vec<i64>,
     event_ids: Vec<String>,
     first_tag: u64,
+    /// When its first message was handed to the broker: its confirms are due
+    /// `publish_confirm_timeout` after this, however often the publisher is woken meanwhile.
+    published_at: Instant,
 }
 
 impl<'a> Publisher<'a> {
@@ -145,10 +155,13 @@ impl<'a> Publisher<'a> {
         supervision: &Supervision,
     ) -> Result<()> {
         let mut link = endpoints.connect(config)?;
-        let channel = link.connection.open_channel(None)?;
-        let mut publisher = Publisher::new(config, channel, metrics)?;
+        let mut publisher = link.within(
+            config.broker_stall_timeout,
+            "opening the publisher's channel",
+            |connection| Publisher::new(config, connection.open_channel(None)?, metrics),
+        )?;
         info!("outbox publisher publishing to {}", link.endpoint);
-        loop {
+        let mut publish = || loop {
             supervision.checkpoint("publisher");
             if shutdown.is_triggered() {
                 return publisher.drain_before_exit(pool, wake);
@@ -164,7 +177,13 @@ impl<'a> Publisher<'a> {
                 recv(shutdown.receiver()) -> _ => {}
                 default(config.outbox_poll_interval) => {}
             }
+        };
+        let result = publish();
+        if result.is_err() {
+            // The channel may be stuck on the broker: closing it would wait for an answer.
+            link.cut();
         }
+        result
     }
 
     /// At shutdown (which comes after the HTTP servers have finished their last requests):
@@ -198,6 +217,9 @@ impl<'a> Publisher<'a> {
             returned: HashSet::new(),
             metrics,
             claim_sql: claim_sql(config.outbox_batch_size_max),
+            opened_at: Instant::now(),
+            last_confirm_at: None,
+            confirmed_up_to: 0,
         })
     }
 
@@ -231,7 +253,13 @@ impl<'a> Publisher<'a> {
             };
             let room = in_flight.len() < BATCHES_IN_FLIGHT;
             let woken = room.then_some(wake);
-            if self.await_confirms(oldest.first_tag, oldest.ids.len(), woken)? == Waited::Woken {
+            if self.await_confirms(
+                oldest.first_tag,
+                oldest.ids.len(),
+                oldest.published_at,
+                woken,
+            )? == Waited::Woken
+            {
                 exhausted = false;
                 continue;
             }
@@ -258,6 +286,7 @@ impl<'a> Publisher<'a> {
             ids: Vec::with_capacity(rows.len()),
             event_ids: Vec::with_capacity(rows.len()),
             first_tag: self.next_tag,
+            published_at: Instant::now(),
         };
         for row in &rows {
             let topic: &str = row.get(1);
@@ -326,21 +355,29 @@ impl<'a> Publisher<'a> {
         Ok(published_ids.len())
     }
 
-    /// Waits until the confirms of tags `first_tag..first_tag + n` have all arrived (they
-    /// are kept in `confirmed`, with those of later batches), or until `wake` has a token.
-    /// Failing to hear back within the timeout abandons the channel (its tags would be out
-    /// of step) and leaves the rows unpublished.
+    /// Waits until the confirms of tags `first_tag..first_tag + n`, published at
+    /// `published_at`, have all arrived (they are kept in `confirmed`, with those of later
+    /// batches), or until `wake` has a token. Gives the channel up (its tags would be out of
+    /// step; the rows stay unpublished) when the batch is not confirmed within
+    /// `PUBLISH_CONFIRM_TIMEOUT_MS` of its publishing (however often we are woken
+    /// meanwhile), or when no confirm at all has come for `BROKER_STALL_TIMEOUT_MS` while
+    /// it waits: a slow broker keeps confirming something, a stuck channel nothing.
     fn await_confirms(
         &mut self,
         first_tag: u64,
         n: usize,
+        published_at: Instant,
         wake: Option<&Receiver<()>>,
     ) -> Result<Waited> {
         let end = first_tag + n as u64;
-        let deadline = Instant::now() + self.config.publish_confirm_timeout;
+        let due = published_at + self.config.publish_confirm_timeout;
         let never = crossbeam_channel::never();
         let wake = wake.unwrap_or(&never);
         while !(first_tag..end).all(|t| self.confirmed.contains_key(&t)) {
+            let heard = self
+                .last_confirm_at
+                .map_or(published_at, |t| t.max(published_at));
+            let stalled = heard + self.config.broker_stall_timeout;
             let raw = select! {
                 recv(self.confirms) -> c => match c {
                     Ok(c) => c,
@@ -349,13 +386,27 @@ impl<'a> Publisher<'a> {
                     )),
                 },
                 recv(wake) -> _ => return Ok(Waited::Woken),
-                default(deadline.saturating_duration_since(Instant::now())) => {
+                default(due.min(stalled).saturating_duration_since(Instant::now())) => {
+                    let what = if due <= stalled {
+                        ("a batch unconfirmed", self.config.publish_confirm_timeout)
+                    } else {
+                        ("no confirm at all", self.config.broker_stall_timeout)
+                    };
                     return Err(Error::unavailable(format!(
-                        "no publisher confirm within {} ms",
-                        self.config.publish_confirm_timeout.as_millis()
-                    )))
+                        "{} for {} ms; {}",
+                        what.0,
+                        what.1.as_millis(),
+                        self.confirms_so_far()
+                    )));
                 }
             };
+            if self.last_confirm_at.is_none() {
+                info!(
+                    "outbox publisher: first confirm {} ms after opening the channel",
+                    self.opened_at.elapsed().as_millis()
+                );
+            }
+            self.last_confirm_at = Some(Instant::now());
             for confirm in self.smoother.process(raw) {
                 let (payload, ok) = match confirm {
                     Confirm::Ack(p) => (p, true),
@@ -367,9 +418,27 @@ impl<'a> Publisher<'a> {
                     self.metrics.nacked.inc();
                 }
                 self.confirmed.insert(payload.delivery_tag, ok);
+                self.confirmed_up_to = self.confirmed_up_to.max(payload.delivery_tag);
             }
         }
         Ok(Waited::Confirmed)
+    }
+
+    /// What this channel has been confirmed so far, for the error that abandons it.
+    fn confirms_so_far(&self) -> String {
+        let opened_ms = self.opened_at.elapsed().as_millis();
+        match self.last_confirm_at {
+            None => format!(
+                "the channel, opened {opened_ms} ms ago, has confirmed none of {} messages",
+                self.next_tag - 1
+            ),
+            Some(t) => format!(
+                "the channel, opened {opened_ms} ms ago, confirmed {} of {} messages, the last {} ms ago",
+                self.confirmed_up_to,
+                self.next_tag - 1,
+                t.elapsed().as_millis()
+            ),
+        }
     }
 }
 

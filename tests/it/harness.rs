@@ -815,19 +815,42 @@ pub fn publish_raw(env: &TestEnv, routing_key: &str, message_id: &str, body: &[u
 
 /// A TCP proxy on a loopback port in front of `upstream` (the shared broker), for a broker
 /// endpoint a test can kill while it is in use without touching the broker: `kill` cuts
-/// every proxied connection and closes the port, as a dead node would.
+/// every proxied connection and closes the port, as a dead node would. It can also act as
+/// a node that refuses AMQP (`ProxyMode::Refuse`), or as a cluster node whose channels wait
+/// on a dead peer (`ProxyMode::StallChannels`, `stall_open_connections`): the connection
+/// stays up and its heartbeats flow, but nothing the broker sends on a channel (answers to
+/// declares and consumes, confirms, deliveries) reaches the client, except channel.open-ok.
 pub struct TcpProxy {
     pub port: u16,
     state: Arc<ProxyState>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a [`TcpProxy`] does with the connections it accepts from now on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    Forward = 0,
+    /// Closes them at once, before the AMQP handshake.
+    Refuse = 1,
+    /// Forwards the handshake and channel.open-ok, withholds every other channel frame.
+    StallChannels = 2,
+}
+
+/// One proxied connection: both sockets, whether it has closed, whether its channels stall.
+struct Proxied {
+    client: TcpStream,
+    server: TcpStream,
+    closed: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 struct ProxyState {
     killed: AtomicBool,
-    /// Both sockets of every proxied connection and whether it has closed, and the
-    /// threads copying between them.
-    conns: std::sync::Mutex<Vec<(TcpStream, TcpStream, Arc<AtomicBool>)>>,
+    /// A `ProxyMode` for new connections.
+    mode: std::sync::atomic::AtomicU8,
+    /// Every proxied connection, and the threads copying between its sockets.
+    conns: std::sync::Mutex<Vec<Proxied>>,
     pumps: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -843,27 +866,33 @@ impl TcpProxy {
                     return; // drops the listener: the port is closed
                 }
                 let Ok(client) = client else { continue };
+                let mode = s.mode.load(Ordering::SeqCst);
+                if mode == ProxyMode::Refuse as u8 {
+                    continue; // dropped: closed before the handshake
+                }
                 let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
                     continue;
                 };
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let closed = Arc::new(AtomicBool::new(false));
-                s.conns.lock().unwrap().push((
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    closed.clone(),
-                ));
+                let stalled = Arc::new(AtomicBool::new(mode == ProxyMode::StallChannels as u8));
+                s.conns.lock().unwrap().push(Proxied {
+                    client: client.try_clone().unwrap(),
+                    server: server.try_clone().unwrap(),
+                    closed: closed.clone(),
+                    stalled: stalled.clone(),
+                });
                 let mut pumps = s.pumps.lock().unwrap();
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let closed = closed.clone();
-                    pumps.push(std::thread::spawn(move || {
-                        pump(from, to);
-                        closed.store(true, Ordering::SeqCst);
-                    }));
-                }
+                let (c, up) = (closed.clone(), client.try_clone().unwrap());
+                let down = server.try_clone().unwrap();
+                pumps.push(std::thread::spawn(move || {
+                    pump(up, down);
+                    c.store(true, Ordering::SeqCst);
+                }));
+                pumps.push(std::thread::spawn(move || {
+                    pump_frames(server, client, &stalled);
+                    closed.store(true, Ordering::SeqCst);
+                }));
             }
         });
         TcpProxy {
@@ -878,8 +907,20 @@ impl TcpProxy {
         let conns = self.state.conns.lock().unwrap();
         conns
             .iter()
-            .filter(|(_, _, closed)| !closed.load(Ordering::SeqCst))
+            .filter(|c| !c.closed.load(Ordering::SeqCst))
             .count()
+    }
+
+    /// Sets what happens to the connections accepted from now on.
+    pub fn set_mode(&self, mode: ProxyMode) {
+        self.state.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// From now on, the open connections' channels stall (see [`ProxyMode::StallChannels`]).
+    pub fn stall_open_connections(&self) {
+        for c in self.state.conns.lock().unwrap().iter() {
+            c.stalled.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Cuts every connection and closes the port; joins every thread of the proxy.
@@ -890,9 +931,9 @@ impl TcpProxy {
         self.state.killed.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port)); // wakes the accept loop
         accept.join().unwrap();
-        for (client, server, _) in self.state.conns.lock().unwrap().drain(..) {
-            let _ = client.shutdown(std::net::Shutdown::Both);
-            let _ = server.shutdown(std::net::Shutdown::Both);
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.client.shutdown(std::net::Shutdown::Both);
+            let _ = c.server.shutdown(std::net::Shutdown::Both);
         }
         for pump in self.state.pumps.lock().unwrap().drain(..) {
             pump.join().unwrap();
@@ -909,6 +950,38 @@ impl Drop for TcpProxy {
 /// Copies `from` to `to` until either side closes, then closes both.
 fn pump(mut from: TcpStream, mut to: TcpStream) {
     let _ = std::io::copy(&mut from, &mut to);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Copies the broker's frames from `from` to `to` until either side closes, then closes
+/// both. While `stalled`, frames on a channel other than 0 are dropped, except the channel
+/// class's methods (open-ok, close-ok): AMQP frames are a type byte, a channel (u16), a
+/// payload size (u32), the payload (a method's starts with its class id) and 0xCE.
+fn pump_frames(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    let mut chunk = vec![0u8; 1 << 16];
+    'copy: while let Ok(n @ 1..) = from.read(&mut chunk) {
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while buf.len() - at >= 7 {
+            let size = u32::from_be_bytes(buf[at + 3..at + 7].try_into().unwrap()) as usize;
+            let end = at + 7 + size + 1;
+            if buf.len() < end {
+                break;
+            }
+            let channel = u16::from_be_bytes([buf[at + 1], buf[at + 2]]);
+            let method_class =
+                (buf[at] == 1 && size >= 2).then(|| u16::from_be_bytes([buf[at + 7], buf[at + 8]]));
+            let withheld =
+                stalled.load(Ordering::SeqCst) && channel != 0 && method_class != Some(20);
+            if !withheld && to.write_all(&buf[at..end]).is_err() {
+                break 'copy;
+            }
+            at = end;
+        }
+        buf.drain(..at);
+    }
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
