@@ -2,11 +2,11 @@ use std::io::Result as IoResult;
 use std::io::{Read, Write};
 
 // PATCHED: each of these channels carries exactly one message (the reader handed on to the
-// next request, or the signal that a response is written), so a channel of capacity 1
-// does. An unbounded `channel()` allocated and zeroed a block of 31 slots at its first
-// send: two per request, 8% of a query's instructions (callgrind).
-use std::sync::mpsc::sync_channel as one_shot;
-use std::sync::mpsc::{Receiver, SyncSender as Sender};
+// next request, or the signal that a response is written), so a one-shot slot does. The
+// unbounded `mpsc::channel()` allocated and zeroed a block of 31 slots at its first send,
+// two per request: 8% of a query's instructions (callgrind); a `sync_channel(1)` still
+// cost 5% to create (cache-padded, aligned allocations). See `one_shot` below.
+use self::one_shot::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use std::mem;
@@ -81,7 +81,7 @@ impl<R: Read + Send> Iterator for SequentialReaderBuilder<R> {
     type Item = SequentialReader<R>;
 
     fn next(&mut self) -> Option<SequentialReader<R>> {
-        let (tx, rx) = one_shot(1);
+        let (tx, rx) = one_shot::channel();
 
         let inner = mem::replace(&mut self.inner, SequentialReaderBuilderInner::NotFirst(rx));
 
@@ -102,7 +102,7 @@ impl<R: Read + Send> Iterator for SequentialReaderBuilder<R> {
 impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
     type Item = SequentialWriter<W>;
     fn next(&mut self) -> Option<SequentialWriter<W>> {
-        let (tx, rx) = one_shot(1);
+        let (tx, rx) = one_shot::channel();
         let mut next_next_trigger = Some(rx);
         ::std::mem::swap(&mut next_next_trigger, &mut self.next_trigger);
 
@@ -196,5 +196,83 @@ where
 {
     fn drop(&mut self) {
         self.on_finish.send(()).ok();
+    }
+}
+
+// PATCHED: a channel for exactly one message, one allocation (an `Arc` of a mutex and a
+// condition variable, which allocate nothing themselves). As with `mpsc`, `recv` fails if
+// the sender was dropped without sending.
+mod one_shot {
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+    enum State<T> {
+        Empty,
+        Full(T),
+        Done,
+    }
+
+    struct Slot<T> {
+        state: Mutex<State<T>>,
+        changed: Condvar,
+    }
+
+    impl<T> Slot<T> {
+        fn lock(&self) -> MutexGuard<'_, State<T>> {
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    pub struct Sender<T>(Arc<Slot<T>>);
+    pub struct Receiver<T>(Arc<Slot<T>>);
+
+    #[derive(Debug)]
+    pub struct Disconnected;
+
+    pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
+        let slot = Arc::new(Slot {
+            state: Mutex::new(State::Empty),
+            changed: Condvar::new(),
+        });
+        (Sender(slot.clone()), Receiver(slot))
+    }
+
+    impl<T> Sender<T> {
+        pub fn send(&self, value: T) -> Result<(), T> {
+            let mut state = self.0.lock();
+            if !matches!(*state, State::Empty) {
+                return Err(value);
+            }
+            *state = State::Full(value);
+            drop(state);
+            self.0.changed.notify_one();
+            Ok(())
+        }
+    }
+
+    impl<T> Drop for Sender<T> {
+        fn drop(&mut self) {
+            let mut state = self.0.lock();
+            if matches!(*state, State::Empty) {
+                *state = State::Done;
+                drop(state);
+                self.0.changed.notify_one();
+            }
+        }
+    }
+
+    impl<T> Receiver<T> {
+        pub fn recv(&self) -> Result<T, Disconnected> {
+            let mut state = self.0.lock();
+            loop {
+                match std::mem::replace(&mut *state, State::Done) {
+                    State::Full(value) => return Ok(value),
+                    State::Empty => {
+                        *state = State::Empty;
+                        state = self.0.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                    }
+                    State::Done => return Err(Disconnected),
+                }
+            }
+        }
     }
 }
