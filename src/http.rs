@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, info};
-use tiny_http::{Header, Method, Server};
+use tiny_http::{Method, Server};
 
 pub use crate::config::percent_decode;
 use crate::error::{panic_message, Error, Result};
@@ -398,27 +398,31 @@ fn serve_one<S: Service>(shared: &Shared<S>, mut rq: tiny_http::Request, closing
     };
     metrics.record(route, response.status, started.elapsed().as_secs_f64());
     let len = response.body.len();
-    let mut headers =
-        vec![
-            Header::from_bytes(&b"Content-Type"[..], response.content_type.as_bytes())
-                .expect("static header"),
-        ];
+    // Header lines as bytes (vendor/tiny_http's `with_raw_headers`): all ASCII, ours.
+    let mut head = Vec::with_capacity(160);
+    let mut line = |name: &str, value: &str| {
+        for part in [name.as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            head.extend_from_slice(part);
+        }
+    };
+    line("Content-Type", response.content_type);
     for (name, value) in SECURITY_HEADERS {
-        headers.push(Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header"));
+        line(name, value);
     }
-    if let Some(allow) = allow {
-        headers.push(Header::from_bytes(&b"Allow"[..], allow.as_bytes()).expect("ASCII header"));
+    if let Some(allow) = &allow {
+        line("Allow", allow);
     }
     if closing {
-        headers.push(Header::from_bytes(&b"Connection"[..], &b"close"[..]).expect("static header"));
+        line("Connection", "close");
     }
     let out = tiny_http::Response::new(
         response.status.into(),
-        headers,
+        Vec::new(),
         std::io::Cursor::new(response.body.into_bytes()),
         Some(len),
         None,
-    );
+    )
+    .with_raw_headers(head);
     if let Err(e) = rq.respond(out) {
         log::debug!("{name}: client went away before the response: {e}");
     }

@@ -43,6 +43,8 @@ pub struct Response<R> {
     headers: Vec<Header>,
     data_length: Option<usize>,
     chunked_threshold: Option<usize>,
+    /// PATCHED: header lines sent as they are (`with_raw_headers`).
+    raw_headers: Vec<u8>,
 }
 
 /// A `Response` without a template parameter.
@@ -71,15 +73,32 @@ impl FromStr for TransferEncoding {
 }
 
 /// Builds a Date: header with the current date.
-fn build_date_header() -> Header {
-    let d = HttpDate::from(SystemTime::now());
-    Header::from_bytes(&b"Date"[..], &d.to_string().into_bytes()[..]).unwrap()
+/// PATCHED: appends the current HTTP date, formatted at most once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static FORMATTED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    FORMATTED.with(|f| {
+        let mut f = f.borrow_mut();
+        if f.0 != secs {
+            *f = (secs, HttpDate::from(now).to_string());
+        }
+        out.extend_from_slice(f.1.as_bytes());
+    });
 }
 
+/// PATCHED: `raw` are header lines as bytes: `raw[0]` goes before `headers`, `raw[1]` and
+/// `raw[2]` after them.
 fn write_message_header<W>(
     mut writer: W,
     http_version: &HTTPVersion,
     status_code: &StatusCode,
+    raw: [&[u8]; 3],
     headers: &[Header],
 ) -> IoResult<()>
 where
@@ -98,12 +117,15 @@ where
     head.push(b' ');
     head.extend_from_slice(status_code.default_reason_phrase().as_bytes());
     head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(raw[0]);
     for header in headers.iter() {
         head.extend_from_slice(header.field.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(header.value.as_str().as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    head.extend_from_slice(raw[1]);
+    head.extend_from_slice(raw[2]);
     // separator between header and data
     head.extend_from_slice(b"\r\n");
     writer.write_all(&head)
@@ -218,9 +240,11 @@ where
         let mut response = Response {
             reader: data,
             status_code,
-            headers: Vec::with_capacity(16),
+            // PATCHED: no allocation for a response without `Header` objects.
+            headers: Vec::with_capacity(headers.len()),
             data_length,
             chunked_threshold: None,
+            raw_headers: Vec::new(),
         };
 
         for h in headers {
@@ -300,6 +324,14 @@ where
         self.headers.push(header);
     }
 
+    /// PATCHED: header lines sent after the others exactly as given, each `Name: value\r\n`
+    /// in ASCII (the caller's to guarantee), without a `Header` object (two allocations and
+    /// a validation each) per header per response. Not checked against the rules above.
+    pub fn with_raw_headers(mut self, lines: Vec<u8>) -> Self {
+        self.raw_headers = lines;
+        self
+    }
+
     /// Returns the same request, but with an additional header.
     ///
     /// Some headers cannot be modified and some other have a
@@ -334,6 +366,7 @@ where
             status_code: self.status_code,
             data_length,
             chunked_threshold: self.chunked_threshold,
+            raw_headers: self.raw_headers,
         }
     }
 
@@ -363,17 +396,20 @@ where
             self.chunked_threshold(),
         ));
 
-        // add `Date` if not in the headers
-        if !self.headers.iter().any(|h| h.field.equiv("Date")) {
-            self.headers.insert(0, build_date_header());
-        }
-
+        // PATCHED: `Server`, `Date` (formatted once a second per thread), `Content-Length`
+        // and `Transfer-Encoding` go into the head as bytes, not as `Header` objects.
+        let mut first: Vec<u8> = Vec::new();
+        let mut last: Vec<u8> = Vec::new();
         // add `Server` if not in the headers
         if !self.headers.iter().any(|h| h.field.equiv("Server")) {
-            self.headers.insert(
-                0,
-                Header::from_bytes(&b"Server"[..], &b"tiny-http (Rust)"[..]).unwrap(),
-            );
+            first.extend_from_slice(b"Server: tiny-http (Rust)\r\n");
+        }
+
+        // add `Date` if not in the headers
+        if !self.headers.iter().any(|h| h.field.equiv("Date")) {
+            first.extend_from_slice(b"Date: ");
+            push_date(&mut first);
+            first.extend_from_slice(b"\r\n");
         }
 
         // handling upgrade
@@ -414,19 +450,16 @@ where
 
         // preparing headers for transfer
         match transfer_encoding {
-            Some(TransferEncoding::Chunked) => self
-                .headers
-                .push(Header::from_bytes(&b"Transfer-Encoding"[..], &b"chunked"[..]).unwrap()),
+            Some(TransferEncoding::Chunked) => last.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
 
             Some(TransferEncoding::Identity) => {
                 assert!(data_length.is_some());
                 let data_length = data_length.unwrap();
 
                 // PATCHED: no `format!` for the length.
-                let mut length = Vec::with_capacity(20);
-                push_decimal(&mut length, data_length as u64);
-                self.headers
-                    .push(Header::from_bytes(&b"Content-Length"[..], &length[..]).unwrap())
+                last.extend_from_slice(b"Content-Length: ");
+                push_decimal(&mut last, data_length as u64);
+                last.extend_from_slice(b"\r\n");
             }
 
             _ => (),
@@ -437,6 +470,7 @@ where
             writer.by_ref(),
             &http_version,
             &self.status_code,
+            [&first, &self.raw_headers, &last],
             &self.headers,
         )?;
 
@@ -494,6 +528,7 @@ where
             headers: self.headers,
             data_length: self.data_length,
             chunked_threshold: self.chunked_threshold,
+            raw_headers: self.raw_headers,
         }
     }
 }
@@ -582,6 +617,7 @@ impl Clone for Response<io::Empty> {
             headers: self.headers.clone(),
             data_length: self.data_length,
             chunked_threshold: self.chunked_threshold,
+            raw_headers: self.raw_headers.clone(),
         }
     }
 }
