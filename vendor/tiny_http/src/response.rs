@@ -107,7 +107,7 @@ where
     // PATCHED: the head is assembled in one buffer and written once, instead of a `write!`
     // per piece, each going through `fmt` and the connection's writer lock (about a tenth
     // of a small request's instructions, callgrind).
-    let mut head: Vec<u8> = Vec::with_capacity(256);
+    let mut head: Vec<u8> = Vec::with_capacity(64 + raw.iter().map(|r| r.len()).sum::<usize>());
     head.extend_from_slice(b"HTTP/");
     push_decimal(&mut head, u64::from(http_version.0));
     head.push(b'.');
@@ -398,8 +398,8 @@ where
 
         // PATCHED: `Server`, `Date` (formatted once a second per thread), `Content-Length`
         // and `Transfer-Encoding` go into the head as bytes, not as `Header` objects.
-        let mut first: Vec<u8> = Vec::new();
-        let mut last: Vec<u8> = Vec::new();
+        let mut first: Vec<u8> = Vec::with_capacity(64);
+        let mut last: Vec<u8> = Vec::with_capacity(48);
         // add `Server` if not in the headers
         if !self.headers.iter().any(|h| h.field.equiv("Server")) {
             first.extend_from_slice(b"Server: tiny-http (Rust)\r\n");
