@@ -184,11 +184,25 @@ pub fn apply_in(
     let ids: Vec<Uuid> = unique.keys().copied().collect();
     let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
     let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
-    let claim = claim(tx, statements)?;
-    let fresh: HashSet<Uuid> = tx
-        .query(&statements.processed, &[&ids, &types, &stamps, &backdate])?
-        .iter()
-        .map(|r| r.get(0))
+    // Round trip 1: the shard and fold locks, and the ids not processed before.
+    let row = tx.query_one(
+        &statements.begin,
+        &[
+            &SHARD_LOCK_CLASS,
+            &SHARDS,
+            &FOLD_LOCK_CLASS,
+            &statements.exclusive,
+            &ids,
+            &types,
+            &stamps,
+            &backdate,
+        ],
+    )?;
+    let claim = Claim::from_row(&row);
+    let fresh: HashSet<Uuid> = row
+        .get::<_, Option<Vec<Uuid>>>(3)
+        .unwrap_or_default()
+        .into_iter()
         .collect();
     let delta = fold(
         unique
@@ -196,7 +210,8 @@ pub fn apply_in(
             .copied()
             .filter(|e| fresh.contains(&e.event_id())),
     )?;
-    upsert(tx, statements, &delta, &claim)?;
+    // Round trip 2: every write of the batch.
+    write(tx, statements, &delta, &claim)?;
     if claim.folder && claim.pending {
         tx.execute(&statements.fold, &[&SHARD_LOCK_CLASS, &SHARDS])?;
     }
@@ -239,11 +254,18 @@ fn claim(tx: &mut Transaction, s: &Statements) -> Result<Claim> {
         &s.claim,
         &[&SHARD_LOCK_CLASS, &SHARDS, &FOLD_LOCK_CLASS, &s.exclusive],
     )?;
-    Ok(Claim {
-        shard: row.get::<_, Option<i16>>(0).unwrap_or(0),
-        folder: row.get(1),
-        pending: row.get(2),
-    })
+    Ok(Claim::from_row(&row))
+}
+
+impl Claim {
+    /// The first three columns of `CLAIM` or `BEGIN_BATCH`.
+    fn from_row(row: &postgres::Row) -> Claim {
+        Claim {
+            shard: row.get::<_, Option<i16>>(0).unwrap_or(0),
+            folder: row.get(1),
+            pending: row.get(2),
+        }
+    }
 }
 
 /// The statements of `apply_batch`, prepared once per pooled connection.
@@ -252,16 +274,11 @@ pub struct Statements {
     /// shadow tables).
     exclusive: bool,
     claim: Statement,
-    processed: Statement,
-    products: Statement,
-    categories: Statement,
-    customers: Statement,
-    pending_products: Statement,
-    pending_customers: Statement,
+    begin: Statement,
+    write_views: Statement,
+    write_pending: Statement,
     fold: Statement,
     pending: Statement,
-    hours: Statement,
-    sync: Statement,
 }
 
 impl Statements {
@@ -269,16 +286,11 @@ impl Statements {
         Ok(Statements {
             exclusive: false,
             claim: conn.prepared(CLAIM)?,
-            processed: conn.prepared(INSERT_PROCESSED)?,
-            products: conn.prepared(UPSERT_PRODUCTS)?,
-            categories: conn.prepared(UPSERT_CATEGORIES)?,
-            customers: conn.prepared(UPSERT_CUSTOMERS)?,
-            pending_products: conn.prepared(PENDING_PRODUCTS)?,
-            pending_customers: conn.prepared(PENDING_CUSTOMERS)?,
+            begin: conn.prepared(BEGIN_BATCH)?,
+            write_views: conn.prepared(WRITE_VIEWS)?,
+            write_pending: conn.prepared(WRITE_PENDING)?,
             fold: conn.prepared(FOLD)?,
             pending: conn.prepared(ANY_PENDING)?,
-            hours: conn.prepared(UPSERT_HOURS)?,
-            sync: conn.prepared(UPDATE_SYNC)?,
         })
     }
 
@@ -291,60 +303,59 @@ impl Statements {
     }
 }
 
-/// Writes `delta`: one upsert per view that has keys, then the sync status. Product and
-/// customer sums go to the views if this batch holds the fold lock, else to the pending
-/// rows of its shard; categories, hours and sync counters to its shard's rows.
-fn upsert(tx: &mut Transaction, s: &Statements, delta: &Delta, claim: &Claim) -> Result<()> {
-    let shard = claim.shard;
-    if !delta.customers.is_empty() {
-        let keys: Vec<i64> = delta.customers.keys().copied().collect();
-        let spent: Vec<i64> = delta.customers.values().map(|c| c.spent_cents).collect();
-        let orders: Vec<i64> = delta.customers.values().map(|c| c.orders).collect();
-        let last: Vec<DateTime<Utc>> = delta.customers.values().map(|c| c.last_order).collect();
-        if claim.folder {
-            tx.execute(&s.customers, &[&keys, &spent, &orders, &last])?;
-        } else {
-            tx.execute(
-                &s.pending_customers,
-                &[&keys, &spent, &orders, &last, &shard],
-            )?;
-        }
-    }
-    if !delta.products.is_empty() {
-        let p = &delta.products;
-        let keys: Vec<i64> = p.keys().copied().collect();
-        let names: Vec<Option<&str>> = p.values().map(|p| p.name.as_deref()).collect();
-        let categories: Vec<Option<&str>> = p.values().map(|p| p.category.as_deref()).collect();
-        let qty: Vec<i64> = p.values().map(|p| p.quantity).collect();
-        let rev: Vec<i64> = p.values().map(|p| p.revenue_cents).collect();
-        let orders: Vec<i64> = p.values().map(|p| p.orders).collect();
-        if claim.folder {
-            tx.execute(
-                &s.products,
-                &[&keys, &names, &categories, &qty, &rev, &orders],
-            )?;
-        } else {
-            tx.execute(
-                &s.pending_products,
-                &[&keys, &names, &categories, &qty, &rev, &orders, &shard],
-            )?;
-        }
-    }
-    if !delta.categories.is_empty() {
-        let keys: Vec<&str> = delta.categories.keys().map(String::as_str).collect();
-        let rev: Vec<i64> = delta.categories.values().map(|c| c.revenue_cents).collect();
-        let orders: Vec<i64> = delta.categories.values().map(|c| c.orders).collect();
-        tx.execute(&s.categories, &[&keys, &rev, &orders, &shard])?;
-    }
-    if !delta.hours.is_empty() {
-        let keys: Vec<DateTime<Utc>> = delta.hours.keys().copied().collect();
-        let orders: Vec<i64> = delta.hours.values().map(|h| h.orders).collect();
-        let rev: Vec<i64> = delta.hours.values().map(|h| h.revenue_cents).collect();
-        tx.execute(&s.hours, &[&keys, &orders, &rev, &shard])?;
-    }
-    if let Some(newest) = delta.newest_event {
-        tx.execute(&s.sync, &[&newest, &delta.events, &shard])?;
-    }
+/// Writes `delta` in one statement: product and customer sums to the views if this batch
+/// holds the fold lock, else to the pending rows of its shard; categories, hours and sync
+/// counters to its shard's rows. Empty arrays write nothing.
+fn write(tx: &mut Transaction, s: &Statements, delta: &Delta, claim: &Claim) -> Result<()> {
+    let c = &delta.customers;
+    let customers: Vec<i64> = c.keys().copied().collect();
+    let spent: Vec<i64> = c.values().map(|c| c.spent_cents).collect();
+    let customer_orders: Vec<i64> = c.values().map(|c| c.orders).collect();
+    let last: Vec<DateTime<Utc>> = c.values().map(|c| c.last_order).collect();
+    let p = &delta.products;
+    let products: Vec<i64> = p.keys().copied().collect();
+    let names: Vec<Option<&str>> = p.values().map(|p| p.name.as_deref()).collect();
+    let categories: Vec<Option<&str>> = p.values().map(|p| p.category.as_deref()).collect();
+    let qty: Vec<i64> = p.values().map(|p| p.quantity).collect();
+    let product_revenue: Vec<i64> = p.values().map(|p| p.revenue_cents).collect();
+    let product_orders: Vec<i64> = p.values().map(|p| p.orders).collect();
+    let k = &delta.categories;
+    let category_names: Vec<&str> = k.keys().map(String::as_str).collect();
+    let category_revenue: Vec<i64> = k.values().map(|c| c.revenue_cents).collect();
+    let category_orders: Vec<i64> = k.values().map(|c| c.orders).collect();
+    let h = &delta.hours;
+    let hours: Vec<DateTime<Utc>> = h.keys().copied().collect();
+    let hour_orders: Vec<i64> = h.values().map(|h| h.orders).collect();
+    let hour_revenue: Vec<i64> = h.values().map(|h| h.revenue_cents).collect();
+    let statement = if claim.folder {
+        &s.write_views
+    } else {
+        &s.write_pending
+    };
+    tx.execute(
+        statement,
+        &[
+            &customers,
+            &spent,
+            &customer_orders,
+            &last,
+            &products,
+            &names,
+            &categories,
+            &qty,
+            &product_revenue,
+            &product_orders,
+            &category_names,
+            &category_revenue,
+            &category_orders,
+            &hours,
+            &hour_orders,
+            &hour_revenue,
+            &delta.newest_event,
+            &claim.shard,
+            &delta.events,
+        ],
+    )?;
     Ok(())
 }
 
@@ -400,82 +411,134 @@ ON CONFLICT (customer_id) DO UPDATE SET
     last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
     last_updated = now()";
 
-const PENDING_PRODUCTS: &str = "
-INSERT INTO product_sales_delta AS v (shard, product_id, name, category, quantity, revenue, orders)
-SELECT $7::smallint, id, name, category, qty, cents::numeric / 100, orders
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
-    AS u(id, name, category, qty, cents, orders)
-ON CONFLICT (shard, product_id) DO UPDATE SET
-    name = COALESCE(v.name, excluded.name),
-    category = COALESCE(v.category, excluded.category),
-    quantity = v.quantity + excluded.quantity,
-    revenue = v.revenue + excluded.revenue,
-    orders = v.orders + excluded.orders";
+/// Round trip 1 of a batch: `CLAIM`'s three columns, then the ids of `$5` not processed
+/// before (recorded now, with their types and timestamps; processed at their timestamps if
+/// `$8`, the rebuild's snapshot).
+const BEGIN_BATCH: &str = "
+WITH claim AS MATERIALIZED (
+    SELECT (SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
+                LATERAL (SELECT (i + pg_backend_pid()) % $2::int AS s) AS x
+            WHERE pg_try_advisory_xact_lock($1::int, s)
+            LIMIT 1) AS shard,
+        CASE WHEN $4::bool THEN true ELSE pg_try_advisory_xact_lock($3::int, 0) END AS folder,
+        EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta) AS pending
+), fresh AS (
+    INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
+    SELECT id, kind, ts, CASE WHEN $8::bool THEN ts ELSE clock_timestamp() END
+    FROM unnest($5::uuid[], $6::text[], $7::timestamptz[]) AS u(id, kind, ts)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+)
+SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FROM fresh) FROM claim";
 
-const PENDING_CUSTOMERS: &str = "
-INSERT INTO customer_ltv_delta AS v (shard, customer_id, spent, orders, last_order)
-SELECT $5::smallint, id, cents::numeric / 100, orders, last
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
-ON CONFLICT (shard, customer_id) DO UPDATE SET
-    spent = v.spent + excluded.spent,
-    orders = v.orders + excluded.orders,
-    last_order = GREATEST(v.last_order, excluded.last_order)";
+// Round trip 2 of a batch, `write`: one statement of data-modifying CTEs, each over arrays
+// that may be empty. Parameters: customers $1-$4 (id, cents, orders, last order), products
+// $5-$10 (id, name, category, quantity, cents, orders), categories $11-$13 (name, cents,
+// orders), hours $14-$16 (hour, orders, cents), the newest event's timestamp $17 (NULL:
+// none), the shard $18, the events applied $19. Products and customers go to the views
+// (`WRITE_VIEWS`, the fold lock's holder) or to the shard's pending rows (`WRITE_PENDING`).
+macro_rules! customers_to_view {
+    () => {
+        "INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
+    SELECT id, cents::numeric / 100, orders, last
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
+    ON CONFLICT (customer_id) DO UPDATE SET
+        total_spent = v.total_spent + excluded.total_spent,
+        order_count = v.order_count + excluded.order_count,
+        last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
+        last_updated = now()"
+    };
+}
 
-const INSERT_PROCESSED: &str = "
-INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
-SELECT id, kind, ts, CASE WHEN $4::bool THEN ts ELSE clock_timestamp() END
-FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, kind, ts)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id";
+macro_rules! products_to_view {
+    () => {
+        "INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
+    SELECT id, name, category, qty, cents::numeric / 100, orders
+    FROM unnest($5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
+        AS u(id, name, category, qty, cents, orders)
+    ON CONFLICT (product_id) DO UPDATE SET
+        name = COALESCE(v.name, excluded.name),
+        category = COALESCE(v.category, excluded.category),
+        total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
+        total_revenue = v.total_revenue + excluded.total_revenue,
+        order_count = v.order_count + excluded.order_count,
+        last_updated = now()"
+    };
+}
 
-const UPSERT_PRODUCTS: &str = "
-INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
-SELECT id, name, category, qty, cents::numeric / 100, orders
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
-    AS u(id, name, category, qty, cents, orders)
-ON CONFLICT (product_id) DO UPDATE SET
-    name = COALESCE(v.name, excluded.name),
-    category = COALESCE(v.category, excluded.category),
-    total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
-    total_revenue = v.total_revenue + excluded.total_revenue,
-    order_count = v.order_count + excluded.order_count,
-    last_updated = now()";
+macro_rules! customers_to_pending {
+    () => {
+        "INSERT INTO customer_ltv_delta AS v (shard, customer_id, spent, orders, last_order)
+    SELECT $18::smallint, id, cents::numeric / 100, orders, last
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
+    ON CONFLICT (shard, customer_id) DO UPDATE SET
+        spent = v.spent + excluded.spent,
+        orders = v.orders + excluded.orders,
+        last_order = GREATEST(v.last_order, excluded.last_order)"
+    };
+}
 
-const UPSERT_CATEGORIES: &str = "
-INSERT INTO category_metrics_view AS v (category_name, total_revenue, total_orders, shard)
-SELECT name, cents::numeric / 100, orders, $4::smallint
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(name, cents, orders)
-ON CONFLICT (category_name, shard) DO UPDATE SET
-    total_revenue = v.total_revenue + excluded.total_revenue,
-    total_orders = v.total_orders + excluded.total_orders,
-    last_updated = now()";
+macro_rules! products_to_pending {
+    () => {
+        "INSERT INTO product_sales_delta AS v (shard, product_id, name, category, quantity, revenue, orders)
+    SELECT $18::smallint, id, name, category, qty, cents::numeric / 100, orders
+    FROM unnest($5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
+        AS u(id, name, category, qty, cents, orders)
+    ON CONFLICT (shard, product_id) DO UPDATE SET
+        name = COALESCE(v.name, excluded.name),
+        category = COALESCE(v.category, excluded.category),
+        quantity = v.quantity + excluded.quantity,
+        revenue = v.revenue + excluded.revenue,
+        orders = v.orders + excluded.orders"
+    };
+}
 
-const UPSERT_CUSTOMERS: &str = "
-INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
-SELECT id, cents::numeric / 100, orders, last
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
-ON CONFLICT (customer_id) DO UPDATE SET
-    total_spent = v.total_spent + excluded.total_spent,
-    order_count = v.order_count + excluded.order_count,
-    last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
-    last_updated = now()";
-
-const UPSERT_HOURS: &str = "
-INSERT INTO hourly_sales_view AS v (hour_timestamp, total_orders, total_revenue, shard)
-SELECT hour, orders, cents::numeric / 100, $4::smallint
-FROM unnest($1::timestamptz[], $2::bigint[], $3::bigint[]) AS u(hour, orders, cents)
-ON CONFLICT (hour_timestamp, shard) DO UPDATE SET
-    total_orders = v.total_orders + excluded.total_orders,
-    total_revenue = v.total_revenue + excluded.total_revenue,
-    last_updated = now()";
-
-const UPDATE_SYNC: &str = "
+/// The shard's counters: categories, hours, then the sync status (the main statement).
+macro_rules! counters_and_sync {
+    () => {
+        "categories AS (
+    INSERT INTO category_metrics_view AS v (category_name, total_revenue, total_orders, shard)
+    SELECT name, cents::numeric / 100, orders, $18::smallint
+    FROM unnest($11::text[], $12::bigint[], $13::bigint[]) AS u(name, cents, orders)
+    ON CONFLICT (category_name, shard) DO UPDATE SET
+        total_revenue = v.total_revenue + excluded.total_revenue,
+        total_orders = v.total_orders + excluded.total_orders,
+        last_updated = now()
+), hours AS (
+    INSERT INTO hourly_sales_view AS v (hour_timestamp, total_orders, total_revenue, shard)
+    SELECT hour, orders, cents::numeric / 100, $18::smallint
+    FROM unnest($14::timestamptz[], $15::bigint[], $16::bigint[]) AS u(hour, orders, cents)
+    ON CONFLICT (hour_timestamp, shard) DO UPDATE SET
+        total_orders = v.total_orders + excluded.total_orders,
+        total_revenue = v.total_revenue + excluded.total_revenue,
+        last_updated = now()
+)
 INSERT INTO sync_status AS v (id, last_processed_event_timestamp, events_applied, last_applied_at)
-VALUES (1 + $3::smallint, $1, $2, now())
+SELECT 1 + $18::smallint, $17::timestamptz, $19::bigint, now() WHERE $17::timestamptz IS NOT NULL
 ON CONFLICT (id) DO UPDATE SET
     last_processed_event_timestamp = GREATEST(v.last_processed_event_timestamp, excluded.last_processed_event_timestamp),
     events_applied = v.events_applied + excluded.events_applied,
-    last_applied_at = excluded.last_applied_at";
+    last_applied_at = excluded.last_applied_at"
+    };
+}
+
+const WRITE_VIEWS: &str = concat!(
+    "WITH customers AS (",
+    customers_to_view!(),
+    "), products AS (",
+    products_to_view!(),
+    "), ",
+    counters_and_sync!()
+);
+
+const WRITE_PENDING: &str = concat!(
+    "WITH customers AS (",
+    customers_to_pending!(),
+    "), products AS (",
+    products_to_pending!(),
+    "), ",
+    counters_and_sync!()
+);
 
 #[cfg(test)]
 mod tests {
