@@ -357,6 +357,23 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Reply {
+    try_request(addr, method, path, headers, body).unwrap_or_else(|raw| {
+        panic!(
+            "malformed response to {method} {path}: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+/// `request`, giving back the bytes received when they are not a response (e.g. none: the
+/// connection was reset).
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::result::Result<Reply, Vec<u8>> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
@@ -372,12 +389,7 @@ pub fn request(
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    parse_reply(&raw).unwrap_or_else(|| {
-        panic!(
-            "malformed response to {method} {path}: {:?}",
-            String::from_utf8_lossy(&raw)
-        )
-    })
+    parse_reply(&raw).ok_or(raw)
 }
 
 fn parse_reply(raw: &[u8]) -> Option<Reply> {
