@@ -286,11 +286,22 @@ def health(base):
     return status, body if isinstance(body, dict) else {}
 
 
+def logged_node(service, marker):
+    """The node named by the last log line of `service` that contains `marker`."""
+    r = sh(COMPOSE + ["logs", "--no-color", service])
+    lines = [l for l in r.stdout.splitlines() if marker in l]
+    return lines[-1].split(marker)[1].split(":")[0].strip() if lines else None
+
+
 def consumer_node():
     """The node the consumer thread consumes from, as the consumer service logs it."""
-    r = sh(COMPOSE + ["logs", "--no-color", "consumer-service"])
-    lines = [l for l in r.stdout.splitlines() if "consumer consuming from " in l]
-    return lines[-1].split("consumer consuming from ")[1].split(":")[0].strip() if lines else None
+    return logged_node("consumer-service", "consumer consuming from ")
+
+
+def publisher_node():
+    """The node the outbox publisher publishes to, as the command service logs it (the
+    service has a second connection, its queue probe, so the connection list is ambiguous)."""
+    return logged_node("command-service", "outbox publisher publishing to ")
 
 
 def order_queue_leader():
@@ -300,22 +311,28 @@ def order_queue_leader():
     return None
 
 
-def publisher_onto_order_leader(tries=8):
-    """Restarts the command service until its publisher connects to the node that leads
-    the order queue (each start picks a random first endpoint): the scenario in which a
-    kill takes both the publisher's connection and the queue's leader."""
+def onto_order_leader(consumer_too=False, tries=12):
+    """Restarts the command service (and the consumer service) until its publisher (and the
+    consumer) connect to the node that leads the order queue (each start picks a random
+    first endpoint): the scenario in which a kill takes the publisher's connection (and the
+    consumer's) and the queue's leader."""
     for _ in range(tries):
         leader = order_queue_leader()
         conns = connections()
-        if leader and any(n == leader and svc == "command-service" for n, svc in conns):
+        publisher_there = publisher_node() == leader
+        consumer_there = not consumer_too or consumer_node() == leader
+        if leader and publisher_there and consumer_there:
             return leader, conns
-        sh(COMPOSE + ["restart", "command-service"])
-        for _ in range(60):
-            if health(CMD)[0] == 200:
-                break
-            time.sleep(0.5)
-        time.sleep(2)
-    raise SystemExit(f"the publisher never connected to the order queue's leader ({leader})")
+        for svc, there, url in (("command-service", publisher_there, CMD),
+                                ("consumer-service", consumer_there, None)):
+            if not there:
+                sh(COMPOSE + ["restart", svc])
+                for _ in range(60):
+                    if url is None or health(url)[0] == 200:
+                        break
+                    time.sleep(0.5)
+        time.sleep(3)
+    raise SystemExit(f"the publisher/consumer never connected to the order queue's leader ({leader})")
 
 
 def scenario(name, action, product, victim, before_s=10.0, outage_s=15.0, after_s=15.0):
@@ -323,9 +340,11 @@ def scenario(name, action, product, victim, before_s=10.0, outage_s=15.0, after_
     load, watch = Load(product, customer), Watch(customer)
     conns = connections()
     if victim == "publisher":
-        target = next((n for n, svc in conns if svc == "command-service"), NODES[0])
+        target = publisher_node() or NODES[0]
     elif victim == "leader":
-        target, conns = publisher_onto_order_leader()
+        target, conns = onto_order_leader()
+    elif victim == "all":
+        target, conns = onto_order_leader(consumer_too=True)
     else:
         target = consumer_node() or NODES[0]
     publisher_node = target
@@ -381,7 +400,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="cluster-failover.json")
     ap.add_argument("--scenarios", default="stop,kill-consumer,kill-publisher,kill-leader",
-                    help="comma-separated, of: stop, kill-consumer, kill-publisher, kill-leader")
+                    help="comma-separated, of: stop, kill-consumer, kill-publisher, kill-leader, "
+                         "kill-all")
     args = ap.parse_args()
     log(f"cluster of 3 after {wait_cluster():.1f} s; queues: {queue_leaders()}")
     status, body = Client(CMD).request("POST", "/api/products", {
@@ -396,6 +416,8 @@ def main():
         "kill-publisher": ("publisher's node killed (docker kill)", "kill", "publisher"),
         "kill-leader": ("publisher's node, the order queue's leader, killed (docker kill)",
                         "kill", "leader"),
+        "kill-all": ("publisher's and consumer's node, the order queue's leader, killed "
+                     "(docker kill)", "kill", "all"),
     }
     results = []
     for key in args.scenarios.split(","):

@@ -122,10 +122,11 @@ pub struct Publisher<'a> {
     returned: HashSet<String>,
     metrics: &'a OutboxMetrics,
     claim_sql: String,
-    /// When the channel was opened and when its last confirm arrived: for the logs, which
-    /// say how long a fresh channel took to confirm anything (after a failover) and how
-    /// long a stalled one had been silent.
+    /// When the channel was opened, first published to, and last confirmed: for the logs,
+    /// which say how long a fresh channel took to confirm anything (after a failover) and
+    /// how long a stalled one had been silent.
     opened_at: Instant,
+    first_published_at: Option<Instant>,
     last_confirm_at: Option<Instant>,
     /// The highest delivery tag confirmed so far (0: none).
     confirmed_up_to: u64,
@@ -218,6 +219,7 @@ impl<'a> Publisher<'a> {
             metrics,
             claim_sql: claim_sql(config.outbox_batch_size_max),
             opened_at: Instant::now(),
+            first_published_at: None,
             last_confirm_at: None,
             confirmed_up_to: 0,
         })
@@ -288,6 +290,7 @@ impl<'a> Publisher<'a> {
             first_tag: self.next_tag,
             published_at: Instant::now(),
         };
+        self.first_published_at.get_or_insert(batch.published_at);
         for row in &rows {
             let topic: &str = row.get(1);
             let payload: &str = row.get(2);
@@ -335,16 +338,18 @@ impl<'a> Publisher<'a> {
         self.metrics.returned.add(returns.len() as u64);
         self.returned.extend(returns);
         let mut published_ids: Vec<i64> = Vec::with_capacity(n);
-        let mut refused = 0;
+        let (mut nacked, mut returned) = (0, 0);
         for (i, id) in batch.ids.iter().enumerate() {
-            if acked[i] && !self.returned.remove(&batch.event_ids[i]) {
-                published_ids.push(*id);
+            if !acked[i] {
+                nacked += 1;
+            } else if self.returned.remove(&batch.event_ids[i]) {
+                returned += 1;
             } else {
-                refused += 1;
+                published_ids.push(*id);
             }
         }
-        if refused > 0 {
-            warn!("outbox: the broker returned or refused {refused} messages; they stay in the outbox");
+        if nacked + returned > 0 {
+            warn!("outbox: the broker refused (nack) {nacked} and returned {returned} messages; they stay in the outbox");
         }
         let mark = batch.tx.conn().prepared(MARK)?;
         batch.tx.conn().client.execute(&mark, &[&published_ids])?;
@@ -400,10 +405,10 @@ impl<'a> Publisher<'a> {
                     )));
                 }
             };
-            if self.last_confirm_at.is_none() {
+            if let (None, Some(first)) = (self.last_confirm_at, self.first_published_at) {
                 info!(
-                    "outbox publisher: first confirm {} ms after opening the channel",
-                    self.opened_at.elapsed().as_millis()
+                    "outbox publisher: first confirm {} ms after the channel's first publish",
+                    first.elapsed().as_millis()
                 );
             }
             self.last_confirm_at = Some(Instant::now());
