@@ -362,13 +362,18 @@ fn write(tx: &mut Transaction, s: &Statements, delta: &Delta, claim: &Claim) -> 
 /// The first free shard, searching from a place that differs per backend (evaluated row
 /// by row, so the lock is taken on exactly one shard); the fold lock if it is free (or the
 /// writer is exclusive); whether pending rows exist.
-const CLAIM: &str = "
-SELECT (SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
+macro_rules! claim_columns {
+    () => {
+        "(SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
             LATERAL (SELECT (i + pg_backend_pid()) % $2::int AS s) AS x
         WHERE pg_try_advisory_xact_lock($1::int, s)
-        LIMIT 1),
-    CASE WHEN $4::bool THEN true ELSE pg_try_advisory_xact_lock($3::int, 0) END,
-    EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta)";
+        LIMIT 1) AS shard,
+    CASE WHEN $4::bool THEN true ELSE pg_try_advisory_xact_lock($3::int, 0) END AS folder,
+    EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta) AS pending"
+    };
+}
+
+const CLAIM: &str = concat!("SELECT ", claim_columns!());
 
 const ANY_PENDING: &str =
     "SELECT EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta)";
@@ -414,14 +419,8 @@ ON CONFLICT (customer_id) DO UPDATE SET
 /// Round trip 1 of a batch: `CLAIM`'s three columns, then the ids of `$5` not processed
 /// before (recorded now, with their types and timestamps; processed at their timestamps if
 /// `$8`, the rebuild's snapshot).
-const BEGIN_BATCH: &str = "
-WITH claim AS MATERIALIZED (
-    SELECT (SELECT s::smallint FROM generate_series(0, $2::int - 1) AS g(i),
-                LATERAL (SELECT (i + pg_backend_pid()) % $2::int AS s) AS x
-            WHERE pg_try_advisory_xact_lock($1::int, s)
-            LIMIT 1) AS shard,
-        CASE WHEN $4::bool THEN true ELSE pg_try_advisory_xact_lock($3::int, 0) END AS folder,
-        EXISTS (SELECT 1 FROM product_sales_delta) OR EXISTS (SELECT 1 FROM customer_ltv_delta) AS pending
+const BEGIN_BATCH: &str = concat!("
+WITH claim AS MATERIALIZED (SELECT ", claim_columns!(), "
 ), fresh AS (
     INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
     SELECT id, kind, ts, CASE WHEN $8::bool THEN ts ELSE clock_timestamp() END
@@ -429,7 +428,7 @@ WITH claim AS MATERIALIZED (
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 )
-SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FROM fresh) FROM claim";
+SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FROM fresh) FROM claim");
 
 // Round trip 2 of a batch, `write`: one statement of data-modifying CTEs, each over arrays
 // that may be empty. Parameters: customers $1-$4 (id, cents, orders, last order), products
