@@ -383,7 +383,34 @@ const ANY_PENDING: &str =
 /// this transaction ends) into the views, summed per key. Run by the fold lock's holder.
 /// The CASE makes the try-lock come after the check for rows (PostgreSQL orders the terms
 /// of an AND by cost, and would lock every free shard first, leaving none to claim).
-const FOLD: &str = "
+/// How a row summed from a batch or from pending rows (`excluded`) adds to a product's row.
+macro_rules! product_view_added {
+    () => {
+        "
+    ON CONFLICT (product_id) DO UPDATE SET
+        name = COALESCE(v.name, excluded.name),
+        category = COALESCE(v.category, excluded.category),
+        total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
+        total_revenue = v.total_revenue + excluded.total_revenue,
+        order_count = v.order_count + excluded.order_count,
+        last_updated = now()"
+    };
+}
+
+/// How a row summed from a batch or from pending rows (`excluded`) adds to a customer's row.
+macro_rules! customer_view_added {
+    () => {
+        "
+    ON CONFLICT (customer_id) DO UPDATE SET
+        total_spent = v.total_spent + excluded.total_spent,
+        order_count = v.order_count + excluded.order_count,
+        last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
+        last_updated = now()"
+    };
+}
+
+const FOLD: &str = concat!(
+    "
 WITH shards AS MATERIALIZED (
     SELECT g.s::smallint AS s FROM generate_series(0, $2::int - 1) AS g(s)
     WHERE CASE WHEN EXISTS (SELECT 1 FROM product_sales_delta d WHERE d.shard = g.s)
@@ -399,22 +426,16 @@ WITH shards AS MATERIALIZED (
     INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
     SELECT product_id, max(name), max(category), sum(quantity), sum(revenue), sum(orders)
     FROM products GROUP BY product_id ORDER BY product_id
-    ON CONFLICT (product_id) DO UPDATE SET
-        name = COALESCE(v.name, excluded.name),
-        category = COALESCE(v.category, excluded.category),
-        total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
-        total_revenue = v.total_revenue + excluded.total_revenue,
-        order_count = v.order_count + excluded.order_count,
-        last_updated = now()
+",
+    product_view_added!(),
+    "
 )
 INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
 SELECT customer_id, sum(spent), sum(orders), max(last_order)
 FROM customers GROUP BY customer_id ORDER BY customer_id
-ON CONFLICT (customer_id) DO UPDATE SET
-    total_spent = v.total_spent + excluded.total_spent,
-    order_count = v.order_count + excluded.order_count,
-    last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
-    last_updated = now()";
+",
+    customer_view_added!()
+);
 
 /// Round trip 1 of a batch: `CLAIM`'s three columns, then the ids of `$5` not processed
 /// before (recorded now, with their types and timestamps; processed at their timestamps if
@@ -438,30 +459,24 @@ SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FRO
 // (`WRITE_VIEWS`, the fold lock's holder) or to the shard's pending rows (`WRITE_PENDING`).
 macro_rules! customers_to_view {
     () => {
-        "INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
+        concat!(
+            "INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
     SELECT id, cents::numeric / 100, orders, last
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
-    ON CONFLICT (customer_id) DO UPDATE SET
-        total_spent = v.total_spent + excluded.total_spent,
-        order_count = v.order_count + excluded.order_count,
-        last_order_date = GREATEST(v.last_order_date, excluded.last_order_date),
-        last_updated = now()"
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)",
+            customer_view_added!()
+        )
     };
 }
 
 macro_rules! products_to_view {
     () => {
-        "INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
+        concat!(
+            "INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
     SELECT id, name, category, qty, cents::numeric / 100, orders
     FROM unnest($5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
-        AS u(id, name, category, qty, cents, orders)
-    ON CONFLICT (product_id) DO UPDATE SET
-        name = COALESCE(v.name, excluded.name),
-        category = COALESCE(v.category, excluded.category),
-        total_quantity_sold = v.total_quantity_sold + excluded.total_quantity_sold,
-        total_revenue = v.total_revenue + excluded.total_revenue,
-        order_count = v.order_count + excluded.order_count,
-        last_updated = now()"
+        AS u(id, name, category, qty, cents, orders)",
+            product_view_added!()
+        )
     };
 }
 
