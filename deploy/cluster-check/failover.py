@@ -406,7 +406,7 @@ def scenario(name, action, product, victim, before_s=10.0, outage_s=15.0, after_
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="cluster-failover.json")
-    ap.add_argument("--scenarios", default="stop,kill-consumer,kill-publisher,kill-leader",
+    ap.add_argument("--scenarios", default="stop,kill-consumer,kill-publisher,kill-leader,kill-all",
                     help="comma-separated, of: stop, kill-consumer, kill-publisher, kill-leader, "
                          "kill-all")
     args = ap.parse_args()
