@@ -18,7 +18,8 @@
 #   * hadolint on the Dockerfile, failing on any finding (style included);
 #   * that .dockerignore lets in, and the Dockerfile copies, every build input
 #     (Cargo.toml, Cargo.lock, src/, each include_str!/include_bytes! target);
-#   * bash -n / sh -n and shellcheck on deploy/postgres/*.sh and this script;
+#   * bash -n / sh -n and shellcheck on deploy/postgres/*.sh, deploy/rabbitmq/*.sh
+#     and this script;
 #   * submission.json.
 # Exits non-zero if any check fails; runs them all first.
 #
@@ -439,7 +440,7 @@ PY
 
 shell_scripts() {
     local f rc=0 shebang
-    for f in deploy/postgres/*.sh .ci/static-checks.sh; do
+    for f in deploy/postgres/*.sh deploy/rabbitmq/*.sh .ci/static-checks.sh; do
         [ -x "$f" ] || { echo "  $f is not executable" >&2; rc=1; }
         shebang=$(head -n1 "$f")
         case $shebang in
