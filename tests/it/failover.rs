@@ -31,6 +31,18 @@ fn health(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
     (r.status, r.json())
 }
 
+/// `N` killable proxies in front of the local broker, and a `BROKER_URL` naming them all
+/// (comma-separated URLs, in order).
+fn proxied_endpoints<const N: usize>() -> ([TcpProxy; N], String) {
+    let proxies: [TcpProxy; N] = std::array::from_fn(|_| TcpProxy::start(broker_host_port()));
+    let url = proxies
+        .iter()
+        .map(|p| broker_url_via(p.port))
+        .collect::<Vec<_>>()
+        .join(",");
+    (proxies, url)
+}
+
 #[test]
 fn a_dead_first_endpoint_is_skipped() {
     let env = TestEnv::new();
@@ -74,10 +86,7 @@ fn a_dead_first_endpoint_is_skipped() {
 #[test]
 fn an_endpoint_that_dies_in_use_fails_over_and_loses_nothing() {
     let env = TestEnv::new();
-    let mut proxies = [
-        TcpProxy::start(broker_host_port()),
-        TcpProxy::start(broker_host_port()),
-    ];
+    let (mut proxies, _) = proxied_endpoints::<2>();
     // The host-list form: one URL, two hosts sharing its credentials and vhost.
     let url = broker_url_via(proxies[0].port).replacen(
         "@127.0.0.1:",
@@ -131,15 +140,7 @@ fn an_endpoint_that_dies_in_use_fails_over_and_loses_nothing() {
 #[test]
 fn health_reports_a_broker_lost_for_longer_than_the_grace_period() {
     let env = TestEnv::new();
-    let mut proxies = [
-        TcpProxy::start(broker_host_port()),
-        TcpProxy::start(broker_host_port()),
-    ];
-    let url = format!(
-        "{},{}",
-        broker_url_via(proxies[0].port),
-        broker_url_via(proxies[1].port)
-    );
+    let (mut proxies, url) = proxied_endpoints::<2>();
     let app = env.start_with(Role::All, |c| {
         c.broker_targets = parse_amqp_urls(&url).unwrap();
         c.broker_down_grace = Duration::from_secs(1);
@@ -192,19 +193,10 @@ fn time_to_apply(env: &TestEnv, command: std::net::SocketAddr, product: i64, n: 
 #[test]
 fn sessions_leave_a_node_whose_channels_do_not_answer() {
     let env = TestEnv::new();
-    let mut proxies = [
-        TcpProxy::start(broker_host_port()),
-        TcpProxy::start(broker_host_port()),
-        TcpProxy::start(broker_host_port()),
-    ];
+    let (mut proxies, url) = proxied_endpoints::<3>();
     // Every connection starts on the first endpoint: the others refuse AMQP for now.
     proxies[1].set_mode(ProxyMode::Refuse);
     proxies[2].set_mode(ProxyMode::Refuse);
-    let url = proxies
-        .iter()
-        .map(|p| broker_url_via(p.port))
-        .collect::<Vec<_>>()
-        .join(",");
     let stall = Duration::from_millis(500);
     let app = env.start_with(Role::All, |c| {
         c.broker_targets = parse_amqp_urls(&url).unwrap();
@@ -243,15 +235,7 @@ fn sessions_leave_a_node_whose_channels_do_not_answer() {
 #[test]
 fn a_publisher_without_confirms_moves_on_after_the_stall_timeout() {
     let env = TestEnv::new();
-    let proxies = [
-        TcpProxy::start(broker_host_port()),
-        TcpProxy::start(broker_host_port()),
-    ];
-    let url = format!(
-        "{},{}",
-        broker_url_via(proxies[0].port),
-        broker_url_via(proxies[1].port)
-    );
+    let (proxies, url) = proxied_endpoints::<2>();
     let stall = Duration::from_millis(500);
     // The publisher through the proxies, the consumer straight to the broker.
     let command = env.start_with(Role::Command, |c| {
