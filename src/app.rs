@@ -224,7 +224,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         config.write_pool_size,
         &config.db,
         "command-service",
-        false,
+        db::Session::Plain,
     );
     let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
     let outbox_metrics = Arc::new(OutboxMetrics::new());
@@ -235,7 +235,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         (config.outbox_publishers.max(1) * outbox::BATCHES_IN_FLIGHT) as u32,
         &config.db,
         "outbox-publisher",
-        false,
+        db::Session::AsynchronousCommit,
     );
     running.publishers.threads.extend(outbox::start(
         config,
@@ -279,7 +279,7 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
         config.consumer_threads as u32 + 2,
         &config.db,
         "consumer-service",
-        false,
+        db::Session::GenericPlans,
     );
     let metrics = Arc::new(ConsumerMetrics::new());
     let progress = Progress::new(config.consumer_threads, config.consumer_stall);
@@ -318,14 +318,14 @@ fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         config.read_pool_size,
         &config.db,
         "query-service",
-        true,
+        db::Session::ReadOnly,
     );
     let write = db::pool(
         &config.write_db,
         2,
         &config.db,
         "query-service-outbox",
-        true,
+        db::Session::ReadOnly,
     );
     let service = QueryService::new(read, write, config.clone());
     running.serve(
@@ -353,6 +353,6 @@ fn start_retention(
     if jobs.is_empty() {
         return None;
     }
-    let pool = db::pool(db_config, 1, &config.db, "retention", false);
+    let pool = db::pool(db_config, 1, &config.db, "retention", db::Session::Plain);
     retention::start(config, pool, jobs, shutdown, metrics)
 }

@@ -63,6 +63,35 @@ impl Conn {
     }
 }
 
+/// What a pool's sessions set beyond the timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// PostgreSQL's defaults.
+    Plain,
+    /// Every transaction read only (the query service).
+    ReadOnly,
+    /// Prepared statements keep one generic plan. For the consumer, whose statements take
+    /// a batch as arrays: a plan for arrays of known length always looks cheaper than one
+    /// for arrays of unknown length, so by default every batch planned its statements anew.
+    /// Its statements are inserts and upserts by key, the same plan whatever the sizes.
+    GenericPlans,
+    /// Commits return before the WAL is flushed (the outbox publisher). Safe only for a
+    /// write whose loss is repaired by redoing it: a lost "published" mark republishes the
+    /// row, and the consumer drops the duplicate by its event id.
+    AsynchronousCommit,
+}
+
+impl Session {
+    fn options(self) -> &'static str {
+        match self {
+            Session::Plain => "",
+            Session::ReadOnly => " -c default_transaction_read_only=on",
+            Session::GenericPlans => " -c plan_cache_mode=force_generic_plan",
+            Session::AsynchronousCommit => " -c synchronous_commit=off",
+        }
+    }
+}
+
 /// The r2d2 manager: connects with the session timeouts applied.
 pub struct Manager {
     config: postgres::Config,
@@ -73,7 +102,7 @@ impl Manager {
         target: &postgres::Config,
         timeouts: &DbTimeouts,
         application_name: &str,
-        read_only: bool,
+        session: Session,
     ) -> Manager {
         let mut config = target.clone();
         let mut options = format!(
@@ -82,9 +111,7 @@ impl Manager {
             timeouts.lock.as_millis(),
             timeouts.idle_in_transaction.as_millis()
         );
-        if read_only {
-            options.push_str(" -c default_transaction_read_only=on");
-        }
+        options.push_str(session.options());
         config
             .options(&options)
             .application_name(application_name)
@@ -186,9 +213,9 @@ pub fn pool(
     size: u32,
     timeouts: &DbTimeouts,
     application_name: &str,
-    read_only: bool,
+    session: Session,
 ) -> Pool {
-    let manager = Manager::new(target, timeouts, application_name, read_only);
+    let manager = Manager::new(target, timeouts, application_name, session);
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
@@ -235,6 +262,11 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[
         version: 5,
         name: "event_ids",
         sql: include_str!("../sql/write/005_event_ids.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "place_order_generic_plans",
+        sql: include_str!("../sql/write/006_place_order_generic_plans.sql"),
     },
 ];
 

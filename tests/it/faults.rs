@@ -537,8 +537,13 @@ fn consumer_dying_after_commit_before_ack_changes_nothing_on_redelivery() {
             other => panic!("expected a delivery, got {other:?}"),
         }
     }
-    let pool =
-        cqrs_analytics::db::pool(&env.config().read_db, 1, &env.config().db, "doomed", false);
+    let pool = cqrs_analytics::db::pool(
+        &env.config().read_db,
+        1,
+        &env.config().db,
+        "doomed",
+        cqrs_analytics::db::Session::Plain,
+    );
     let counts =
         cqrs_analytics::read::projection::apply_batch(&mut pool.get().unwrap(), &events).unwrap();
     assert_eq!(counts.applied, TAKEN, "the doomed consumer's commit");

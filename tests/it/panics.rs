@@ -53,7 +53,13 @@ impl<S: Service> Service for PanicsOnOnePath<S> {
 fn panicking_handlers_answer_500_and_the_workers_live_on() {
     let env = TestEnv::new();
     let config = env.config();
-    let pool = db::pool(&config.write_db, 2, &config.db, "it-panics", false);
+    let pool = db::pool(
+        &config.write_db,
+        2,
+        &config.db,
+        "it-panics",
+        cqrs_analytics::db::Session::Plain,
+    );
     let service = PanicsOnOnePath {
         inner: CommandService::new(pool, None, None),
     };

@@ -763,3 +763,73 @@ fn the_server_keeps_accepting_after_idling_longer_than_the_read_timeout() {
     std::thread::sleep(std::time::Duration::from_millis(800));
     assert_eq!(get(app.command(), "/health").status, 200);
 }
+
+/// `place_order` keeps one plan per statement, pinned to index lookups on `products`
+/// (write migration 006). A generic plan made from the statistics of a catalogue never
+/// analysed (a fresh database, autovacuum off, as here) scanned the whole table for every
+/// order instead; this counts the scans of `products` while orders are placed.
+#[test]
+fn place_order_looks_products_up_by_key_on_a_never_analysed_catalogue() {
+    let env = TestEnv::new();
+    let mut db = env.write();
+    db.batch_execute(
+        "INSERT INTO products (name, category, price, stock)
+         SELECT 'p' || g, 'c', 1, 1000 FROM generate_series(1, 500) g",
+    )
+    .unwrap();
+    let analysed: Option<i64> = db
+        .query_one(
+            "SELECT reltuples::bigint FROM pg_class WHERE relname = 'products' AND reltuples >= 0",
+            &[],
+        )
+        .map(|r| r.get(0))
+        .ok();
+    assert_eq!(
+        analysed, None,
+        "the catalogue must never have been analysed"
+    );
+    // Our own backend's counters, flushed at the end of the statement that asks for it.
+    let mut scans = || -> (i64, i64) {
+        db.batch_execute("SELECT pg_stat_force_next_flush()")
+            .unwrap();
+        let r = db
+            .query_one(
+                "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables
+                 WHERE relname = 'products'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let before = scans();
+    let mut place = env.write();
+    for i in 0..12_i64 {
+        let outcome: String = place
+            .query_one(
+                "SELECT r_outcome FROM place_order(ARRAY[$1::bigint, $1::bigint + 250], ARRAY[1, 2],
+                 ARRAY[NULL, 100]::bigint[], 7, gen_random_uuid(), '2026-11-26T12:00:00.000Z',
+                 NULL, NULL)",
+                &[&(1 + i)],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(outcome, "ok");
+    }
+    drop(place); // a backend flushes its counters when it ends
+    let mut after = scans();
+    for _ in 0..50 {
+        if after.1 > before.1 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        after = scans();
+    }
+    assert!(
+        after.1 > before.1,
+        "no index scans counted: {before:?} → {after:?}"
+    );
+    assert_eq!(
+        after.0, before.0,
+        "place_order scanned the whole products table (seq_scan {before:?} → {after:?})"
+    );
+}
