@@ -22,6 +22,8 @@ pub struct Conn {
     /// The statements of `prepared`, by the address and length of their static SQL: found
     /// without hashing the text (a few hundred instructions per query otherwise).
     by_address: Vec<((usize, usize), Statement)>,
+    /// Statements prepared with SQL `PREPARE`, by name, for `Tx::begin_with`.
+    named: Vec<&'static str>,
 }
 
 impl Conn {
@@ -31,6 +33,7 @@ impl Conn {
             client,
             statements: HashMap::new(),
             by_address: Vec::new(),
+            named: Vec::new(),
         }
     }
 
@@ -164,6 +167,45 @@ impl Tx {
             conn.client.batch_execute("BEGIN")?;
         }
         Ok(Tx { conn: Some(conn) })
+    }
+
+    /// Begins a transaction and runs the statement `sql` (no parameters) in it, in one round
+    /// trip: `BEGIN; EXECUTE name` as one simple query, the statement prepared under `name`
+    /// with SQL `PREPARE` at its first use on the connection (so it is planned once, not at
+    /// every call). Returns its rows, as text. Like `begin`, starts over once on a fresh
+    /// connection if the pooled one turns out dead.
+    pub fn begin_with(
+        pool: &Pool,
+        mut conn: Pooled,
+        name: &'static str,
+        sql: &str,
+    ) -> Result<(Tx, Vec<postgres::SimpleQueryRow>)> {
+        let run = |conn: &mut Conn| {
+            if !conn.named.contains(&name) {
+                conn.client
+                    .batch_execute(&format!("PREPARE {name} AS {sql}"))?;
+                conn.named.push(name);
+            }
+            conn.client.simple_query(&format!("BEGIN; EXECUTE {name}"))
+        };
+        let messages = match run(&mut conn) {
+            Err(e) if connection_lost(&e) => {
+                drop(conn);
+                conn = pool.get()?;
+                run(&mut conn)
+            }
+            other => other,
+        };
+        // From here on the connection may be in a transaction: dropping the Tx rolls back.
+        let tx = Tx { conn: Some(conn) };
+        let rows = messages?
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
+        Ok((tx, rows))
     }
 
     pub fn conn(&mut self) -> &mut Conn {

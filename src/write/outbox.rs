@@ -275,10 +275,9 @@ impl<'a> Publisher<'a> {
     }
 
     /// Claims up to a batch of unpublished rows in a new transaction and publishes them.
+    /// `BEGIN` and the claim go in one round trip: it is on the way of every event.
     fn claim_and_publish(&mut self, pool: &Pool) -> Result<Option<InFlight>> {
-        let mut tx = Tx::begin(pool, pool.get()?)?;
-        let claim = tx.conn().prepared_owned(&self.claim_sql)?;
-        let rows = tx.conn().client.query(&claim, &[])?;
+        let (tx, rows) = Tx::begin_with(pool, pool.get()?, "outbox_claim", &self.claim_sql)?;
         if rows.is_empty() {
             tx.commit()?;
             return Ok(None);
@@ -292,30 +291,26 @@ impl<'a> Publisher<'a> {
         };
         self.first_published_at.get_or_insert(batch.published_at);
         for row in &rows {
-            let topic: &str = row.get(1);
-            let payload: &str = row.get(2);
-            let event_id: String = row.get::<_, Option<String>>(3).unwrap_or_default();
-            let event_type: String = row.get::<_, Option<String>>(4).unwrap_or_default();
-            let created_at: chrono::DateTime<chrono::Utc> = row.get(5);
+            let claimed = Claimed::from_row(row)?;
             let properties = AmqpProperties::default()
-                .with_message_id(event_id.clone())
+                .with_message_id(claimed.event_id.to_owned())
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2)
-                .with_type_(event_type)
-                .with_timestamp(created_at.timestamp().max(0) as u64);
+                .with_type_(claimed.event_type.to_owned())
+                .with_timestamp(claimed.created_at);
             self.channel.basic_publish(
                 self.config.broker.exchange.as_str(),
                 Publish {
-                    body: payload.as_bytes(),
-                    routing_key: topic.into(),
+                    body: claimed.payload.as_bytes(),
+                    routing_key: claimed.topic.into(),
                     mandatory: true,
                     immediate: false,
                     properties,
                 },
             )?;
             self.next_tag += 1;
-            batch.ids.push(row.get(0));
-            batch.event_ids.push(event_id);
+            batch.ids.push(claimed.id);
+            batch.event_ids.push(claimed.event_id.to_owned());
         }
         Ok(Some(batch))
     }
@@ -454,17 +449,53 @@ enum Waited {
     Woken,
 }
 
-/// The claim query. The batch size is a literal, not a parameter: with `LIMIT $1` the
-/// generic plan PostgreSQL settles on after five executions sorted the whole backlog
-/// (spilling to disk) instead of walking the partial index, which made publishing a large
-/// backlog quadratic. Measured with `cargo bench --bench pipeline`.
+/// The claim query (`Tx::begin_with`: its rows come back as text). The batch size is a
+/// literal, not a parameter: with `LIMIT $1` the generic plan
+/// PostgreSQL settled on after five executions sorted the whole backlog (spilling to disk)
+/// instead of walking the partial index, which made publishing a large backlog quadratic.
+/// Measured with `cargo bench --bench pipeline`.
 fn claim_sql(batch_size: usize) -> String {
     format!(
-        "SELECT id, topic, payload::text, payload->>'eventId', payload->>'eventType', created_at
+        "SELECT id, topic, payload::text, payload->>'eventId', payload->>'eventType',
+                greatest(extract(epoch FROM created_at), 0)::bigint
          FROM outbox WHERE published_at IS NULL
          ORDER BY id LIMIT {batch_size}
          FOR UPDATE SKIP LOCKED"
     )
+}
+
+/// One claimed row, read from the claim's text columns.
+struct Claimed<'r> {
+    id: i64,
+    topic: &'r str,
+    payload: &'r str,
+    /// Empty for a row written before events carried ids (never, since write migration 1).
+    event_id: &'r str,
+    event_type: &'r str,
+    /// Seconds since the epoch.
+    created_at: u64,
+}
+
+impl<'r> Claimed<'r> {
+    fn from_row(row: &'r postgres::SimpleQueryRow) -> Result<Claimed<'r>> {
+        let text = |i: usize| -> Result<&'r str> {
+            row.get(i)
+                .ok_or_else(|| Error::internal(format!("outbox claim: column {i} is NULL")))
+        };
+        let parse = |i: usize| -> Result<i64> {
+            text(i)?
+                .parse()
+                .map_err(|e| Error::internal(format!("outbox claim: column {i}: {e}")))
+        };
+        Ok(Claimed {
+            id: parse(0)?,
+            topic: text(1)?,
+            payload: text(2)?,
+            event_id: row.get(3).unwrap_or_default(),
+            event_type: row.get(4).unwrap_or_default(),
+            created_at: parse(5)?.max(0) as u64,
+        })
+    }
 }
 
 const MARK: &str = "UPDATE outbox SET published_at = now() WHERE id = ANY($1)";
