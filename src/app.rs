@@ -232,7 +232,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
     // The publishers get their own small pool so HTTP load can never starve them.
     let publisher_pool = db::pool(
         &config.write_db,
-        (config.outbox_publishers.max(1) * outbox::BATCHES_IN_FLIGHT) as u32,
+        (config.outbox_publishers.max(1) * (outbox::BATCHES_IN_FLIGHT + 1)) as u32,
         &config.db,
         "outbox-publisher",
         db::Session::AsynchronousCommit,

@@ -106,6 +106,8 @@ pub fn start(
 
 /// Batches one publisher keeps in flight: while the broker confirms one, the next is
 /// already claimed and published, so the database's work hides behind the broker's.
+/// A publisher holds one more connection: a confirmed batch is marked while the next one
+/// is in flight.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 
 /// One broker connection's worth of publishing.
@@ -240,15 +242,7 @@ impl<'a> Publisher<'a> {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
         let mut exhausted = false;
         loop {
-            while !exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !stop_claiming() {
-                match self.claim_and_publish(pool)? {
-                    Some(batch) => {
-                        exhausted = batch.ids.len() < self.config.outbox_batch_size_max;
-                        in_flight.push_back(batch);
-                    }
-                    None => exhausted = true,
-                }
-            }
+            self.fill_window(pool, &mut in_flight, &mut exhausted, stop_claiming)?;
             let Some(oldest) = in_flight.front() else {
                 self.returned.clear();
                 return Ok(());
@@ -265,13 +259,41 @@ impl<'a> Publisher<'a> {
                 exhausted = false;
                 continue;
             }
+            // The next batch goes to the broker before this one is marked, so the broker
+            // has a full window while the database marks (the rows marked are still
+            // locked: the claim skips them).
             let batch = in_flight.pop_front().expect("the oldest batch");
+            if wake.try_recv().is_ok() {
+                exhausted = false; // a commit since: its rows need not wait for the marking
+            }
+            self.fill_window(pool, &mut in_flight, &mut exhausted, stop_claiming)?;
             let claimed = batch.ids.len();
             let published = self.complete(batch)?;
             if published < claimed {
                 exhausted = true;
             }
         }
+    }
+
+    /// Claims and publishes batches until `BATCHES_IN_FLIGHT` are in flight or the outbox
+    /// has nothing more to claim.
+    fn fill_window(
+        &mut self,
+        pool: &Pool,
+        in_flight: &mut VecDeque<InFlight>,
+        exhausted: &mut bool,
+        stop_claiming: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        while !*exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !stop_claiming() {
+            match self.claim_and_publish(pool)? {
+                Some(batch) => {
+                    *exhausted = batch.ids.len() < self.config.outbox_batch_size_max;
+                    in_flight.push_back(batch);
+                }
+                None => *exhausted = true,
+            }
+        }
+        Ok(())
     }
 
     /// Claims up to a batch of unpublished rows in a new transaction and publishes them.
