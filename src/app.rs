@@ -235,7 +235,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         (config.outbox_publishers.max(1) * (outbox::BATCHES_IN_FLIGHT + 1)) as u32,
         &config.db,
         "outbox-publisher",
-        db::Session::AsynchronousCommit,
+        db::Session::Publisher,
     );
     running.publishers.threads.extend(outbox::start(
         config,

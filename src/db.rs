@@ -78,10 +78,15 @@ pub enum Session {
     /// for arrays of unknown length, so by default every batch planned its statements anew.
     /// Its statements are inserts and upserts by key, the same plan whatever the sizes.
     GenericPlans,
-    /// Commits return before the WAL is flushed (the outbox publisher). Safe only for a
-    /// write whose loss is repaired by redoing it: a lost "published" mark republishes the
-    /// row, and the consumer drops the duplicate by its event id.
-    AsynchronousCommit,
+    /// The outbox publisher's. Commits return before the WAL is flushed: a "published"
+    /// mark lost in a crash republishes the row, and the consumer drops the duplicate by
+    /// its event id. And the claim walks the partial index of unpublished rows in id order
+    /// (no bitmap or sequential scan): an index scan marks the entries of rows published
+    /// since the last vacuum as dead as it passes them, so the next claim skips them,
+    /// where a bitmap scan visited every one of them again. Measured after 15 s of orders
+    /// with autovacuum off: a bitmap claim read 1,533 pages (6 ms) each time, the index
+    /// scan 12,724 once (8 ms), then 37 (0.4 ms).
+    Publisher,
 }
 
 impl Session {
@@ -90,7 +95,9 @@ impl Session {
             Session::Plain => "",
             Session::ReadOnly => " -c default_transaction_read_only=on",
             Session::GenericPlans => " -c plan_cache_mode=force_generic_plan",
-            Session::AsynchronousCommit => " -c synchronous_commit=off",
+            Session::Publisher => {
+                " -c synchronous_commit=off -c enable_bitmapscan=off -c enable_seqscan=off"
+            }
         }
     }
 }

@@ -476,7 +476,7 @@ enum Waited {
 /// PostgreSQL settled on after five executions sorted the whole backlog (spilling to disk)
 /// instead of walking the partial index, which made publishing a large backlog quadratic.
 /// Measured with `cargo bench --bench pipeline`.
-fn claim_sql(batch_size: usize) -> String {
+pub fn claim_sql(batch_size: usize) -> String {
     format!(
         "SELECT id, topic, payload::text, payload->>'eventId', payload->>'eventType',
                 greatest(extract(epoch FROM created_at), 0)::bigint
