@@ -12,7 +12,9 @@
 -- ends. Every statement here is driven by the order's product ids, so the right plan is
 -- always the same, whatever the statistics: a nested loop over the lines with lookups on
 -- `products_pkey`. The settings below pin that shape (they apply inside the function
--- only, including the foreign-key checks its inserts fire).
+-- only, including the foreign-key checks its inserts fire). A later CREATE OR REPLACE of
+-- the function drops them: it must repeat them (the test
+-- `place_order_looks_products_up_by_key_on_a_never_analysed_catalogue` would fail).
 ALTER FUNCTION place_order(bigint[], integer[], bigint[], bigint, uuid, text, text, text)
     SET plan_cache_mode = force_generic_plan;
 ALTER FUNCTION place_order(bigint[], integer[], bigint[], bigint, uuid, text, text, text)
