@@ -164,15 +164,9 @@ impl Tx {
     /// pool (the server was restarted, or `pg_terminate_backend`); that shows on `BEGIN`,
     /// before anything could commit, so the transaction begins once more on a fresh
     /// connection instead of failing the request.
-    pub fn begin(pool: &Pool, mut conn: Pooled) -> Result<Tx> {
-        if let Err(e) = conn.client.batch_execute("BEGIN") {
-            if !connection_lost(&e) {
-                return Err(e.into());
-            }
-            drop(conn); // `has_broken` sees it closed: the pool discards it
-            conn = pool.get()?;
-            conn.client.batch_execute("BEGIN")?;
-        }
+    pub fn begin(pool: &Pool, conn: Pooled) -> Result<Tx> {
+        let (conn, begun) = on_live_connection(pool, conn, |c| c.client.batch_execute("BEGIN"))?;
+        begun?;
         Ok(Tx { conn: Some(conn) })
     }
 
@@ -183,26 +177,18 @@ impl Tx {
     /// connection if the pooled one turns out dead.
     pub fn begin_with(
         pool: &Pool,
-        mut conn: Pooled,
+        conn: Pooled,
         name: &'static str,
         sql: &str,
     ) -> Result<(Tx, Vec<postgres::SimpleQueryRow>)> {
-        let run = |conn: &mut Conn| {
+        let (conn, messages) = on_live_connection(pool, conn, |conn| {
             if !conn.named.contains(&name) {
                 conn.client
                     .batch_execute(&format!("PREPARE {name} AS {sql}"))?;
                 conn.named.push(name);
             }
             conn.client.simple_query(&format!("BEGIN; EXECUTE {name}"))
-        };
-        let messages = match run(&mut conn) {
-            Err(e) if connection_lost(&e) => {
-                drop(conn);
-                conn = pool.get()?;
-                run(&mut conn)
-            }
-            other => other,
-        };
+        })?;
         // From here on the connection may be in a transaction: dropping the Tx rolls back.
         let tx = Tx { conn: Some(conn) };
         let rows = messages?
@@ -246,6 +232,25 @@ impl Drop for Tx {
         if let Some(conn) = self.conn.as_mut() {
             let _ = conn.client.batch_execute("ROLLBACK");
         }
+    }
+}
+
+/// Runs `first` (the first statements of a transaction) on `conn`; if the connection turns
+/// out dead (it died while it sat in the pool), runs it once more on a fresh one. Returns
+/// the connection it ran on and what the run gave.
+fn on_live_connection<T>(
+    pool: &Pool,
+    mut conn: Pooled,
+    first: impl Fn(&mut Conn) -> std::result::Result<T, postgres::Error>,
+) -> Result<(Pooled, std::result::Result<T, postgres::Error>)> {
+    match first(&mut conn) {
+        Err(e) if connection_lost(&e) => {
+            drop(conn); // `has_broken` sees it closed: the pool discards it
+            let mut conn = pool.get()?;
+            let again = first(&mut conn);
+            Ok((conn, again))
+        }
+        other => Ok((conn, other)),
     }
 }
 

@@ -472,14 +472,14 @@ enum Waited {
 }
 
 /// The claim query (`Tx::begin_with`: its rows come back as text). The batch size is a
-/// literal, not a parameter: with `LIMIT $1` the generic plan
-/// PostgreSQL settled on after five executions sorted the whole backlog (spilling to disk)
-/// instead of walking the partial index, which made publishing a large backlog quadratic.
-/// Measured with `cargo bench --bench pipeline`.
+/// literal, not a parameter: with `LIMIT $1` the generic plan PostgreSQL settled on after
+/// five executions sorted the whole backlog (spilling to disk) instead of walking the
+/// partial index, which made publishing a large backlog quadratic. Measured with
+/// `cargo bench --bench pipeline`.
 pub fn claim_sql(batch_size: usize) -> String {
     format!(
         "SELECT id, topic, payload::text, payload->>'eventId', payload->>'eventType',
-                greatest(extract(epoch FROM created_at), 0)::bigint
+                extract(epoch FROM created_at)::bigint
          FROM outbox WHERE published_at IS NULL
          ORDER BY id LIMIT {batch_size}
          FOR UPDATE SKIP LOCKED"
@@ -494,7 +494,7 @@ struct Claimed<'r> {
     /// Empty for a row written before events carried ids (never, since write migration 1).
     event_id: &'r str,
     event_type: &'r str,
-    /// Seconds since the epoch.
+    /// Seconds since the epoch (0 for a time before it).
     created_at: u64,
 }
 
