@@ -279,7 +279,7 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
         config.consumer_threads as u32 + 2,
         &config.db,
         "consumer-service",
-        db::Session::GenericPlans,
+        db::Session::Consumer,
     );
     let metrics = Arc::new(ConsumerMetrics::new());
     let progress = Progress::new(config.consumer_threads, config.consumer_stall);

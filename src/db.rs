@@ -73,11 +73,14 @@ pub enum Session {
     Plain,
     /// Every transaction read only (the query service).
     ReadOnly,
-    /// Prepared statements keep one generic plan. For the consumer, whose statements take
-    /// a batch as arrays: a plan for arrays of known length always looks cheaper than one
+    /// The consumer's. Prepared statements keep one generic plan: its statements take a
+    /// batch as arrays, and a plan for arrays of known length always looks cheaper than one
     /// for arrays of unknown length, so by default every batch planned its statements anew.
     /// Its statements are inserts and upserts by key, the same plan whatever the sizes.
-    GenericPlans,
+    /// And commits return before the WAL is flushed, so a batch is visible to readers at
+    /// once; `projection::apply_batch` then waits for the flush (`FLUSH_BARRIER`) before it
+    /// returns, so nothing is acked that a crash of the database could lose.
+    Consumer,
     /// The outbox publisher's. Commits return before the WAL is flushed: a "published"
     /// mark lost in a crash republishes the row, and the consumer drops the duplicate by
     /// its event id. And the claim walks the partial index of unpublished rows in id order
@@ -94,7 +97,7 @@ impl Session {
         match self {
             Session::Plain => "",
             Session::ReadOnly => " -c default_transaction_read_only=on",
-            Session::GenericPlans => " -c plan_cache_mode=force_generic_plan",
+            Session::Consumer => " -c plan_cache_mode=force_generic_plan -c synchronous_commit=off",
             Session::Publisher => {
                 " -c synchronous_commit=off -c enable_bitmapscan=off -c enable_seqscan=off"
             }
@@ -359,6 +362,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         version: 9,
         name: "pending_deltas",
         sql: include_str!("../sql/read/009_pending_deltas.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "flush_barrier",
+        sql: include_str!("../sql/read/010_flush_barrier.sql"),
     },
 ];
 

@@ -137,13 +137,29 @@ pub struct BatchCounts {
 
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
 /// processed, upserts the folded deltas, advances sync_status, commits.
+/// The consumer's sessions commit without waiting for the WAL flush (`db::Session::Consumer`):
+/// the batch is visible at once, and `FLUSH_BARRIER` makes it durable before the caller acks.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     let statements = Statements::prepare(conn)?;
     let mut tx = conn.client.transaction()?;
     let counts = apply_in(&mut tx, &statements, events, false)?;
     tx.commit()?;
+    conn.client.batch_execute(FLUSH_BARRIER)?;
     Ok(counts)
 }
+
+/// Returns once the WAL is flushed past every commit this session made before: a
+/// transaction commits synchronously (and flushing its commit record flushes all earlier
+/// WAL) only if it wrote WAL and has an id, and `setval` does both (read migration 010;
+/// `pg_current_xact_id()` alone gives an id but writes nothing, so its commit waits for
+/// nothing). A commit with `synchronous_commit=off` may be lost in a crash of the database
+/// for up to three times `wal_writer_delay`. One round trip, after the batch is visible:
+/// readers see a batch a flush earlier (the consumer's transaction went from 2.2–2.6 to
+/// 1.7–1.9 ms, median of 20 events each, on the 2-core machine). If the database crashes
+/// before the flush, the batch is lost with its `processed_events` rows and nothing was
+/// acked, so it is redelivered and applied again; a reader may have seen it in between.
+pub const FLUSH_BARRIER: &str =
+    "BEGIN; SET LOCAL synchronous_commit = on; SELECT setval('consumer_flush_barrier', 1); COMMIT";
 
 /// Moves pending product and customer rows into the views, in a transaction of its own, if
 /// the fold lock is free (the consumers call it when idle while rows are pending). Returns

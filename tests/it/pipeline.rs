@@ -391,3 +391,45 @@ fn the_outbox_claim_walks_the_unpublished_index_in_order() {
         plan(&mut db)
     );
 }
+
+/// The consumer's commits do not wait for the WAL flush (a batch is visible a flush
+/// earlier), so `projection::apply_batch` ends with `FLUSH_BARRIER`, and only then does
+/// the consumer ack. Checked on a consumer-session connection: after an asynchronous
+/// commit, the WAL is flushed past it once the barrier returns. Twenty rounds: without the
+/// barrier, or with one whose commit does not wait (checked: `SELECT 1`, or
+/// `pg_current_xact_id()` alone, fail in round 0), the WAL writer flushes only every
+/// `wal_writer_delay` (200 ms), so some round finds the flush behind, unless other sessions
+/// happen to flush that often.
+#[test]
+fn the_consumer_commits_asynchronously_and_acks_only_after_a_flush_barrier() {
+    use cqrs_analytics::db::{pool, Session};
+    use cqrs_analytics::read::projection::FLUSH_BARRIER;
+    let env = TestEnv::new();
+    let config = env.config();
+    env.read()
+        .batch_execute("CREATE TABLE flush_witness (n int)")
+        .unwrap();
+    let consumers = pool(&config.read_db, 1, &config.db, "test", Session::Consumer);
+    let mut conn = consumers.get().unwrap();
+    let c = &mut conn.client;
+    let setting: String = c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
+    assert_eq!(setting, "off", "the consumer's commits are asynchronous");
+    for n in 0..20 {
+        c.execute("INSERT INTO flush_witness VALUES ($1)", &[&n])
+            .unwrap();
+        // At or past the end of that commit's record.
+        let after_commit: String = c
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .unwrap()
+            .get(0);
+        c.batch_execute(FLUSH_BARRIER).unwrap();
+        let flushed: bool = c
+            .query_one(
+                "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                &[&after_commit],
+            )
+            .unwrap()
+            .get(0);
+        assert!(flushed, "round {n}: WAL not flushed past {after_commit}");
+    }
+}
