@@ -137,6 +137,7 @@ pub struct BatchCounts {
 
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
 /// processed, upserts the folded deltas, advances sync_status, commits.
+///
 /// The consumer's sessions commit without waiting for the WAL flush (`db::Session::Consumer`):
 /// the batch is visible at once, and `FLUSH_BARRIER` makes it durable before the caller acks.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
