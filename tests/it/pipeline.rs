@@ -399,18 +399,35 @@ fn the_outbox_claim_walks_the_unpublished_index_in_order() {
 /// barrier, or with one whose commit does not wait (checked: `SELECT 1`, or
 /// `pg_current_xact_id()` alone, fail in round 0), the WAL writer flushes only every
 /// `wal_writer_delay` (200 ms), so some round finds the flush behind, unless other sessions
-/// happen to flush that often.
+/// happen to flush that often. First, that `apply_batch` runs the barrier at all: the
+/// barrier's `setval` marks its sequence called, which a fresh sequence is not.
 #[test]
 fn the_consumer_commits_asynchronously_and_acks_only_after_a_flush_barrier() {
     use cqrs_analytics::db::{pool, Session};
-    use cqrs_analytics::read::projection::FLUSH_BARRIER;
+    use cqrs_analytics::event::Event;
+    use cqrs_analytics::read::projection::{apply_batch, FLUSH_BARRIER};
     let env = TestEnv::new();
     let config = env.config();
-    env.read()
-        .batch_execute("CREATE TABLE flush_witness (n int)")
+    let mut read = env.read();
+    read.batch_execute("CREATE TABLE flush_witness (n int)")
         .unwrap();
     let consumers = pool(&config.read_db, 1, &config.db, "test", Session::Consumer);
     let mut conn = consumers.get().unwrap();
+    let barrier_ran = |read: &mut postgres::Client| -> bool {
+        read.query_one("SELECT is_called FROM consumer_flush_barrier", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert!(!barrier_ran(&mut read));
+    let event = Event::parse(
+        br#"{"eventId":"0192f1c4-0000-7000-8000-000000000001","eventType":"ProductCreated",
+             "timestamp":"2026-11-26T12:00:00.000Z","productId":1,"name":"n","category":"c",
+             "price":1.50,"stock":5}"#,
+    )
+    .unwrap();
+    let counts = apply_batch(&mut conn, &[event]).unwrap();
+    assert_eq!(counts.applied, 1);
+    assert!(barrier_ran(&mut read), "apply_batch ran no flush barrier");
     let c = &mut conn.client;
     let setting: String = c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
     assert_eq!(setting, "off", "the consumer's commits are asynchronous");
