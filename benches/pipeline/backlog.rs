@@ -11,11 +11,11 @@ use serde_json::{json, Value};
 
 use crate::ceiling::Ceilings;
 use crate::client::{create_products, load, order_body, Http, LoadResult, Until};
-use crate::harness::free_port;
+use crate::harness::{free_port, QueueDepths};
 use crate::pipeline::load_json;
 use crate::report::{Figures, Row};
 use crate::sample::{cpu_delta, cpu_snapshot, WaitSampler};
-use crate::services::{self, metric, outbox_pending, wait_healthy, QueueDepths, Stack};
+use crate::services::{self, metric, outbox_pending, wait_healthy, Stack};
 use crate::{log, round, Settings};
 
 /// How often a drain polls. The consumer drain polls the consumer's /metrics (each scrape

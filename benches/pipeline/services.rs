@@ -175,38 +175,6 @@ pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Messages ready in a test's queues, read over one AMQP channel kept open (a passive
-/// declare per queue): the publisher drain polls this, which costs the database nothing,
-/// where a scrape of the command service's /metrics counts the pending outbox in SQL.
-pub struct QueueDepths {
-    conn: amiquip::Connection,
-    channel: amiquip::Channel,
-}
-
-impl QueueDepths {
-    pub fn open() -> QueueDepths {
-        let mut conn = amiquip::Connection::insecure_open(&harness::broker_url()).unwrap();
-        let channel = conn.open_channel(None).unwrap();
-        QueueDepths { conn, channel }
-    }
-
-    /// The messages ready in all of `queues`; 0 while one is not declared yet (the broker
-    /// then closes the channel, so a new one is opened).
-    pub fn total(&mut self, queues: &[&str]) -> i64 {
-        let mut sum = 0;
-        for q in queues {
-            match self.channel.queue_declare_passive(*q) {
-                Ok(declared) => sum += i64::from(declared.declared_message_count().unwrap_or(0)),
-                Err(_) => {
-                    self.channel = self.conn.open_channel(None).unwrap();
-                    return 0;
-                }
-            }
-        }
-        sum
-    }
-}
-
 /// Outbox rows not yet published.
 pub fn outbox_pending(write: &mut Client) -> i64 {
     write
