@@ -22,7 +22,7 @@ pub struct Conn {
     /// The statements of `prepared`, by the address and length of their static SQL: found
     /// without hashing the text (a few hundred instructions per query otherwise).
     by_address: Vec<((usize, usize), Statement)>,
-    /// Statements prepared with SQL `PREPARE`, by name, for `Tx::begin_with`.
+    /// Statements prepared with SQL `PREPARE`, by name, for `begin_execute`.
     named: Vec<&'static str>,
 }
 
@@ -46,6 +46,35 @@ impl Conn {
         let s = self.prepared_cow(Cow::Borrowed(sql))?;
         self.by_address.push((key, s.clone()));
         Ok(s)
+    }
+
+    /// Begins a transaction and executes `sql` in it with the arguments `args`, in one round
+    /// trip: `BEGIN; EXECUTE name args` as one simple query, `sql` prepared under `name` with
+    /// SQL `PREPARE` at its first use on this connection (so it is planned once, not at every
+    /// call). `args` is SQL the caller builds from values it vouches for: "" for none, else a
+    /// parenthesised list of literals. Returns the rows, as text. After an error the
+    /// connection may be in a failed transaction: the caller rolls back.
+    pub fn begin_execute(
+        &mut self,
+        name: &'static str,
+        sql: &str,
+        args: &str,
+    ) -> std::result::Result<Vec<postgres::SimpleQueryRow>, postgres::Error> {
+        if !self.named.contains(&name) {
+            self.client
+                .batch_execute(&format!("PREPARE {name} AS {sql}"))?;
+            self.named.push(name);
+        }
+        let messages = self
+            .client
+            .simple_query(&format!("BEGIN; EXECUTE {name}{args}"))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Like `prepared`, for SQL built at run time (e.g. with a literal the planner must see).
@@ -184,24 +213,11 @@ impl Tx {
         name: &'static str,
         sql: &str,
     ) -> Result<(Tx, Vec<postgres::SimpleQueryRow>)> {
-        let (conn, messages) = on_live_connection(pool, conn, |conn| {
-            if !conn.named.contains(&name) {
-                conn.client
-                    .batch_execute(&format!("PREPARE {name} AS {sql}"))?;
-                conn.named.push(name);
-            }
-            conn.client.simple_query(&format!("BEGIN; EXECUTE {name}"))
-        })?;
+        let (conn, rows) =
+            on_live_connection(pool, conn, |conn| conn.begin_execute(name, sql, ""))?;
         // From here on the connection may be in a transaction: dropping the Tx rolls back.
         let tx = Tx { conn: Some(conn) };
-        let rows = messages?
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(row) => Some(row),
-                _ => None,
-            })
-            .collect();
-        Ok((tx, rows))
+        Ok((tx, rows?))
     }
 
     pub fn conn(&mut self) -> &mut Conn {

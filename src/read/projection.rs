@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use chrono::{DateTime, Utc};
-use postgres::{Statement, Transaction};
+use chrono::{DateTime, Datelike, Utc};
+use postgres::{GenericClient, Statement, Transaction};
 use uuid::Uuid;
 
 use crate::db::Conn;
@@ -138,15 +138,36 @@ pub struct BatchCounts {
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
 /// processed, upserts the folded deltas, advances sync_status, commits.
 ///
-/// The consumer's sessions commit without waiting for the WAL flush (`db::Session::Consumer`):
-/// the batch is visible at once, and `FLUSH_BARRIER` makes it durable before the caller acks.
+/// Three round trips: `BEGIN` with the claim (`Conn::begin_execute`, the batch's ids,
+/// types and timestamps as literals), the writes, then `COMMIT` with `FLUSH_BARRIER`.
+/// The consumer's sessions commit without waiting for the WAL flush
+/// (`db::Session::Consumer`): the batch is visible once `COMMIT` has run, and the barrier,
+/// in the same round trip, makes it durable before the caller acks.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     let statements = Statements::prepare(conn)?;
-    let mut tx = conn.client.transaction()?;
-    let counts = apply_in(&mut tx, &statements, events, false)?;
-    tx.commit()?;
-    conn.client.batch_execute(FLUSH_BARRIER)?;
-    Ok(counts)
+    let batch = Batch::new(events);
+    let applied = conn
+        .begin_execute("consumer_begin_batch", BEGIN_BATCH, &batch.literals())
+        .map_err(Error::from)
+        .and_then(|rows| {
+            let row = rows
+                .first()
+                .ok_or_else(|| Error::internal("the batch's claim returned no row"))?;
+            let (claim, fresh) = Claim::from_text(row)?;
+            finish(&mut conn.client, &statements, &batch, &claim, &fresh)
+        });
+    match applied {
+        Ok(counts) => {
+            conn.client.batch_execute(COMMIT_AND_FLUSH)?;
+            Ok(counts)
+        }
+        Err(e) => {
+            // A failed statement leaves the transaction open (and aborted); a lost
+            // connection fails here too, and the pool discards it.
+            let _ = conn.client.batch_execute("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 /// Returns once the WAL is flushed past every commit this session made before: a
@@ -154,13 +175,23 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
 /// WAL) only if it wrote WAL and has an id, and `setval` does both (read migration 010;
 /// `pg_current_xact_id()` alone gives an id but writes nothing, so its commit waits for
 /// nothing). A commit with `synchronous_commit=off` may be lost in a crash of the database
-/// for up to three times `wal_writer_delay`. One round trip, after the batch is visible:
-/// readers see a batch a flush earlier (the consumer's transaction went from 2.2–2.6 to
-/// 1.7–1.9 ms, median of 20 events each, on the 2-core machine). If the database crashes
-/// before the flush, the batch is lost with its `processed_events` rows and nothing was
-/// acked, so it is redelivered and applied again; a reader may have seen it in between.
-pub const FLUSH_BARRIER: &str =
-    "BEGIN; SET LOCAL synchronous_commit = on; SELECT setval('consumer_flush_barrier', 1); COMMIT";
+/// for up to three times `wal_writer_delay`. Runs after the batch is visible: readers see a
+/// batch a flush earlier (the consumer's transaction went from 2.2–2.6 to 1.7–1.9 ms,
+/// median of 20 events each, on the 2-core machine). If the database crashes before the
+/// flush, the batch is lost with its `processed_events` rows and nothing was acked, so it
+/// is redelivered and applied again; a reader may have seen it in between.
+macro_rules! flush_barrier {
+    () => {
+        "BEGIN; SET LOCAL synchronous_commit = on; SELECT setval('consumer_flush_barrier', 1); COMMIT"
+    };
+}
+
+/// See `flush_barrier!`.
+pub const FLUSH_BARRIER: &str = flush_barrier!();
+
+/// A batch's `COMMIT` and the flush barrier, in one round trip. In one simple query, an
+/// error stops the statements after it: no barrier runs for a failed commit.
+const COMMIT_AND_FLUSH: &str = concat!("COMMIT; ", flush_barrier!());
 
 /// Moves pending product and customer rows into the views, in a transaction of its own, if
 /// the fold lock is free (the consumers call it when idle while rows are pending). Returns
@@ -192,15 +223,10 @@ pub fn apply_in(
     events: &[Event],
     backdate: bool,
 ) -> Result<BatchCounts> {
-    // Sorted and distinct: duplicates inside one batch count once, and concurrent batches
-    // insert overlapping ids in the same order (no deadlock on the primary key).
-    let mut unique: BTreeMap<Uuid, &Event> = BTreeMap::new();
-    for e in events {
-        unique.entry(e.event_id()).or_insert(e);
-    }
-    let ids: Vec<Uuid> = unique.keys().copied().collect();
-    let types: Vec<&str> = unique.values().map(|e| e.event_type()).collect();
-    let stamps: Vec<DateTime<Utc>> = unique.values().map(|e| e.timestamp()).collect();
+    let batch = Batch::new(events);
+    let ids: Vec<Uuid> = batch.unique.keys().copied().collect();
+    let types: Vec<&str> = batch.unique.values().map(|e| e.event_type()).collect();
+    let stamps: Vec<DateTime<Utc>> = batch.unique.values().map(|e| e.timestamp()).collect();
     // Round trip 1: the shard and fold locks, and the ids not processed before.
     let row = tx.query_one(
         &statements.begin,
@@ -215,28 +241,92 @@ pub fn apply_in(
             &backdate,
         ],
     )?;
-    let claim = Claim::from_row(&row);
     let fresh: HashSet<Uuid> = row
         .get::<_, Option<Vec<Uuid>>>(3)
         .unwrap_or_default()
         .into_iter()
         .collect();
+    finish(tx, statements, &batch, &Claim::from_row(&row), &fresh)
+}
+
+/// A batch's events, sorted and distinct: duplicates inside one batch count once, and
+/// concurrent batches insert overlapping ids in the same order (no deadlock on the
+/// primary key).
+struct Batch<'e> {
+    events: usize,
+    unique: BTreeMap<Uuid, &'e Event>,
+}
+
+impl<'e> Batch<'e> {
+    fn new(events: &'e [Event]) -> Batch<'e> {
+        let mut unique = BTreeMap::new();
+        for e in events {
+            unique.entry(e.event_id()).or_insert(e);
+        }
+        Batch {
+            events: events.len(),
+            unique,
+        }
+    }
+
+    /// `BEGIN_BATCH`'s arguments as SQL literals, for `Conn::begin_execute`, not backdated.
+    /// No value comes from a client as text: numbers, UUIDs, the two event types and
+    /// instants formatted here, none of which holds a quote, backslash, comma or brace.
+    fn literals(&self) -> String {
+        let list = |items: &mut dyn Iterator<Item = String>| -> String {
+            items.collect::<Vec<_>>().join(",")
+        };
+        let ids = list(&mut self.unique.keys().map(|id| id.to_string()));
+        let types = list(&mut self.unique.values().map(|e| e.event_type().to_string()));
+        let stamps = list(
+            &mut self
+                .unique
+                .values()
+                .map(|e| timestamp_literal(e.timestamp())),
+        );
+        format!(
+            "({SHARD_LOCK_CLASS}, {SHARDS}, {FOLD_LOCK_CLASS}, false, '{{{ids}}}', '{{{types}}}', '{{{stamps}}}', false)"
+        )
+    }
+}
+
+/// An instant as an element of a `timestamptz[]` literal, to the microsecond: in double
+/// quotes, for the space before the era. Every instant an RFC 3339 timestamp gives is one
+/// PostgreSQL takes, from 2 BC (year -1 in UTC) to 10000 AD, as the binary protocol does.
+fn timestamp_literal(t: DateTime<Utc>) -> String {
+    let (year, era) = match t.year() {
+        y if y <= 0 => (1 - y, " BC"),
+        y => (y, ""),
+    };
+    format!("\"{year:04}-{}Z{era}\"", t.format("%m-%d %H:%M:%S%.6f"))
+}
+
+/// The rest of a batch once its claim is made: folds the fresh events, writes them, and
+/// folds pending rows if this batch holds the fold lock.
+fn finish(
+    client: &mut impl GenericClient,
+    statements: &Statements,
+    batch: &Batch,
+    claim: &Claim,
+    fresh: &HashSet<Uuid>,
+) -> Result<BatchCounts> {
     let delta = fold(
-        unique
+        batch
+            .unique
             .values()
             .copied()
             .filter(|e| fresh.contains(&e.event_id())),
     )?;
     // Round trip 2: every write of the batch.
-    write(tx, statements, &delta, &claim)?;
+    write(client, statements, &delta, claim)?;
     if claim.folder && claim.pending {
-        tx.execute(&statements.fold, &[&SHARD_LOCK_CLASS, &SHARDS])?;
+        client.execute(&statements.fold, &[&SHARD_LOCK_CLASS, &SHARDS])?;
     }
     let applied = fresh.len();
     let wrote_views = !delta.products.is_empty() || !delta.customers.is_empty();
     Ok(BatchCounts {
         applied,
-        duplicates: events.len() - applied,
+        duplicates: batch.events - applied,
         left_pending: wrote_views && !claim.folder,
     })
 }
@@ -283,6 +373,32 @@ impl Claim {
             pending: row.get(2),
         }
     }
+
+    /// `BEGIN_BATCH`'s row as text (`Conn::begin_execute`): the claim and the fresh ids.
+    fn from_text(row: &postgres::SimpleQueryRow) -> Result<(Claim, HashSet<Uuid>)> {
+        let bad = |what: &str| Error::internal(format!("the batch's claim: bad {what}"));
+        let shard = match row.get(0) {
+            None => 0,
+            Some(s) => s.parse().map_err(|_| bad("shard"))?,
+        };
+        let flag = |i: usize| row.get(i) == Some("t");
+        let mut fresh = HashSet::new();
+        if let Some(array) = row.get(3) {
+            let inner = array
+                .strip_prefix('{')
+                .and_then(|a| a.strip_suffix('}'))
+                .ok_or_else(|| bad("id array"))?;
+            for id in inner.split(',').filter(|id| !id.is_empty()) {
+                fresh.insert(Uuid::parse_str(id).map_err(|_| bad("event id"))?);
+            }
+        }
+        let claim = Claim {
+            shard,
+            folder: flag(1),
+            pending: flag(2),
+        };
+        Ok((claim, fresh))
+    }
 }
 
 /// The statements of `apply_batch`, prepared once per pooled connection.
@@ -323,7 +439,12 @@ impl Statements {
 /// Writes `delta` in one statement: product and customer sums to the views if this batch
 /// holds the fold lock, else to the pending rows of its shard; categories, hours and sync
 /// counters to its shard's rows. Empty arrays write nothing.
-fn write(tx: &mut Transaction, s: &Statements, delta: &Delta, claim: &Claim) -> Result<()> {
+fn write(
+    client: &mut impl GenericClient,
+    s: &Statements,
+    delta: &Delta,
+    claim: &Claim,
+) -> Result<()> {
     let c = &delta.customers;
     let customers: Vec<i64> = c.keys().copied().collect();
     let spent: Vec<i64> = c.values().map(|c| c.spent_cents).collect();
@@ -349,7 +470,7 @@ fn write(tx: &mut Transaction, s: &Statements, delta: &Delta, claim: &Claim) -> 
     } else {
         &s.write_pending
     };
-    tx.execute(
+    client.execute(
         statement,
         &[
             &customers,

@@ -392,6 +392,101 @@ fn the_outbox_claim_walks_the_unpublished_index_in_order() {
     );
 }
 
+/// `apply_batch` sends a batch's ids, types and timestamps as SQL literals (`BEGIN` and the
+/// claim in one simple query). Every instant an event's RFC 3339 timestamp can give comes
+/// back unchanged, from year -1 to 10000 in UTC; a redelivered batch applies nothing, and
+/// a mixed one only its new event; a batch that fails after its claim leaves nothing
+/// behind, and the connection takes the next batch.
+#[test]
+fn a_batch_claims_with_literal_arguments_and_rolls_back_whole_on_failure() {
+    use chrono::{DateTime, Utc};
+    use cqrs_analytics::db::{pool, Session};
+    use cqrs_analytics::event::{Event, OrderCreated, OrderItem};
+    use cqrs_analytics::read::projection::apply_batch;
+    use uuid::Uuid;
+    let env = TestEnv::new();
+    let config = env.config();
+    let mut read = env.read();
+    let consumers = pool(&config.read_db, 1, &config.db, "test", Session::Consumer);
+    let mut conn = consumers.get().unwrap();
+    let product = |n: u32, timestamp: &str| {
+        Event::parse(
+            format!(
+                r#"{{"eventId":"0192f1c4-0000-7000-8000-{n:012}","eventType":"ProductCreated",
+                    "timestamp":"{timestamp}","productId":{n},"name":"n","category":"c",
+                    "price":1.50,"stock":5}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    };
+    let recorded = |read: &mut postgres::Client, id: Uuid| -> Option<DateTime<Utc>> {
+        read.query_opt(
+            "SELECT event_timestamp FROM processed_events WHERE event_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .map(|row| row.get(0))
+    };
+    let batch = [
+        product(1, "0000-01-01T00:00:00+01:00"),
+        product(2, "0000-01-01T00:00:00Z"),
+        product(3, "9999-12-31T23:30:00-05:00"),
+        product(4, "2026-11-26T12:00:00.123456Z"),
+        product(4, "2026-11-26T12:00:00.123456Z"),
+    ];
+    let counts = apply_batch(&mut conn, &batch).unwrap();
+    assert_eq!((counts.applied, counts.duplicates), (4, 1));
+    for e in &batch {
+        assert_eq!(
+            recorded(&mut read, e.event_id()),
+            Some(e.timestamp()),
+            "{e:?}"
+        );
+    }
+    let again = apply_batch(&mut conn, &batch).unwrap();
+    assert_eq!((again.applied, again.duplicates), (0, 5));
+    let mixed = [
+        product(4, "2026-11-26T12:00:00Z"),
+        product(5, "2026-11-26T12:00:00Z"),
+    ];
+    let counts = apply_batch(&mut conn, &mixed).unwrap();
+    assert_eq!((counts.applied, counts.duplicates), (1, 1));
+
+    // The fold fails (the line's revenue overflows) after the claim recorded the ids.
+    let overflowing = Event::OrderCreated(OrderCreated {
+        event_id: Uuid::new_v4(),
+        timestamp: Utc::now(),
+        order_id: 1,
+        customer_id: 1,
+        items: vec![OrderItem {
+            product_id: 1,
+            product_name: "n".into(),
+            category: "c".into(),
+            quantity: i64::MAX,
+            price_cents: 2,
+        }],
+        total_cents: 1,
+    });
+    assert!(apply_batch(
+        &mut conn,
+        &[overflowing.clone(), product(6, "2026-11-26T12:00:00Z")]
+    )
+    .is_err());
+    assert_eq!(recorded(&mut read, overflowing.event_id()), None);
+    assert_eq!(
+        recorded(&mut read, product(6, "2026-11-26T12:00:00Z").event_id()),
+        None
+    );
+    let counts = apply_batch(&mut conn, &[product(6, "2026-11-26T12:00:00Z")]).unwrap();
+    assert_eq!(counts.applied, 1, "the connection takes the next batch");
+    let products: i64 = read
+        .query_one("SELECT count(*) FROM product_sales_view", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(products, 6, "committed, and visible to another session");
+}
+
 /// The consumer's commits do not wait for the WAL flush (a batch is visible a flush
 /// earlier), so `projection::apply_batch` ends with `FLUSH_BARRIER`, and only then does
 /// the consumer ack. Checked on a consumer-session connection: after an asynchronous
