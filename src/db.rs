@@ -384,6 +384,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         name: "flush_barrier",
         sql: include_str!("../sql/read/010_flush_barrier.sql"),
     },
+    Migration {
+        version: 11,
+        name: "batch_at_once",
+        sql: include_str!("../sql/read/011_batch_at_once.sql"),
+    },
 ];
 
 /// An arbitrary constant that serialises concurrent migrators of one database.

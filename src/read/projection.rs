@@ -12,6 +12,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Datelike, Utc};
+use postgres::error::SqlState;
+use postgres::types::ToSql;
 use postgres::{GenericClient, Statement, Transaction};
 use uuid::Uuid;
 
@@ -136,16 +138,23 @@ pub struct BatchCounts {
 }
 
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
-/// processed, upserts the folded deltas, advances sync_status, commits.
+/// processed, upserts the folded deltas, advances sync_status, commits. Then waits for
+/// `FLUSH_BARRIER`: the consumer's sessions commit without waiting for the WAL flush
+/// (`db::Session::Consumer`), so the batch is visible once it commits, and durable, ready
+/// to ack, once this returns.
 ///
-/// Three round trips: `BEGIN` with the claim (`Conn::begin_execute`, the batch's ids,
-/// types and timestamps as literals), the writes, then `COMMIT` with `FLUSH_BARRIER`.
-/// The consumer's sessions commit without waiting for the WAL flush
-/// (`db::Session::Consumer`): the batch is visible once `COMMIT` has run, and the barrier,
-/// in the same round trip, makes it durable before the caller acks.
+/// Usually two round trips: the batch in one statement (`apply_at_once`), then the barrier.
+/// If some event was processed before, or pending sums wait for this batch to fold them,
+/// that statement undoes itself and the batch goes the long way, in three more: `BEGIN`
+/// with the claim (`Conn::begin_execute`, the batch's ids, types and timestamps as
+/// literals), the writes of the new events, then `COMMIT` with the barrier.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     let statements = Statements::prepare(conn)?;
     let batch = Batch::new(events);
+    if let Some(counts) = apply_at_once(conn, &batch)? {
+        conn.client.batch_execute(FLUSH_BARRIER)?;
+        return Ok(counts);
+    }
     let applied = conn
         .begin_execute("consumer_begin_batch", BEGIN_BATCH, &batch.literals())
         .map_err(Error::from)
@@ -169,6 +178,48 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
         }
     }
 }
+
+/// The batch in one statement (`at_once_sql`), assuming every event is new: claims, records
+/// the ids and writes what all of them add, and commits, unless some id was there before or
+/// pending sums wait (then it fails with CQ001, having changed nothing, and this returns
+/// None). None too if the events do not fold (a money overflow): the long way folds only
+/// the new ones, and says so if the new ones do not fold either.
+fn apply_at_once(conn: &mut Conn, batch: &Batch) -> Result<Option<BatchCounts>> {
+    let Ok(delta) = fold(batch.unique.values().copied()) else {
+        return Ok(None);
+    };
+    let statement = conn.prepared(at_once_sql())?;
+    let (ids, types, stamps) = batch.columns();
+    let row = with_write_parameters(&delta, 0, |write| {
+        let mut parameters = write.to_vec();
+        parameters.extend_from_slice(&[
+            &SHARD_LOCK_CLASS,
+            &SHARDS,
+            &FOLD_LOCK_CLASS,
+            &false,
+            &ids,
+            &types,
+            &stamps,
+            &false,
+        ]);
+        conn.client.query_one(&statement, &parameters)
+    });
+    match row {
+        Ok(row) => {
+            let wrote_views = !delta.products.is_empty() || !delta.customers.is_empty();
+            Ok(Some(BatchCounts {
+                applied: batch.unique.len(),
+                duplicates: batch.events - batch.unique.len(),
+                left_pending: wrote_views && !row.get::<_, bool>(1),
+            }))
+        }
+        Err(e) if e.code().map(SqlState::code) == Some(NOT_AT_ONCE) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The SQLSTATE of `consumer_batch_at_once` (read migration 011).
+const NOT_AT_ONCE: &str = "CQ001";
 
 /// Returns once the WAL is flushed past every commit this session made before: a
 /// transaction commits synchronously (and flushing its commit record flushes all earlier
@@ -224,9 +275,7 @@ pub fn apply_in(
     backdate: bool,
 ) -> Result<BatchCounts> {
     let batch = Batch::new(events);
-    let ids: Vec<Uuid> = batch.unique.keys().copied().collect();
-    let types: Vec<&str> = batch.unique.values().map(|e| e.event_type()).collect();
-    let stamps: Vec<DateTime<Utc>> = batch.unique.values().map(|e| e.timestamp()).collect();
+    let (ids, types, stamps) = batch.columns();
     // Round trip 1: the shard and fold locks, and the ids not processed before.
     let row = tx.query_one(
         &statements.begin,
@@ -267,6 +316,14 @@ impl<'e> Batch<'e> {
             events: events.len(),
             unique,
         }
+    }
+
+    /// The ids, types and timestamps, as `BEGIN_BATCH`'s `$5` to `$7`.
+    fn columns(&self) -> (Vec<Uuid>, Vec<&'static str>, Vec<DateTime<Utc>>) {
+        let ids = self.unique.keys().copied().collect();
+        let types = self.unique.values().map(|e| e.event_type()).collect();
+        let stamps = self.unique.values().map(|e| e.timestamp()).collect();
+        (ids, types, stamps)
     }
 
     /// `BEGIN_BATCH`'s arguments as SQL literals, for `Conn::begin_execute`, not backdated.
@@ -445,6 +502,21 @@ fn write(
     delta: &Delta,
     claim: &Claim,
 ) -> Result<()> {
+    let statement = if claim.folder {
+        &s.write_views
+    } else {
+        &s.write_pending
+    };
+    with_write_parameters(delta, claim.shard, |p| client.execute(statement, p))?;
+    Ok(())
+}
+
+/// Calls `f` with the parameters `$1` to `$19` of the writes (see `WRITE_VIEWS`).
+fn with_write_parameters<R>(
+    delta: &Delta,
+    shard: i16,
+    f: impl FnOnce(&[&(dyn ToSql + Sync)]) -> R,
+) -> R {
     let c = &delta.customers;
     let customers: Vec<i64> = c.keys().copied().collect();
     let spent: Vec<i64> = c.values().map(|c| c.spent_cents).collect();
@@ -465,36 +537,27 @@ fn write(
     let hours: Vec<DateTime<Utc>> = h.keys().copied().collect();
     let hour_orders: Vec<i64> = h.values().map(|h| h.orders).collect();
     let hour_revenue: Vec<i64> = h.values().map(|h| h.revenue_cents).collect();
-    let statement = if claim.folder {
-        &s.write_views
-    } else {
-        &s.write_pending
-    };
-    client.execute(
-        statement,
-        &[
-            &customers,
-            &spent,
-            &customer_orders,
-            &last,
-            &products,
-            &names,
-            &categories,
-            &qty,
-            &product_revenue,
-            &product_orders,
-            &category_names,
-            &category_revenue,
-            &category_orders,
-            &hours,
-            &hour_orders,
-            &hour_revenue,
-            &delta.newest_event,
-            &claim.shard,
-            &delta.events,
-        ],
-    )?;
-    Ok(())
+    f(&[
+        &customers,
+        &spent,
+        &customer_orders,
+        &last,
+        &products,
+        &names,
+        &categories,
+        &qty,
+        &product_revenue,
+        &product_orders,
+        &category_names,
+        &category_revenue,
+        &category_orders,
+        &hours,
+        &hour_orders,
+        &hour_revenue,
+        &delta.newest_event,
+        &shard,
+        &delta.events,
+    ])
 }
 
 /// The first free shard, searching from a place that differs per backend (evaluated row
@@ -575,19 +638,33 @@ FROM customers GROUP BY customer_id ORDER BY customer_id
     customer_view_added!()
 );
 
-/// Round trip 1 of a batch: `CLAIM`'s three columns, then the ids of `$5` not processed
-/// before (recorded now, with their types and timestamps; processed at their timestamps if
-/// `$8`, the rebuild's snapshot).
-const BEGIN_BATCH: &str = concat!("
-WITH claim AS MATERIALIZED (SELECT ", claim_columns!(), "
+/// The claim (`CLAIM`'s three columns) and the ids of `$5` not processed before, recorded
+/// now with their types and timestamps (processed at their timestamps if `$8`, the
+/// rebuild's snapshot), as two CTEs, `claim` and `fresh`.
+macro_rules! claim_and_record {
+    () => {
+        concat!(
+            "
+WITH claim AS MATERIALIZED (SELECT ",
+            claim_columns!(),
+            "
 ), fresh AS (
     INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
     SELECT id, kind, ts, CASE WHEN $8::bool THEN ts ELSE clock_timestamp() END
     FROM unnest($5::uuid[], $6::text[], $7::timestamptz[]) AS u(id, kind, ts)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
-)
-SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FROM fresh) FROM claim");
+)"
+        )
+    };
+}
+
+/// Round trip 1 of a batch the long way: the claim, then the ids recorded now.
+const BEGIN_BATCH: &str = concat!(
+    claim_and_record!(),
+    "
+SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FROM fresh) FROM claim"
+);
 
 // Round trip 2 of a batch, `write`: one statement of data-modifying CTEs, each over arrays
 // that may be empty. Parameters: customers $1-$4 (id, cents, orders, last order), products
@@ -596,61 +673,66 @@ SELECT claim.shard, claim.folder, claim.pending, (SELECT array_agg(event_id) FRO
 // none), the shard $18, the events applied $19. Products and customers go to the views
 // (`WRITE_VIEWS`, the fold lock's holder) or to the shard's pending rows (`WRITE_PENDING`).
 macro_rules! customers_to_view {
-    () => {
+    ($when:literal) => {
         concat!(
             "INSERT INTO customer_ltv_view AS v (customer_id, total_spent, order_count, last_order_date)
     SELECT id, cents::numeric / 100, orders, last
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)",
+            $when,
             customer_view_added!()
         )
     };
 }
 
 macro_rules! products_to_view {
-    () => {
+    ($when:literal) => {
         concat!(
             "INSERT INTO product_sales_view AS v (product_id, name, category, total_quantity_sold, total_revenue, order_count)
     SELECT id, name, category, qty, cents::numeric / 100, orders
     FROM unnest($5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
         AS u(id, name, category, qty, cents, orders)",
+            $when,
             product_view_added!()
         )
     };
 }
 
 macro_rules! customers_to_pending {
-    () => {
-        "INSERT INTO customer_ltv_delta AS v (shard, customer_id, spent, orders, last_order)
-    SELECT $18::smallint, id, cents::numeric / 100, orders, last
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)
+    ($shard:literal, $when:literal) => {
+        concat!("INSERT INTO customer_ltv_delta AS v (shard, customer_id, spent, orders, last_order)
+    SELECT ", $shard, ", id, cents::numeric / 100, orders, last
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, cents, orders, last)",
+    $when, "
     ON CONFLICT (shard, customer_id) DO UPDATE SET
         spent = v.spent + excluded.spent,
         orders = v.orders + excluded.orders,
-        last_order = GREATEST(v.last_order, excluded.last_order)"
+        last_order = GREATEST(v.last_order, excluded.last_order)")
     };
 }
 
 macro_rules! products_to_pending {
-    () => {
-        "INSERT INTO product_sales_delta AS v (shard, product_id, name, category, quantity, revenue, orders)
-    SELECT $18::smallint, id, name, category, qty, cents::numeric / 100, orders
+    ($shard:literal, $when:literal) => {
+        concat!("INSERT INTO product_sales_delta AS v (shard, product_id, name, category, quantity, revenue, orders)
+    SELECT ", $shard, ", id, name, category, qty, cents::numeric / 100, orders
     FROM unnest($5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
-        AS u(id, name, category, qty, cents, orders)
+        AS u(id, name, category, qty, cents, orders)",
+    $when, "
     ON CONFLICT (shard, product_id) DO UPDATE SET
         name = COALESCE(v.name, excluded.name),
         category = COALESCE(v.category, excluded.category),
         quantity = v.quantity + excluded.quantity,
         revenue = v.revenue + excluded.revenue,
-        orders = v.orders + excluded.orders"
+        orders = v.orders + excluded.orders")
     };
 }
 
-/// The shard's counters: categories, hours, then the sync status (the main statement).
+/// The shard's counters: categories, hours and the sync status, as CTEs; `$shard` is the
+/// shard's number.
 macro_rules! counters_and_sync {
-    () => {
-        "categories AS (
+    ($shard:literal) => {
+        concat!("categories AS (
     INSERT INTO category_metrics_view AS v (category_name, total_revenue, total_orders, shard)
-    SELECT name, cents::numeric / 100, orders, $18::smallint
+    SELECT name, cents::numeric / 100, orders, ", $shard, "
     FROM unnest($11::text[], $12::bigint[], $13::bigint[]) AS u(name, cents, orders)
     ON CONFLICT (category_name, shard) DO UPDATE SET
         total_revenue = v.total_revenue + excluded.total_revenue,
@@ -658,39 +740,96 @@ macro_rules! counters_and_sync {
         last_updated = now()
 ), hours AS (
     INSERT INTO hourly_sales_view AS v (hour_timestamp, total_orders, total_revenue, shard)
-    SELECT hour, orders, cents::numeric / 100, $18::smallint
+    SELECT hour, orders, cents::numeric / 100, ", $shard, "
     FROM unnest($14::timestamptz[], $15::bigint[], $16::bigint[]) AS u(hour, orders, cents)
     ON CONFLICT (hour_timestamp, shard) DO UPDATE SET
         total_orders = v.total_orders + excluded.total_orders,
         total_revenue = v.total_revenue + excluded.total_revenue,
         last_updated = now()
-)
-INSERT INTO sync_status AS v (id, last_processed_event_timestamp, events_applied, last_applied_at)
-SELECT 1 + $18::smallint, $17::timestamptz, $19::bigint, now() WHERE $17::timestamptz IS NOT NULL
-ON CONFLICT (id) DO UPDATE SET
-    last_processed_event_timestamp = GREATEST(v.last_processed_event_timestamp, excluded.last_processed_event_timestamp),
-    events_applied = v.events_applied + excluded.events_applied,
-    last_applied_at = excluded.last_applied_at"
+), sync AS (
+    INSERT INTO sync_status AS v (id, last_processed_event_timestamp, events_applied, last_applied_at)
+    SELECT 1 + ", $shard, ", $17::timestamptz, $19::bigint, now() WHERE $17::timestamptz IS NOT NULL
+    ON CONFLICT (id) DO UPDATE SET
+        last_processed_event_timestamp = GREATEST(v.last_processed_event_timestamp, excluded.last_processed_event_timestamp),
+        events_applied = v.events_applied + excluded.events_applied,
+        last_applied_at = excluded.last_applied_at
+)")
     };
 }
 
 const WRITE_VIEWS: &str = concat!(
     "WITH customers AS (",
-    customers_to_view!(),
+    customers_to_view!(""),
     "), products AS (",
-    products_to_view!(),
+    products_to_view!(""),
     "), ",
-    counters_and_sync!()
+    counters_and_sync!("$18::smallint"),
+    "\nSELECT"
 );
 
 const WRITE_PENDING: &str = concat!(
     "WITH customers AS (",
-    customers_to_pending!(),
+    customers_to_pending!("$18::smallint", ""),
     "), products AS (",
-    products_to_pending!(),
+    products_to_pending!("$18::smallint", ""),
     "), ",
-    counters_and_sync!()
+    counters_and_sync!("$18::smallint"),
+    "\nSELECT"
 );
+
+/// A batch in one statement, in an implicit transaction (`apply_at_once`): `claim_and_record!`
+/// with its parameters after the write's ($20 to $27), then every write of the batch,
+/// products and customers to the views or, without the fold lock, to the shard's pending
+/// rows (`$18` is the shard when the claim found none free). The main query fails with
+/// SQLSTATE CQ001 (read migration 011), undoing all of it, unless every event was new
+/// (`$19` of them) and no pending sums wait for this batch to fold them.
+fn at_once_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let writes = concat!(
+            ", customers AS (",
+            customers_to_view!(" WHERE (SELECT folder FROM claim)"),
+            "), products AS (",
+            products_to_view!(" WHERE (SELECT folder FROM claim)"),
+            "), customers_pending AS (",
+            customers_to_pending!(
+                "COALESCE((SELECT shard FROM claim), $18::smallint)",
+                " WHERE NOT (SELECT folder FROM claim)"
+            ),
+            "), products_pending AS (",
+            products_to_pending!(
+                "COALESCE((SELECT shard FROM claim), $18::smallint)",
+                " WHERE NOT (SELECT folder FROM claim)"
+            ),
+            "), ",
+            counters_and_sync!("COALESCE((SELECT shard FROM claim), $18::smallint)"),
+            "
+SELECT consumer_batch_at_once((SELECT count(*) FROM fresh) = $19 AND NOT (folder AND pending)),
+       folder
+FROM claim"
+        );
+        format!("{}{writes}", shift_parameters(claim_and_record!(), 19))
+    })
+}
+
+/// `sql` with every parameter `$n` renumbered `$n+by`. Our statements hold no `$` but in
+/// their parameters.
+fn shift_parameters(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
 
 #[cfg(test)]
 mod tests {

@@ -350,6 +350,19 @@ fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
         .batch_execute(cqrs_analytics::read::projection::FLUSH_BARRIER)
         .unwrap();
     assert!(consumer.batch_execute("CREATE TABLE x (i int)").is_err());
+    // A batch in one statement (read migration 011's check), then the long way.
+    let event = cqrs_analytics::event::Event::parse(
+        br#"{"eventId":"0192f1c4-0000-7000-8000-000000000001","eventType":"ProductCreated",
+             "timestamp":"2026-11-26T12:00:00.000Z","productId":1,"name":"n","category":"c",
+             "price":1.50,"stock":5}"#,
+    )
+    .unwrap();
+    let mut consumer = cqrs_analytics::db::Conn::new(consumer);
+    for applied in [1, 0] {
+        let counts =
+            cqrs_analytics::read::projection::apply_batch(&mut consumer, &[event.clone()]).unwrap();
+        assert_eq!(counts.applied, applied);
+    }
 }
 
 #[test]

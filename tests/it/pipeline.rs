@@ -392,17 +392,19 @@ fn the_outbox_claim_walks_the_unpublished_index_in_order() {
     );
 }
 
-/// `apply_batch` sends a batch's ids, types and timestamps as SQL literals (`BEGIN` and the
-/// claim in one simple query). Every instant an event's RFC 3339 timestamp can give comes
-/// back unchanged, from year -1 to 10000 in UTC; a redelivered batch applies nothing, and
-/// a mixed one only its new event; a batch that fails after its claim leaves nothing
-/// behind, and the connection takes the next batch.
+/// `apply_batch` applies a batch of new events in one statement. A batch holding an event
+/// processed before goes the long way, which sends the batch's ids, types and timestamps as
+/// SQL literals (`BEGIN` and the claim in one simple query): every instant an event's RFC
+/// 3339 timestamp can give comes back unchanged, from year -1 to 10000 in UTC. A
+/// redelivered batch applies nothing, a mixed one only its new events. Sums left pending
+/// behind the fold lock are folded by the next batch that takes it. A batch that fails
+/// leaves nothing behind, and the connection takes the next batch.
 #[test]
-fn a_batch_claims_with_literal_arguments_and_rolls_back_whole_on_failure() {
+fn a_batch_applies_in_one_statement_or_the_long_way_with_literal_arguments() {
     use chrono::{DateTime, Utc};
     use cqrs_analytics::db::{pool, Session};
     use cqrs_analytics::event::{Event, OrderCreated, OrderItem};
-    use cqrs_analytics::read::projection::apply_batch;
+    use cqrs_analytics::read::projection::{apply_batch, FOLD_LOCK_CLASS};
     use uuid::Uuid;
     let env = TestEnv::new();
     let config = env.config();
@@ -428,15 +430,37 @@ fn a_batch_claims_with_literal_arguments_and_rolls_back_whole_on_failure() {
         .unwrap()
         .map(|row| row.get(0))
     };
+    // The long way prepares its first statement on the connection when it first runs.
+    let went_the_long_way = |c: &mut postgres::Client| -> bool {
+        c.query_one(
+            "SELECT count(*) > 0 FROM pg_prepared_statements WHERE name = 'consumer_begin_batch'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+
+    let counts = apply_batch(&mut conn, &[product(1, "2026-11-26T12:00:00Z")]).unwrap();
+    assert_eq!((counts.applied, counts.duplicates), (1, 0));
+    assert!(
+        !went_the_long_way(&mut conn.client),
+        "new events: one statement"
+    );
+
     let batch = [
-        product(1, "0000-01-01T00:00:00+01:00"),
-        product(2, "0000-01-01T00:00:00Z"),
-        product(3, "9999-12-31T23:30:00-05:00"),
-        product(4, "2026-11-26T12:00:00.123456Z"),
-        product(4, "2026-11-26T12:00:00.123456Z"),
+        product(1, "2026-11-26T12:00:00Z"),
+        product(2, "0000-01-01T00:00:00+01:00"),
+        product(3, "0000-01-01T00:00:00Z"),
+        product(4, "9999-12-31T23:30:00-05:00"),
+        product(5, "2026-11-26T12:00:00.123456Z"),
+        product(5, "2026-11-26T12:00:00.123456Z"),
     ];
     let counts = apply_batch(&mut conn, &batch).unwrap();
-    assert_eq!((counts.applied, counts.duplicates), (4, 1));
+    assert_eq!((counts.applied, counts.duplicates), (4, 2));
+    assert!(
+        went_the_long_way(&mut conn.client),
+        "an event processed before"
+    );
     for e in &batch {
         assert_eq!(
             recorded(&mut read, e.event_id()),
@@ -445,15 +469,40 @@ fn a_batch_claims_with_literal_arguments_and_rolls_back_whole_on_failure() {
         );
     }
     let again = apply_batch(&mut conn, &batch).unwrap();
-    assert_eq!((again.applied, again.duplicates), (0, 5));
+    assert_eq!((again.applied, again.duplicates), (0, 6));
     let mixed = [
-        product(4, "2026-11-26T12:00:00Z"),
         product(5, "2026-11-26T12:00:00Z"),
+        product(6, "2026-11-26T12:00:00Z"),
     ];
     let counts = apply_batch(&mut conn, &mixed).unwrap();
     assert_eq!((counts.applied, counts.duplicates), (1, 1));
 
-    // The fold fails (the line's revenue overflows) after the claim recorded the ids.
+    // Behind the fold lock, a batch of new events adds to pending rows, in one statement;
+    // the next batch to take the lock folds them (the long way), before it returns.
+    let pending = |read: &mut postgres::Client| -> i64 {
+        read.query_one(
+            "SELECT (SELECT count(*) FROM product_sales_delta) + (SELECT count(*) FROM customer_ltv_delta)",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let mut holder = env.read();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&FOLD_LOCK_CLASS])
+        .unwrap();
+    let counts = apply_batch(&mut conn, &[product(8, "2026-11-26T12:00:00Z")]).unwrap();
+    assert!(counts.left_pending && pending(&mut read) == 1);
+    hold.commit().unwrap();
+    let counts = apply_batch(&mut conn, &[product(9, "2026-11-26T12:00:00Z")]).unwrap();
+    assert!(!counts.left_pending);
+    assert_eq!(
+        pending(&mut read),
+        0,
+        "folded by the batch that took the lock"
+    );
+
+    // The fold fails (the line's revenue overflows): no statement applies it.
     let overflowing = Event::OrderCreated(OrderCreated {
         event_id: Uuid::new_v4(),
         timestamp: Utc::now(),
@@ -468,23 +517,25 @@ fn a_batch_claims_with_literal_arguments_and_rolls_back_whole_on_failure() {
         }],
         total_cents: 1,
     });
-    assert!(apply_batch(
-        &mut conn,
-        &[overflowing.clone(), product(6, "2026-11-26T12:00:00Z")]
-    )
-    .is_err());
+    let next = product(10, "2026-11-26T12:00:00Z");
+    assert!(apply_batch(&mut conn, &[overflowing.clone(), next.clone()]).is_err());
     assert_eq!(recorded(&mut read, overflowing.event_id()), None);
-    assert_eq!(
-        recorded(&mut read, product(6, "2026-11-26T12:00:00Z").event_id()),
-        None
-    );
-    let counts = apply_batch(&mut conn, &[product(6, "2026-11-26T12:00:00Z")]).unwrap();
+    assert_eq!(recorded(&mut read, next.event_id()), None);
+    let counts = apply_batch(&mut conn, &[next]).unwrap();
     assert_eq!(counts.applied, 1, "the connection takes the next batch");
-    let products: i64 = read
-        .query_one("SELECT count(*) FROM product_sales_view", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(products, 6, "committed, and visible to another session");
+    let (products, applied): (i64, i64) = read
+        .query_one(
+            "SELECT (SELECT count(*) FROM product_sales_view),
+                    (SELECT sum(events_applied)::bigint FROM sync_status)",
+            &[],
+        )
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!(
+        (products, applied),
+        (9, 9),
+        "each event once, visible to another session"
+    );
 }
 
 /// The consumer's commits do not wait for the WAL flush (a batch is visible a flush
