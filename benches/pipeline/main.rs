@@ -18,7 +18,8 @@
 //! The standard set: `ceiling` (pgbench running `benches/ceiling/*.sql`), `pipeline`
 //! (`all`: order burst, drain, freshness, queries, RSS, outbox bytes per order),
 //! `backlog` (publisher and consumer drains of a backlog), `broker` (RabbitMQ alone with
-//! the same messages, window and prefetch, so the drains are ratios of it).
+//! the same messages, window and prefetch, so the drains are ratios of it), `batch` (the
+//! consumer's database work for one-event batches, in one statement and the long way).
 //!
 //! Environment overrides (all optional): `BENCH_SECONDS` (15, order burst), `BENCH_QUERY_SECONDS`
 //! (10), `BENCH_CLIENTS` (32), `BENCH_PRODUCTS` (200), `BENCH_FRESH_SAMPLES` (100),
@@ -35,6 +36,7 @@
 mod harness;
 
 mod backlog;
+mod batch;
 mod broker;
 mod ceiling;
 mod client;
@@ -200,4 +202,5 @@ fn standard(s: &Settings, ceilings: &Ceilings, report: &mut Report) {
     b.broker = Some((alone.confirms_per_s, alone.delivers_per_s));
     report.add("backlog", &b, ceilings);
     report.add("broker", &alone, ceilings);
+    report.add("batch", &batch::run(s), ceilings);
 }

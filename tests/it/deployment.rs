@@ -359,8 +359,11 @@ fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
     .unwrap();
     let mut consumer = cqrs_analytics::db::Conn::new(consumer);
     for applied in [1, 0] {
-        let counts =
-            cqrs_analytics::read::projection::apply_batch(&mut consumer, &[event.clone()]).unwrap();
+        let counts = cqrs_analytics::read::projection::apply_batch(
+            &mut consumer,
+            std::slice::from_ref(&event),
+        )
+        .unwrap();
         assert_eq!(counts.applied, applied);
     }
 }
