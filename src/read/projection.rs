@@ -144,8 +144,8 @@ pub struct BatchCounts {
 /// to ack, once this returns.
 ///
 /// Usually two round trips: the batch in one statement (`apply_at_once`), then the barrier.
-/// If some event was processed before, or pending sums wait for this batch to fold them,
-/// that statement undoes itself and the batch goes the long way, in three more: `BEGIN`
+/// If some event was processed before, that statement undoes itself and the batch goes
+/// the long way, in three more: `BEGIN`
 /// with the claim (`Conn::begin_execute`, the batch's ids, types and timestamps as
 /// literals), the writes of the new events, then `COMMIT` with the barrier.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
@@ -180,10 +180,11 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
 }
 
 /// The batch in one statement (`at_once_sql`), assuming every event is new: claims, records
-/// the ids and writes what all of them add, and commits, unless some id was there before or
-/// pending sums wait (then it fails with CQ001, having changed nothing, and this returns
-/// None). None too if the events do not fold (a money overflow): the long way folds only
-/// the new ones, and says so if the new ones do not fold either.
+/// the ids, writes what all of them add, and commits, unless some id was there before (then
+/// it fails with CQ001, having changed nothing, and this returns None). None too if the
+/// events do not fold (a money overflow): the long way folds only the new ones, and says
+/// so if the new ones do not fold either. If the batch took the fold lock and found pending
+/// sums, they are folded after it, in a transaction of their own (`fold_pending`).
 fn apply_at_once(conn: &mut Conn, batch: &Batch) -> Result<Option<BatchCounts>> {
     let Ok(delta) = fold(batch.unique.values().copied()) else {
         return Ok(None);
@@ -204,18 +205,25 @@ fn apply_at_once(conn: &mut Conn, batch: &Batch) -> Result<Option<BatchCounts>> 
         ]);
         conn.client.query_one(&statement, &parameters)
     });
-    match row {
-        Ok(row) => {
-            let wrote_views = !delta.products.is_empty() || !delta.customers.is_empty();
-            Ok(Some(BatchCounts {
-                applied: batch.unique.len(),
-                duplicates: batch.events - batch.unique.len(),
-                left_pending: wrote_views && !row.get::<_, bool>(1),
-            }))
-        }
-        Err(e) if e.code().map(SqlState::code) == Some(NOT_AT_ONCE) => Ok(None),
-        Err(e) => Err(e.into()),
+    let (folder, pending): (bool, bool) = match row {
+        Ok(row) => (row.get(1), row.get(2)),
+        Err(e) if e.code().map(SqlState::code) == Some(NOT_AT_ONCE) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let wrote_views = !delta.products.is_empty() || !delta.customers.is_empty();
+    let mut left_pending = wrote_views && !folder;
+    if folder && pending {
+        // The batch is applied; sums it could not fold wait for the next try.
+        left_pending |= fold_pending(conn).unwrap_or_else(|e| {
+            log::debug!("folding pending sums after a batch failed: {e}");
+            true
+        });
     }
+    Ok(Some(BatchCounts {
+        applied: batch.unique.len(),
+        duplicates: batch.events - batch.unique.len(),
+        left_pending,
+    }))
 }
 
 /// The SQLSTATE of `consumer_batch_at_once` (read migration 011).
@@ -782,7 +790,7 @@ const WRITE_PENDING: &str = concat!(
 /// products and customers to the views or, without the fold lock, to the shard's pending
 /// rows (`$18` is the shard when the claim found none free). The main query fails with
 /// SQLSTATE CQ001 (read migration 011), undoing all of it, unless every event was new
-/// (`$19` of them) and no pending sums wait for this batch to fold them.
+/// (`$19` of them); else it returns the claim's fold lock and whether sums are pending.
 fn at_once_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
@@ -804,9 +812,7 @@ fn at_once_sql() -> &'static str {
             "), ",
             counters_and_sync!("COALESCE((SELECT shard FROM claim), $18::smallint)"),
             "
-SELECT consumer_batch_at_once((SELECT count(*) FROM fresh) = $19 AND NOT (folder AND pending)),
-       folder
-FROM claim"
+SELECT consumer_batch_at_once((SELECT count(*) FROM fresh) = $19), folder, pending FROM claim"
         );
         format!("{}{writes}", shift_parameters(claim_and_record!(), 19))
     })

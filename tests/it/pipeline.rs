@@ -478,7 +478,7 @@ fn a_batch_applies_in_one_statement_or_the_long_way_with_literal_arguments() {
     assert_eq!((counts.applied, counts.duplicates), (1, 1));
 
     // Behind the fold lock, a batch of new events adds to pending rows, in one statement;
-    // the next batch to take the lock folds them (the long way), before it returns.
+    // the next batch to take the lock folds them, before it returns.
     let pending = |read: &mut postgres::Client| -> i64 {
         read.query_one(
             "SELECT (SELECT count(*) FROM product_sales_delta) + (SELECT count(*) FROM customer_ltv_delta)",
