@@ -145,16 +145,16 @@ pub struct BatchCounts {
 ///
 /// Usually two round trips: the batch in one statement (`apply_at_once`), then the barrier.
 /// If some event was processed before, that statement undoes itself and the batch goes
-/// the long way, in three more: `BEGIN`
-/// with the claim (`Conn::begin_execute`, the batch's ids, types and timestamps as
-/// literals), the writes of the new events, then `COMMIT` with the barrier.
+/// the long way, in three more: `BEGIN` with the claim (`Conn::begin_execute`, the batch's
+/// ids, types and timestamps as literals), the writes of the new events, then `COMMIT`
+/// with the barrier.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
-    let statements = Statements::prepare(conn)?;
     let batch = Batch::new(events);
     if let Some(counts) = apply_at_once(conn, &batch)? {
         conn.client.batch_execute(FLUSH_BARRIER)?;
         return Ok(counts);
     }
+    let statements = Statements::prepare(conn)?;
     let applied = conn
         .begin_execute("consumer_begin_batch", BEGIN_BATCH, &batch.literals())
         .map_err(Error::from)
