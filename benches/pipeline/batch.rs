@@ -106,28 +106,24 @@ pub fn run(_: &Settings) -> BatchFigures {
 
 impl Figures for BatchFigures {
     fn rows(&self, _: &Ceilings) -> Vec<Row> {
-        let ms = |v: &[u64], p: f64| pct(v, p) / 1000.0;
+        let row = |figure: &str, v: &[u64], note: &str| {
+            Row::info(figure, pct(v, 50.0) / 1000.0, "ms").detail(format!(
+                "p99 {:.2} ms, {} batches, {note}",
+                pct(v, 99.0) / 1000.0,
+                v.len()
+            ))
+        };
         let mut rows = vec![
-            Row::info(
+            row(
                 "one-event batch, new: p50",
-                ms(&self.at_once_us, 50.0),
-                "ms",
-            )
-            .detail(format!(
-                "p99 {:.2} ms, {} batches, flush barrier included",
-                ms(&self.at_once_us, 99.0),
-                self.at_once_us.len()
-            )),
-            Row::info(
+                &self.at_once_us,
+                "flush barrier included",
+            ),
+            row(
                 "one-event batch, the long way: p50",
-                ms(&self.long_way_us, 50.0),
-                "ms",
-            )
-            .detail(format!(
-                "p99 {:.2} ms, {} batches, each with an event processed before",
-                ms(&self.long_way_us, 99.0),
-                self.long_way_us.len()
-            )),
+                &self.long_way_us,
+                "each with an event processed before",
+            ),
         ];
         if let Some(e) = &self.error {
             rows.push(Row::info("batch failed", f64::NAN, "-").detail(e.clone()));

@@ -338,14 +338,10 @@ impl<'e> Batch<'e> {
     /// No value comes from a client as text: numbers, UUIDs, the two event types and
     /// instants formatted here, none of which holds a quote, backslash, comma or brace.
     fn literals(&self) -> String {
-        let list = |items: &mut dyn Iterator<Item = String>| -> String {
-            items.collect::<Vec<_>>().join(",")
-        };
-        let ids = list(&mut self.unique.keys().map(|id| id.to_string()));
-        let types = list(&mut self.unique.values().map(|e| e.event_type().to_string()));
-        let stamps = list(
-            &mut self
-                .unique
+        let ids = join(self.unique.keys().map(Uuid::to_string));
+        let types = join(self.unique.values().map(|e| e.event_type().to_string()));
+        let stamps = join(
+            self.unique
                 .values()
                 .map(|e| timestamp_literal(e.timestamp())),
         );
@@ -353,6 +349,11 @@ impl<'e> Batch<'e> {
             "({SHARD_LOCK_CLASS}, {SHARDS}, {FOLD_LOCK_CLASS}, false, '{{{ids}}}', '{{{types}}}', '{{{stamps}}}', false)"
         )
     }
+}
+
+/// The elements of an array literal, comma-separated.
+fn join(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(",")
 }
 
 /// An instant as an element of a `timestamptz[]` literal, to the microsecond: in double
