@@ -338,8 +338,9 @@ impl<'a> Publisher<'a> {
     }
 
     /// Waits for a batch's confirms, marks the rows the broker acked and did not return as
-    /// published, and commits. Returns how many were published.
-    fn complete(&mut self, mut batch: InFlight) -> Result<usize> {
+    /// published, and commits, the mark and the commit in one round trip. Returns how many
+    /// were published.
+    fn complete(&mut self, batch: InFlight) -> Result<usize> {
         let n = batch.ids.len();
         // `drain` waited for every confirm of this batch.
         let acked: Vec<bool> = (batch.first_tag..batch.first_tag + n as u64)
@@ -368,9 +369,9 @@ impl<'a> Publisher<'a> {
         if nacked + returned > 0 {
             warn!("outbox: the broker refused (nack) {nacked} and returned {returned} messages; they stay in the outbox");
         }
-        let mark = batch.tx.conn().prepared(MARK)?;
-        batch.tx.conn().client.execute(&mark, &[&published_ids])?;
-        batch.tx.commit()?;
+        let ids = published_ids.iter().map(i64::to_string);
+        let args = format!("('{{{}}}')", ids.collect::<Vec<_>>().join(","));
+        batch.tx.execute_and_commit("outbox_mark", MARK, &args)?;
         self.metrics.published.add(published_ids.len() as u64);
         self.metrics.batch_rows.observe(n as f64);
         debug!("outbox: published {} of {n} rows", published_ids.len());
@@ -520,4 +521,4 @@ impl<'r> Claimed<'r> {
     }
 }
 
-const MARK: &str = "UPDATE outbox SET published_at = now() WHERE id = ANY($1)";
+const MARK: &str = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])";

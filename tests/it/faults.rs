@@ -435,22 +435,28 @@ fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
     // broker and will be published again by the next process.
     let write_db = env.write_db.clone();
     let mut probe = env.write();
-    wait_until(
+    let marking: i32 = wait_until(
         "the publisher to be marking a confirmed batch",
         Duration::from_secs(10),
         || {
             probe
                 .query_opt(
-                    "SELECT 1 FROM pg_stat_activity WHERE datname = $1
-                     AND query LIKE 'UPDATE outbox SET published_at%' AND wait_event = 'PgSleep'",
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1
+                     AND query LIKE 'EXECUTE outbox_mark%' AND wait_event = 'PgSleep'",
                     &[&write_db],
                 )
                 .unwrap()
-                .map(|_| ())
+                .map(|row| row.get(0))
         },
     );
     first.kill9();
     let killed_at = Instant::now();
+    // The mark and its COMMIT went to the server as one query, which the server finishes
+    // after the client has died (marking rows the broker did confirm: no duplicates). A
+    // process killed before it sent them leaves the rows unmarked: end the backend too.
+    probe
+        .execute("SELECT pg_terminate_backend($1)", &[&marking])
+        .unwrap();
     env.write()
         .batch_execute("DROP TRIGGER it_slow_mark ON outbox")
         .unwrap();
