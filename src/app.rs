@@ -226,7 +226,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         "command-service",
         db::Session::Plain,
     );
-    let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+    let wake = outbox::Wake::new();
     let outbox_metrics = Arc::new(OutboxMetrics::new());
     let link = Arc::new(LinkStatus::new());
     // The publishers get their own small pool so HTTP load can never starve them.
@@ -240,7 +240,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
     running.publishers.threads.extend(outbox::start(
         config,
         publisher_pool,
-        wake_rx,
+        wake.clone(),
         &running.publishers.shutdown,
         outbox_metrics.clone(),
         link.clone(),
@@ -257,7 +257,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         &running.background.shutdown,
         retention_metrics.clone(),
     ));
-    let mut service = CommandService::new(pool, Some(wake_tx), Some(outbox_metrics))
+    let mut service = CommandService::new(pool, Some(wake), Some(outbox_metrics))
         .with_retention(config.retention.idempotency_key_ttl, retention_metrics);
     if config.outbox_publishers > 0 {
         service = service.with_broker_link(link, config.broker_down_grace);

@@ -10,7 +10,6 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use tiny_http::Method;
 use uuid::Uuid;
 
@@ -22,6 +21,7 @@ use crate::http::{self, Request, Response, Service};
 use crate::json::{self, ItemField, Object};
 use crate::metrics::Counter;
 use crate::ops::retention::{RetentionMetrics, Table};
+use crate::write::outbox::Wake;
 
 const NAME_CHARS_MAX: usize = 200;
 const PRICE_CENTS_MAX: i64 = 100_000_000_000; // prices are below 1,000,000,000.00
@@ -127,8 +127,8 @@ pub struct CommandMetrics {
 
 pub struct CommandService {
     pool: Pool,
-    /// Wakes the outbox publishers of this process after a commit (never blocks).
-    outbox_wake: Option<Sender<()>>,
+    /// Tells the outbox publishers of this process about each commit (never blocks).
+    outbox_wake: Option<Arc<Wake>>,
     pub metrics: Arc<CommandMetrics>,
     outbox_metrics: Option<Arc<crate::write::outbox::OutboxMetrics>>,
     /// The publishers' broker connections and how long they may all be down before
@@ -142,7 +142,7 @@ pub struct CommandService {
 impl CommandService {
     pub fn new(
         pool: Pool,
-        outbox_wake: Option<Sender<()>>,
+        outbox_wake: Option<Arc<Wake>>,
         outbox_metrics: Option<Arc<crate::write::outbox::OutboxMetrics>>,
     ) -> CommandService {
         CommandService {
@@ -174,9 +174,9 @@ impl CommandService {
         self
     }
 
-    fn wake_outbox(&self) {
-        if let Some(tx) = &self.outbox_wake {
-            let _ = tx.try_send(());
+    fn wake_outbox(&self, event_id: Uuid) {
+        if let Some(wake) = &self.outbox_wake {
+            wake.committed(event_id);
         }
     }
 
@@ -227,7 +227,7 @@ impl CommandService {
         }
         let id: i64 = row.get(0);
         self.metrics.products_created.inc();
-        self.wake_outbox();
+        self.wake_outbox(event_id);
         Ok(Response::json(201, format!(r#"{{"productId":{id}}}"#)))
     }
 
@@ -275,6 +275,7 @@ impl CommandService {
         let quantities: Vec<i32> = order.lines.iter().map(|l| l.quantity as i32).collect();
         let prices: Vec<Option<i64>> = order.lines.iter().map(|l| l.price_cents).collect();
         let timestamp = event::format_timestamp(&event::now_millis());
+        let event_id = Uuid::now_v7();
         let stmt = conn.prepared(PLACE_ORDER)?;
         // Row locks, validation and every write: one statement in an implicit transaction
         // (sql/write/003_place_order.sql).
@@ -285,7 +286,7 @@ impl CommandService {
                 &quantities,
                 &prices,
                 &order.customer_id,
-                &Uuid::now_v7(),
+                &event_id,
                 &timestamp,
                 &key,
                 &request,
@@ -295,7 +296,7 @@ impl CommandService {
             Some("ok") => {
                 let id: i64 = row.get(1);
                 self.metrics.orders_created.inc();
-                self.wake_outbox();
+                self.wake_outbox(event_id);
                 Ok(Response::json(201, format!(r#"{{"orderId":{id}}}"#)))
             }
             Some("key") => {

@@ -9,13 +9,14 @@
 //! the confirm and our commit); the consumer's idempotency makes that harmless.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use amiquip::{AmqpProperties, Channel, Confirm, ConfirmSmoother, Publish, Return};
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, Sender};
 use log::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::broker::{self, Endpoints, LinkStatus};
 use crate::config::Config;
@@ -65,12 +66,88 @@ impl Default for OutboxMetrics {
     }
 }
 
-/// Starts `config.outbox_publishers` publisher threads. `wake` carries a token after each
+/// How the command service tells the publishers of its process about its commits: the
+/// event ids committed since a publisher last claimed, and a token that wakes one of them.
+///
+/// The ids spare a claim that would find nothing. A commit is visible to the database
+/// before its thread gets the answer and sends the token; a claim that starts in between
+/// takes the row, and the token then asked for a claim with nothing left to take (62 % of
+/// all claims, under orders from 32 clients). A publisher that finds every id it was told
+/// about among those it has claimed itself goes back to waiting; any other id, or ids
+/// dropped because too many piled up, make it claim. Taking the ids just before a claim
+/// is safe: their commits happened before it began, so it sees their rows.
+pub struct Wake {
+    committed: Mutex<Committed>,
+    tx: Sender<()>,
+    rx: Receiver<()>,
+}
+
+#[derive(Default)]
+struct Committed {
+    ids: Vec<Uuid>,
+    /// More ids came than `COMMITTED_MAX` since the last claim: the next wake-up claims.
+    overflow: bool,
+}
+
+/// Ids kept between two claims at most; more only make the next wake-up claim.
+const COMMITTED_MAX: usize = 4096;
+
+impl Wake {
+    pub fn new() -> Arc<Wake> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        Arc::new(Wake {
+            committed: Mutex::default(),
+            tx,
+            rx,
+        })
+    }
+
+    /// Called after the commit of the outbox row of `event_id`. Never blocks for long.
+    pub fn committed(&self, event_id: Uuid) {
+        {
+            let mut c = self.lock();
+            if c.ids.len() < COMMITTED_MAX {
+                c.ids.push(event_id);
+            } else {
+                c.overflow = true;
+            }
+        }
+        let _ = self.tx.try_send(());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Committed> {
+        self.committed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Just before a claim: every commit announced so far is visible to it.
+    fn claiming(&self) {
+        let mut c = self.lock();
+        c.ids.clear();
+        c.overflow = false;
+    }
+
+    /// After a wake-up: whether a commit announced since the last claim may have left a row
+    /// that no claim in `claimed` (event ids this publisher took) has taken.
+    fn needs_claim(&self, claimed: &HashSet<Uuid>) -> bool {
+        let mut c = self.lock();
+        let needed = c.overflow || c.ids.iter().any(|id| !claimed.contains(id));
+        if !needed {
+            c.ids.clear();
+        }
+        needed
+    }
+}
+
+/// Event ids of its own claims a publisher remembers, for `Wake::needs_claim` (those of the
+/// latest claims; forgetting one costs at most a claim that finds nothing).
+const CLAIMED_REMEMBERED: usize = 4096;
+
+/// Starts `config.outbox_publishers` publisher threads. `wake` tells them about each
 /// commit in this process; the poll interval covers rows written by other processes.
 pub fn start(
     config: &Config,
     pool: Pool,
-    wake: Receiver<()>,
+    wake: Arc<Wake>,
     shutdown: &Shutdown,
     metrics: Arc<OutboxMetrics>,
     link: Arc<LinkStatus>,
@@ -132,6 +209,8 @@ pub struct Publisher<'a> {
     last_confirm_at: Option<Instant>,
     /// The highest delivery tag confirmed so far (0: none).
     confirmed_up_to: u64,
+    /// Event ids of this publisher's latest claims (`Wake::needs_claim`).
+    claimed: HashSet<Uuid>,
 }
 
 /// A claimed and published batch, waiting for its confirms. Its rows stay locked by the
@@ -151,7 +230,7 @@ impl<'a> Publisher<'a> {
     fn session(
         config: &Config,
         pool: &Pool,
-        wake: &Receiver<()>,
+        wake: &Wake,
         shutdown: &Shutdown,
         metrics: &OutboxMetrics,
         endpoints: &mut Endpoints,
@@ -164,22 +243,27 @@ impl<'a> Publisher<'a> {
             |connection| Publisher::new(config, connection.open_channel(None)?, metrics),
         )?;
         info!("outbox publisher publishing to {}", link.endpoint);
+        let mut claim = true;
         let mut publish = || loop {
             supervision.checkpoint("publisher");
             if shutdown.is_triggered() {
                 return publisher.drain_before_exit(pool, wake);
             }
-            publisher.drain(pool, wake, &|| shutdown.is_triggered())?;
+            if claim {
+                publisher.drain(pool, wake, &|| shutdown.is_triggered())?;
+            }
             // Every confirm has arrived: the confirms channel only closes now, when the
             // connection is lost, which an idle publisher thus notices at once.
-            select! {
-                recv(wake) -> _ => {}
+            claim = select! {
+                recv(wake.rx) -> _ => wake.needs_claim(&publisher.claimed),
                 recv(publisher.confirms) -> c => if c.is_err() {
                     return Err(Error::unavailable("broker connection lost"));
+                } else {
+                    false
                 },
-                recv(shutdown.receiver()) -> _ => {}
-                default(config.outbox_poll_interval) => {}
-            }
+                recv(shutdown.receiver()) -> _ => true,
+                default(config.outbox_poll_interval) => true,
+            };
         };
         let result = publish();
         if result.is_err() {
@@ -192,7 +276,7 @@ impl<'a> Publisher<'a> {
     /// At shutdown (which comes after the HTTP servers have finished their last requests):
     /// publishes what is still unpublished, until the outbox is empty or
     /// `SHUTDOWN_DRAIN_TIMEOUT_MS` has passed. What is left is published at the next start.
-    fn drain_before_exit(&mut self, pool: &Pool, wake: &Receiver<()>) -> Result<()> {
+    fn drain_before_exit(&mut self, pool: &Pool, wake: &Wake) -> Result<()> {
         let deadline = Instant::now() + self.config.shutdown_drain_timeout;
         self.drain(pool, wake, &|| Instant::now() >= deadline)?;
         info!("outbox publisher: drained before exit");
@@ -224,6 +308,7 @@ impl<'a> Publisher<'a> {
             first_published_at: None,
             last_confirm_at: None,
             confirmed_up_to: 0,
+            claimed: HashSet::new(),
         })
     }
 
@@ -236,19 +321,19 @@ impl<'a> Publisher<'a> {
     pub fn drain(
         &mut self,
         pool: &Pool,
-        wake: &Receiver<()>,
+        wake: &Wake,
         stop_claiming: &dyn Fn() -> bool,
     ) -> Result<()> {
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
         let mut exhausted = false;
         loop {
-            self.fill_window(pool, &mut in_flight, &mut exhausted, stop_claiming)?;
+            self.fill_window(pool, wake, &mut in_flight, &mut exhausted, stop_claiming)?;
             let Some(oldest) = in_flight.front() else {
                 self.returned.clear();
                 return Ok(());
             };
             let room = in_flight.len() < BATCHES_IN_FLIGHT;
-            let woken = room.then_some(wake);
+            let woken = room.then_some(&wake.rx);
             if self.await_confirms(
                 oldest.first_tag,
                 oldest.ids.len(),
@@ -256,17 +341,17 @@ impl<'a> Publisher<'a> {
                 woken,
             )? == Waited::Woken
             {
-                exhausted = false;
+                exhausted &= !wake.needs_claim(&self.claimed);
                 continue;
             }
             // The next batch goes to the broker before this one is marked, so the broker
             // has a full window while the database marks (the rows marked are still
             // locked: the claim skips them).
             let batch = in_flight.pop_front().expect("the oldest batch");
-            if wake.try_recv().is_ok() {
+            if wake.rx.try_recv().is_ok() && wake.needs_claim(&self.claimed) {
                 exhausted = false; // a commit since: its rows need not wait for the marking
             }
-            self.fill_window(pool, &mut in_flight, &mut exhausted, stop_claiming)?;
+            self.fill_window(pool, wake, &mut in_flight, &mut exhausted, stop_claiming)?;
             let claimed = batch.ids.len();
             let published = self.complete(batch)?;
             if published < claimed {
@@ -280,11 +365,13 @@ impl<'a> Publisher<'a> {
     fn fill_window(
         &mut self,
         pool: &Pool,
+        wake: &Wake,
         in_flight: &mut VecDeque<InFlight>,
         exhausted: &mut bool,
         stop_claiming: &dyn Fn() -> bool,
     ) -> Result<()> {
         while !*exhausted && in_flight.len() < BATCHES_IN_FLIGHT && !stop_claiming() {
+            wake.claiming();
             match self.claim_and_publish(pool)? {
                 Some(batch) => {
                     *exhausted = batch.ids.len() < self.config.outbox_batch_size_max;
@@ -303,6 +390,9 @@ impl<'a> Publisher<'a> {
         if rows.is_empty() {
             tx.commit()?;
             return Ok(None);
+        }
+        if self.claimed.len() + rows.len() > CLAIMED_REMEMBERED {
+            self.claimed.clear();
         }
         let mut batch = InFlight {
             tx,
@@ -333,6 +423,9 @@ impl<'a> Publisher<'a> {
             self.next_tag += 1;
             batch.ids.push(claimed.id);
             batch.event_ids.push(claimed.event_id.to_owned());
+            if let Ok(id) = Uuid::try_parse(claimed.event_id) {
+                self.claimed.insert(id);
+            }
         }
         Ok(Some(batch))
     }
@@ -522,3 +615,42 @@ impl<'r> Claimed<'r> {
 }
 
 const MARK: &str = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_up_claims_only_for_commits_no_claim_of_ours_took() {
+        let wake = Wake::new();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut claimed = HashSet::new();
+        // A token with no id left: a claim since took the ids, and saw their rows.
+        assert!(!wake.needs_claim(&claimed));
+        wake.committed(a);
+        assert!(wake.needs_claim(&claimed), "a commit no claim of ours took");
+        assert!(
+            wake.needs_claim(&claimed),
+            "asking again does not forget it"
+        );
+        claimed.insert(a);
+        assert!(!wake.needs_claim(&claimed), "its row was claimed already");
+        wake.committed(a);
+        wake.committed(b);
+        assert!(wake.needs_claim(&claimed), "one of two ids is not claimed");
+        wake.claiming();
+        assert!(
+            !wake.needs_claim(&HashSet::new()),
+            "a claim covers every commit announced before it began"
+        );
+        for _ in 0..=COMMITTED_MAX {
+            wake.committed(a);
+        }
+        assert!(
+            wake.needs_claim(&claimed),
+            "ids dropped because too many piled up: claim"
+        );
+        wake.claiming();
+        assert!(!wake.needs_claim(&claimed));
+    }
+}
