@@ -71,7 +71,7 @@ impl Default for OutboxMetrics {
 ///
 /// The ids spare a claim that would find nothing. A commit is visible to the database
 /// before its thread gets the answer and sends the token; a claim that starts in between
-/// takes the row, and the token then asked for a claim with nothing left to take (62 % of
+/// takes the row, and the token then asked for a claim with nothing left to take (52–73 % of
 /// all claims, under orders from 32 clients). A publisher that finds every id it was told
 /// about among those it has claimed itself goes back to waiting; any other id, or ids
 /// dropped because too many piled up, make it claim. Taking the ids just before a claim
