@@ -257,7 +257,8 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         &running.background.shutdown,
         retention_metrics.clone(),
     ));
-    let mut service = CommandService::new(pool, Some(wake), Some(outbox_metrics))
+    let wake = (config.outbox_publishers > 0).then_some(wake);
+    let mut service = CommandService::new(pool, wake, Some(outbox_metrics))
         .with_retention(config.retention.idempotency_key_ttl, retention_metrics);
     if config.outbox_publishers > 0 {
         service = service.with_broker_link(link, config.broker_down_grace);
