@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::time::Duration;
 
 use log::info;
@@ -24,6 +25,21 @@ pub struct Conn {
     by_address: Vec<((usize, usize), Statement)>,
     /// Statements prepared with SQL `PREPARE`, by name, for `begin_execute`.
     named: Vec<&'static str>,
+}
+
+/// An array literal of SQL, `'{a,b,c}'`, for the arguments of `Conn::begin_execute` and
+/// `Tx::execute_and_commit`. Only for values we vouch for: numbers, UUIDs, names of ours,
+/// elements quoted by the caller; nothing that holds a quote, backslash, comma or brace.
+pub fn array_literal<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let mut out = String::from("'{");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{item}");
+    }
+    out.push_str("}'");
+    out
 }
 
 impl Conn {

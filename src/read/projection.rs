@@ -17,7 +17,7 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, Statement, Transaction};
 use uuid::Uuid;
 
-use crate::db::Conn;
+use crate::db::{array_literal, Conn};
 use crate::error::{Error, Result};
 use crate::event::Event;
 
@@ -338,22 +338,17 @@ impl<'e> Batch<'e> {
     /// No value comes from a client as text: numbers, UUIDs, the two event types and
     /// instants formatted here, none of which holds a quote, backslash, comma or brace.
     fn literals(&self) -> String {
-        let ids = join(self.unique.keys().map(Uuid::to_string));
-        let types = join(self.unique.values().map(|e| e.event_type().to_string()));
-        let stamps = join(
+        let ids = array_literal(self.unique.keys());
+        let types = array_literal(self.unique.values().map(|e| e.event_type()));
+        let stamps = array_literal(
             self.unique
                 .values()
                 .map(|e| timestamp_literal(e.timestamp())),
         );
         format!(
-            "({SHARD_LOCK_CLASS}, {SHARDS}, {FOLD_LOCK_CLASS}, false, '{{{ids}}}', '{{{types}}}', '{{{stamps}}}', false)"
+            "({SHARD_LOCK_CLASS}, {SHARDS}, {FOLD_LOCK_CLASS}, false, {ids}, {types}, {stamps}, false)"
         )
     }
-}
-
-/// The elements of an array literal, comma-separated.
-fn join(items: impl Iterator<Item = String>) -> String {
-    items.collect::<Vec<_>>().join(",")
 }
 
 /// An instant as an element of a `timestamptz[]` literal, to the microsecond: in double

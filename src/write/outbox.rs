@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::broker::{self, Endpoints, LinkStatus};
 use crate::config::Config;
-use crate::db::{Pool, Tx};
+use crate::db::{self, Pool, Tx};
 use crate::error::{Error, Result};
 use crate::metrics::{Counter, Histogram, BATCH_BOUNDS};
 use crate::shutdown::Shutdown;
@@ -462,8 +462,7 @@ impl<'a> Publisher<'a> {
         if nacked + returned > 0 {
             warn!("outbox: the broker refused (nack) {nacked} and returned {returned} messages; they stay in the outbox");
         }
-        let ids = published_ids.iter().map(i64::to_string);
-        let args = format!("('{{{}}}')", ids.collect::<Vec<_>>().join(","));
+        let args = format!("({})", db::array_literal(&published_ids));
         batch.tx.execute_and_commit("outbox_mark", MARK, &args)?;
         self.metrics.published.add(published_ids.len() as u64);
         self.metrics.batch_rows.observe(n as f64);
