@@ -240,3 +240,30 @@ fn an_idle_keepalive_connection_is_closed_without_an_answer() {
         idle_from.elapsed()
     );
 }
+
+/// HTTP/1.1 pipelining: requests sent in one write are handled by several workers at once,
+/// and each response waits for the one before it (the vendored tiny_http's one-shot hand-off
+/// between a connection's response writers, which wakes a writer only if it waits).
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Query);
+    let mut s = TcpStream::connect(app.query()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for round in 0..5 {
+        let ids: Vec<u64> = (1..=40).map(|i| round * 1000 + i).collect();
+        let burst: String = ids
+            .iter()
+            .map(|id| format!("GET /api/analytics/products/{id}/sales HTTP/1.1\r\nHost: t\r\n\r\n"))
+            .collect();
+        s.write_all(burst.as_bytes()).unwrap();
+        for id in &ids {
+            let (status, body) = read_response(&mut s).expect("a response for each request");
+            assert_eq!(status, 404, "{body}");
+            assert!(
+                body.contains(&format!("product {id} has")),
+                "the answer to product {id} came out of order: {body}"
+            );
+        }
+    }
+}

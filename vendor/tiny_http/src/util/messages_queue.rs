@@ -11,8 +11,22 @@ pub struct MessagesQueue<T>
 where
     T: Send,
 {
-    queue: Mutex<VecDeque<Control<T>>>,
+    queue: Mutex<Queue<T>>,
     condvar: Condvar,
+}
+
+/// PATCHED: the queue and how many threads wait on it. std's `Condvar::notify_one` is a
+/// `futex` system call even with no thread to wake; under load every worker is busy when
+/// a request is pushed, so pushes wake only when someone waits.
+struct Queue<T> {
+    items: VecDeque<Control<T>>,
+    waiting: usize,
+}
+
+impl<T> Queue<T> {
+    fn pop_front(&mut self) -> Option<Control<T>> {
+        self.items.pop_front()
+    }
 }
 
 impl<T> MessagesQueue<T>
@@ -21,23 +35,32 @@ where
 {
     pub fn with_capacity(capacity: usize) -> Arc<MessagesQueue<T>> {
         Arc::new(MessagesQueue {
-            queue: Mutex::new(VecDeque::with_capacity(capacity)),
+            queue: Mutex::new(Queue {
+                items: VecDeque::with_capacity(capacity),
+                waiting: 0,
+            }),
             condvar: Condvar::new(),
         })
     }
 
     /// Pushes an element to the queue.
     pub fn push(&self, value: T) {
-        let mut queue = self.queue.lock().unwrap();
-        queue.push_back(Control::Elem(value));
-        self.condvar.notify_one();
+        self.push_control(Control::Elem(value));
     }
 
     /// Unblock one thread stuck in pop loop.
     pub fn unblock(&self) {
+        self.push_control(Control::Unblock);
+    }
+
+    fn push_control(&self, control: Control<T>) {
         let mut queue = self.queue.lock().unwrap();
-        queue.push_back(Control::Unblock);
-        self.condvar.notify_one();
+        queue.items.push_back(control);
+        let waiting = queue.waiting > 0;
+        drop(queue);
+        if waiting {
+            self.condvar.notify_one();
+        }
     }
 
     /// Pops an element. Blocks until one is available.
@@ -52,7 +75,9 @@ where
                 None => (),
             }
 
+            queue.waiting += 1;
             queue = self.condvar.wait(queue).unwrap();
+            queue.waiting -= 1;
         }
     }
 
@@ -78,8 +103,10 @@ where
                 None => (),
             }
             let now = Instant::now();
+            queue.waiting += 1;
             let (_queue, result) = self.condvar.wait_timeout(queue, timeout).unwrap();
             queue = _queue;
+            queue.waiting -= 1;
             let sleep_time = now.elapsed();
             duration = if duration > sleep_time {
                 duration - sleep_time

@@ -99,6 +99,10 @@ pub struct RefinedTcpStream {
     close_write: bool,
     /// PATCHED: when set, every read is bounded by this deadline (see `ReadDeadline`).
     deadline: Option<Arc<ReadDeadline>>,
+    /// PATCHED: the read timeout this stream last set on the socket. The idle wait before
+    /// each keep-alive request asks for the same timeout every time: one `setsockopt` per
+    /// request saved. Only this (reading) half sets it.
+    timeout_set: Option<std::time::Duration>,
 }
 
 /// PATCHED: the deadline of the reads on one connection. Upstream only had the socket's
@@ -166,6 +170,7 @@ impl RefinedTcpStream {
             close_read: true,
             close_write: false,
             deadline: None,
+            timeout_set: None,
         };
 
         let write = RefinedTcpStream {
@@ -173,6 +178,7 @@ impl RefinedTcpStream {
             close_read: false,
             close_write: true,
             deadline: None,
+            timeout_set: None,
         };
 
         (read, write)
@@ -209,9 +215,15 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        // PATCHED: one setsockopt per read syscall (the buffered reader above makes few).
+        // PATCHED: the deadline's time left bounds each read syscall (the buffered reader
+        // above makes few); `setsockopt` only when that differs from the timeout set last.
         if let Some(deadline) = &self.deadline {
-            self.stream.set_read_timeout(deadline.remaining()?)?;
+            let timeout = deadline.remaining()?;
+            if self.timeout_set != Some(timeout) {
+                self.timeout_set = None;
+                self.stream.set_read_timeout(timeout)?;
+                self.timeout_set = Some(timeout);
+            }
         }
         self.stream.read(buf)
     }

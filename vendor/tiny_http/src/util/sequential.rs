@@ -201,7 +201,9 @@ where
 
 // PATCHED: a channel for exactly one message, one allocation (an `Arc` of a mutex and a
 // condition variable, which allocate nothing themselves). As with `mpsc`, `recv` fails if
-// the sender was dropped without sending.
+// the sender was dropped without sending. The sender wakes the receiver only if it waits:
+// std's `Condvar::notify_one` is a `futex` system call even with no thread to wake, and
+// most messages here arrive before anyone asks for them.
 mod one_shot {
     use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -211,14 +213,35 @@ mod one_shot {
         Done,
     }
 
+    struct Inner<T> {
+        state: State<T>,
+        /// The receiver is blocked in `recv`.
+        waiting: bool,
+    }
+
     struct Slot<T> {
-        state: Mutex<State<T>>,
+        inner: Mutex<Inner<T>>,
         changed: Condvar,
     }
 
     impl<T> Slot<T> {
-        fn lock(&self) -> MutexGuard<'_, State<T>> {
-            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+            self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// Leaves `Empty` for `to`, waking a waiting receiver; false if not `Empty`.
+        fn fill(&self, to: impl FnOnce() -> State<T>) -> bool {
+            let mut inner = self.lock();
+            if !matches!(inner.state, State::Empty) {
+                return false;
+            }
+            inner.state = to();
+            let waiting = inner.waiting;
+            drop(inner);
+            if waiting {
+                self.changed.notify_one();
+            }
+            true
         }
     }
 
@@ -230,7 +253,10 @@ mod one_shot {
 
     pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
         let slot = Arc::new(Slot {
-            state: Mutex::new(State::Empty),
+            inner: Mutex::new(Inner {
+                state: State::Empty,
+                waiting: false,
+            }),
             changed: Condvar::new(),
         });
         (Sender(slot.clone()), Receiver(slot))
@@ -238,37 +264,32 @@ mod one_shot {
 
     impl<T> Sender<T> {
         pub fn send(&self, value: T) -> Result<(), T> {
-            let mut state = self.0.lock();
-            if !matches!(*state, State::Empty) {
-                return Err(value);
+            let mut value = Some(value);
+            if self.0.fill(|| State::Full(value.take().expect("taken once"))) {
+                Ok(())
+            } else {
+                Err(value.take().expect("not taken"))
             }
-            *state = State::Full(value);
-            drop(state);
-            self.0.changed.notify_one();
-            Ok(())
         }
     }
 
     impl<T> Drop for Sender<T> {
         fn drop(&mut self) {
-            let mut state = self.0.lock();
-            if matches!(*state, State::Empty) {
-                *state = State::Done;
-                drop(state);
-                self.0.changed.notify_one();
-            }
+            self.0.fill(|| State::Done);
         }
     }
 
     impl<T> Receiver<T> {
         pub fn recv(&self) -> Result<T, Disconnected> {
-            let mut state = self.0.lock();
+            let mut inner = self.0.lock();
             loop {
-                match std::mem::replace(&mut *state, State::Done) {
+                match std::mem::replace(&mut inner.state, State::Done) {
                     State::Full(value) => return Ok(value),
                     State::Empty => {
-                        *state = State::Empty;
-                        state = self.0.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                        inner.state = State::Empty;
+                        inner.waiting = true;
+                        inner = self.0.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+                        inner.waiting = false;
                     }
                     State::Done => return Err(Disconnected),
                 }
