@@ -229,19 +229,14 @@ mod one_shot {
             self.inner.lock().unwrap_or_else(|e| e.into_inner())
         }
 
-        /// Leaves `Empty` for `to`, waking a waiting receiver; false if not `Empty`.
-        fn fill(&self, to: impl FnOnce() -> State<T>) -> bool {
-            let mut inner = self.lock();
-            if !matches!(inner.state, State::Empty) {
-                return false;
-            }
-            inner.state = to();
+        /// Sets the state, then wakes the receiver if it waits.
+        fn set(&self, mut inner: MutexGuard<'_, Inner<T>>, state: State<T>) {
+            inner.state = state;
             let waiting = inner.waiting;
             drop(inner);
             if waiting {
                 self.changed.notify_one();
             }
-            true
         }
     }
 
@@ -264,18 +259,21 @@ mod one_shot {
 
     impl<T> Sender<T> {
         pub fn send(&self, value: T) -> Result<(), T> {
-            let mut value = Some(value);
-            if self.0.fill(|| State::Full(value.take().expect("taken once"))) {
-                Ok(())
-            } else {
-                Err(value.take().expect("not taken"))
+            let inner = self.0.lock();
+            if !matches!(inner.state, State::Empty) {
+                return Err(value);
             }
+            self.0.set(inner, State::Full(value));
+            Ok(())
         }
     }
 
     impl<T> Drop for Sender<T> {
         fn drop(&mut self) {
-            self.0.fill(|| State::Done);
+            let inner = self.0.lock();
+            if matches!(inner.state, State::Empty) {
+                self.0.set(inner, State::Done);
+            }
         }
     }
 
