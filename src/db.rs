@@ -381,6 +381,11 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[
         name: "place_order_generic_plans",
         sql: include_str!("../sql/write/006_place_order_generic_plans.sql"),
     },
+    Migration {
+        version: 7,
+        name: "checks_off_the_order_path",
+        sql: include_str!("../sql/write/007_checks_off_the_order_path.sql"),
+    },
 ];
 
 pub const READ_MIGRATIONS: &[Migration] = &[

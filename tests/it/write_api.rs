@@ -833,3 +833,97 @@ fn place_order_looks_products_up_by_key_on_a_never_analysed_catalogue() {
         "place_order scanned the whole products table (seq_scan {before:?} → {after:?})"
     );
 }
+
+/// The catalogue's rules (name and category of 1 to 200 characters, a price above 0 and
+/// below 1,000,000,000) hold for any writer of `products`, through the trigger of write
+/// migration 007, while an order's stock decrement does not run it: before, they were
+/// CHECK constraints, rebuilt from their stored text and evaluated at every order.
+#[test]
+fn the_catalogue_refuses_bad_products_from_any_writer_and_orders_do_not_run_its_checks() {
+    let env = TestEnv::new();
+    let mut db = env.write();
+    let refused = |db: &mut postgres::Client, sql: &str| {
+        let e = db.batch_execute(sql).expect_err(sql);
+        assert_eq!(
+            e.code(),
+            Some(&postgres::error::SqlState::CHECK_VIOLATION),
+            "{sql}: {e}"
+        );
+    };
+    let long = "x".repeat(201);
+    for (name, category, price) in [
+        ("", "c", "1"),
+        (long.as_str(), "c", "1"),
+        ("n", "", "1"),
+        ("n", long.as_str(), "1"),
+        ("n", "c", "0"),
+        ("n", "c", "-1"),
+        ("n", "c", "1000000000"),
+    ] {
+        refused(
+            &mut db,
+            &format!(
+                "INSERT INTO products (name, category, price, stock)
+                 VALUES ('{name}', '{category}', {price}, 1)"
+            ),
+        );
+    }
+    let max = "y".repeat(200);
+    let id: i64 = db
+        .query_one(
+            "INSERT INTO products (name, category, price, stock)
+             VALUES ($1, $1, 999999999.99, 10) RETURNING id",
+            &[&max],
+        )
+        .unwrap()
+        .get(0);
+    for set in ["name = ''", "category = ''", "price = 0"] {
+        refused(
+            &mut db,
+            &format!("UPDATE products SET {set} WHERE id = {id}"),
+        );
+    }
+    refused(
+        &mut db,
+        &format!("UPDATE products SET stock = -1 WHERE id = {id}"),
+    );
+
+    // Calls of the trigger's function within one transaction: none for an order, one for
+    // an update that names a checked column.
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("SET LOCAL track_functions = 'pl'")
+        .unwrap();
+    let calls = |tx: &mut postgres::Transaction| -> i64 {
+        tx.query_opt(
+            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'products_valid'",
+            &[],
+        )
+        .unwrap()
+        .map_or(0, |r| r.get(0))
+    };
+    let outcome: String = tx
+        .query_one(
+            "SELECT r_outcome FROM place_order(ARRAY[$1::bigint], ARRAY[3], ARRAY[NULL]::bigint[],
+             7, gen_random_uuid(), '2026-11-26T12:00:00.000Z', NULL, NULL)",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "ok");
+    let stock: i32 = tx
+        .query_one("SELECT stock FROM products WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(stock, 7);
+    assert_eq!(calls(&mut tx), 0, "the order's stock update ran the checks");
+    tx.batch_execute(&format!(
+        "UPDATE products SET price = price WHERE id = {id}"
+    ))
+    .unwrap();
+    assert_eq!(
+        calls(&mut tx),
+        1,
+        "an update of the price must run the checks"
+    );
+    tx.commit().unwrap();
+}
