@@ -6,9 +6,9 @@
 # the write database, then runs PostgreSQL in single-user mode under
 # `valgrind --tool=callgrind` twice on fresh copies of that database: 500 and 2,500 calls
 # of `place_order` (the two lines of benches/ceiling/order_one_rt.sql) in one PL/pgSQL
-# loop. The difference over 2,000 calls is printed: start-up, catalogue loading and the
-# loop's first plans cancel out. One transaction holds each loop, so commits, the WAL
-# flush and the wire protocol are not in the figure.
+# loop, with a COMMIT after each. The difference over 2,000 calls is printed: start-up,
+# catalogue loading and the loop's first plans cancel out. Commits are in the figure, the
+# wire protocol and other sessions (lock waits, group commit) are not.
 #
 #   benches/pg-callgrind.sh [SQL_FILE]
 #
