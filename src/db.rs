@@ -386,6 +386,11 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[
         name: "checks_off_the_order_path",
         sql: include_str!("../sql/write/007_checks_off_the_order_path.sql"),
     },
+    Migration {
+        version: 8,
+        name: "place_order_in_two_statements",
+        sql: include_str!("../sql/write/008_place_order_in_two_statements.sql"),
+    },
 ];
 
 pub const READ_MIGRATIONS: &[Migration] = &[

@@ -2,9 +2,10 @@
 //! runs as ONE statement in an implicit transaction (one round trip; a second only for the
 //! Idempotency-Key replay lookup) that writes the business rows, the outbox row carrying
 //! the event and, when the client sent one, the Idempotency-Key record. An order is the
-//! call of `place_order` (sql/write/003_place_order.sql): stock is checked under row locks
-//! taken in product-id order, so concurrent orders can neither oversell nor deadlock, and a
-//! rejected order comes back as an outcome row that `order_rejected` maps to its 4xx.
+//! call of `place_order` (its outcomes in sql/write/003_place_order.sql, its body now in
+//! 008): stock is checked under row locks taken in product-id order, so concurrent orders
+//! can neither oversell nor deadlock, and a rejected order comes back as an outcome row
+//! that `order_rejected` maps to its 4xx.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -278,7 +279,7 @@ impl CommandService {
         let event_id = Uuid::now_v7();
         let stmt = conn.prepared(PLACE_ORDER)?;
         // Row locks, validation and every write: one statement in an implicit transaction
-        // (sql/write/003_place_order.sql).
+        // (sql/write/003_place_order.sql, body in 008).
         let row = conn.client.query_one(
             &stmt,
             &[
@@ -465,7 +466,8 @@ WITH n AS (
 )
 SELECT n.id, EXISTS (SELECT 1 FROM p) FROM n";
 
-/// POST /api/orders in one round trip: see sql/write/003_place_order.sql.
+/// POST /api/orders in one round trip: see sql/write/003_place_order.sql (the outcomes) and
+/// 008 (the body).
 const PLACE_ORDER: &str = "SELECT r_outcome, r_order_id, r_product_id, r_available, r_requested,
     r_price_cents, r_key_request, r_key_status, r_key_body
 FROM place_order($1::bigint[], $2::int[], $3::bigint[], $4::bigint, $5::uuid, $6::text, $7::text, $8::text)";

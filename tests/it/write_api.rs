@@ -359,6 +359,50 @@ fn orders_are_validated_and_priced_from_the_catalogue() {
         })
     );
     assert_eq!(write_counts(&env), before);
+
+    // Several failing lines: the answer names the first in the request's order (not the
+    // lowest product id), whatever the others' faults.
+    let r = post_json(
+        a,
+        "/api/orders",
+        &json!({"customerId": 1, "items": [
+            {"productId": p2, "quantity": 2},
+            {"productId": 999, "quantity": 1},
+            {"productId": p1, "quantity": 1, "price": 19.99}
+        ]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        (r.json()["productId"].clone(), r.json()["requested"].clone()),
+        (json!(p2), json!(2))
+    );
+    let r = post_json(
+        a,
+        "/api/orders",
+        &json!({"customerId": 1, "items": [
+            {"productId": 999, "quantity": 1},
+            {"productId": p1, "quantity": 1, "price": 19.99}
+        ]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("999"), "{}", r.body);
+    let r = post_json(
+        a,
+        "/api/orders",
+        &json!({"customerId": 1, "items": [
+            {"productId": p2, "quantity": 1, "price": 1.0},
+            {"productId": p1, "quantity": 11}
+        ]}),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(
+        (
+            r.json()["productId"].clone(),
+            r.json()["currentPrice"].clone()
+        ),
+        (json!(p2), json!(10.0))
+    );
+    assert_eq!(write_counts(&env), before);
     let mut c = env.write();
     let stock: i32 = c
         .query_one("SELECT stock FROM products WHERE id = $1", &[&p1])
