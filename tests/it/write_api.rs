@@ -441,6 +441,26 @@ fn orders_are_validated_and_priced_from_the_catalogue() {
         .get::<_, String>(0),
     )
     .unwrap();
+    let mut keys: Vec<&str> = payload
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "customerId",
+            "eventId",
+            "eventType",
+            "items",
+            "orderId",
+            "timestamp",
+            "total"
+        ],
+        "the OrderCreated event's fields, no more"
+    );
     assert_eq!(payload["eventType"], "OrderCreated");
     assert_eq!(payload["orderId"], json!(order_id));
     assert_eq!(payload["customerId"], json!(100));
