@@ -134,16 +134,15 @@ fn read_response(s: &mut TcpStream) -> Option<(u16, String)> {
 #[test]
 fn a_connection_flood_gets_503s_and_408s_while_threads_stay_bounded() {
     let env = TestEnv::new();
-    let port = free_port();
     let cap: u64 = 16;
     let head_timeout = Duration::from_millis(1500);
     let mut cmd = env.binary("query-service");
-    cmd.env("QUERY_SERVICE_PORT", port.to_string())
+    cmd.env("QUERY_SERVICE_PORT", "0")
         .env("QUERY_HTTP_WORKERS", "2")
         .env("READ_POOL_SIZE", "2")
         .env("HTTP_MAX_CONNECTIONS", cap.to_string())
         .env("HTTP_HEAD_TIMEOUT_MS", head_timeout.as_millis().to_string());
-    let service = ChildService::spawn(&mut cmd, port, &format!("conn-flood-{}", env.id));
+    let service = ChildService::spawn(&mut cmd, "query-service", &format!("conn-flood-{}", env.id));
     let addr = service.addr;
     let threads_before = service.proc_status("Threads");
 

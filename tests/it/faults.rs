@@ -398,7 +398,8 @@ fn broker_outage_accepts_every_order_and_drains_the_outbox() {
 // 2. The publisher's process killed with SIGKILL and restarted.
 // ---------------------------------------------------------------------------------------
 
-/// The real binary running `command-service` for this test; killed on drop.
+/// The real binary running `command-service` for this test on `port` (0: a port the kernel
+/// picks); killed on drop.
 fn spawn_command_service(env: &TestEnv, port: u16, generation: u32) -> ChildService {
     let mut cmd = env.binary("command-service");
     cmd.env("RUST_LOG", "info")
@@ -408,7 +409,11 @@ fn spawn_command_service(env: &TestEnv, port: u16, generation: u32) -> ChildServ
         .env("OUTBOX_POLL_INTERVAL_MS", "200")
         .env("BROKER_RECONNECT_MAX_MS", "500")
         .env("MIGRATE_ON_START", "true");
-    ChildService::spawn(&mut cmd, port, &format!("faults-{}-{generation}", env.id))
+    ChildService::spawn(
+        &mut cmd,
+        "command-service",
+        &format!("faults-{}-{generation}", env.id),
+    )
 }
 
 /// Widens the window between "the broker confirmed the batch" and "the outbox rows are
@@ -424,8 +429,9 @@ FOR EACH STATEMENT EXECUTE FUNCTION it_slow_mark();";
 fn publisher_killed_mid_stream_delivers_duplicates_but_applies_none() {
     let env = TestEnv::new();
     let consumer = env.start(Role::Consumer);
-    let port = free_port();
-    let first = spawn_command_service(&env, port, 1);
+    let first = spawn_command_service(&env, 0, 1);
+    // The restarted process listens where the first did: the load's clients reconnect.
+    let port = first.addr.port();
     let products = seed_products(first.addr);
     let load = Load::start(first.addr, &products, 4);
     wait_for_orders(&load, 50, "orders before the kill");

@@ -699,23 +699,61 @@ pub struct ChildService {
 }
 
 impl ChildService {
-    /// Spawns `cmd` (from `TestEnv::binary`, listening on `port`) with its stderr in a
-    /// file named after `log_name`, and waits until its `/health` answers 200.
-    pub fn spawn(cmd: &mut Command, port: u16, log_name: &str) -> ChildService {
+    /// Spawns `cmd` (from `TestEnv::binary`) with its stderr in a file named after
+    /// `log_name`, finds the address `service` (e.g. `command-service`) listens on in the
+    /// line it logs when it starts, and waits until its `/health` answers 200.
+    ///
+    /// The caller sets the service's port variable, best to 0: the service then binds a
+    /// port the kernel picks, where a port found free beforehand may be taken by another
+    /// test's server before the child binds it (and the test would talk to that server).
+    pub fn spawn(cmd: &mut Command, service: &str, log_name: &str) -> ChildService {
         let log_path = std::env::temp_dir().join(format!("{log_name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
+        // The listening line is logged at info level by the http module.
+        let filter = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "RUST_LOG")
+            .and_then(|(_, v)| v?.to_str().map(str::to_owned))
+            .unwrap_or_else(|| "warn".into());
         let child = cmd
+            .env("RUST_LOG", format!("{filter},cqrs_analytics::http=info"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawning the cqrs-analytics binary");
-        let mut service = ChildService {
+        let mut child_service = ChildService {
             child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_path,
         };
-        service.wait_healthy();
-        service
+        child_service.addr = child_service.wait_listening(service);
+        child_service.wait_healthy();
+        child_service
+    }
+
+    /// The address in `{service} listening on http://{addr}`, once the child has logged it.
+    fn wait_listening(&mut self, service: &str) -> SocketAddr {
+        let needle = format!("{service} listening on http://");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            // Only whole lines: the last one may still be being written.
+            let whole = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(addr) = whole
+                .lines()
+                .find_map(|l| l.split_once(&needle)?.1.trim().parse().ok())
+            {
+                return addr;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the service exited with {status}; log:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service} did not say where it listens; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn wait_healthy(&mut self) {

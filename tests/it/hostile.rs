@@ -234,10 +234,9 @@ fn content_length_lies_get_4xx_and_write_nothing() {
 /// The binary running `command-service` as a child process (killed on drop), so that a
 /// crash shows as a failed assertion instead of taking the whole test binary down.
 fn child_command_service(env: &TestEnv) -> ChildService {
-    let port = free_port();
     let mut cmd = env.binary("command-service");
-    cmd.env("COMMAND_SERVICE_PORT", port.to_string());
-    ChildService::spawn(&mut cmd, port, &format!("hostile-{}", env.id))
+    cmd.env("COMMAND_SERVICE_PORT", "0");
+    ChildService::spawn(&mut cmd, "command-service", &format!("hostile-{}", env.id))
 }
 
 #[test]

@@ -2,7 +2,6 @@
 //! model → query service. Each test ends by checking the read model against the write
 //! model in SQL, so a lost or doubled event cannot hide.
 
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -353,22 +352,12 @@ fn every_commit_is_published_without_waiting_for_the_poll() {
 #[test]
 fn sigterm_stops_the_binary_cleanly() {
     let env = TestEnv::new();
-    let (cp, qp, kp) = (free_port(), free_port(), free_port());
-    let mut child = env
-        .binary("all")
-        .env("COMMAND_SERVICE_PORT", cp.to_string())
-        .env("QUERY_SERVICE_PORT", qp.to_string())
-        .env("CONSUMER_SERVICE_PORT", kp.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let command: std::net::SocketAddr = format!("127.0.0.1:{cp}").parse().unwrap();
-    wait_until("the binary to answer /health", CONVERGE, || {
-        std::net::TcpStream::connect(command)
-            .ok()
-            .and_then(|_| (get(command, "/health").status == 200).then_some(()))
-    });
+    let mut cmd = env.binary("all");
+    cmd.env("COMMAND_SERVICE_PORT", "0")
+        .env("QUERY_SERVICE_PORT", "0")
+        .env("CONSUMER_SERVICE_PORT", "0");
+    let mut all = ChildService::spawn(&mut cmd, "command-service", &format!("sigterm-{}", env.id));
+    let command = all.addr;
     let pid = create_product(command, "p", "c", 1.0, 10);
     assert_eq!(
         post_json(
@@ -380,15 +369,13 @@ fn sigterm_stops_the_binary_cleanly() {
         201
     );
     assert_converges(&env, CONVERGE);
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = wait_until("the binary to exit", Duration::from_secs(20), || {
-        child.try_wait().unwrap()
-    });
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    let status = all.terminate(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM; log:\n{}",
+        all.log()
+    );
 }
 
 /// The publisher's claim walks the partial index of unpublished rows in id order, on a

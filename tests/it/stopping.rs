@@ -14,13 +14,13 @@ fn sigterm_under_load_publishes_every_accepted_order_then_exits_0() {
     // and is still there at the signal: a process that stopped its publishers together
     // with HTTP would leave it unpublished.
     env.write().batch_execute(SLOW_MARK).unwrap();
-    let port = free_port();
     let mut cmd = env.binary("command-service");
     cmd.env("RUST_LOG", "info")
-        .env("COMMAND_SERVICE_PORT", port.to_string())
+        .env("COMMAND_SERVICE_PORT", "0")
         .env("OUTBOX_BATCH_SIZE", "50")
         .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "20000");
-    let mut service = ChildService::spawn(&mut cmd, port, &format!("stopping-{}", env.id));
+    let mut service =
+        ChildService::spawn(&mut cmd, "command-service", &format!("stopping-{}", env.id));
     let products = seed_products(service.addr);
     let load = Load::start(service.addr, &products, 4);
     wait_until("orders under load", Duration::from_secs(30), || {
