@@ -102,6 +102,7 @@ BEGIN
         r_outcome := CASE WHEN NOT FOUND THEN 'missing'
                           WHEN p_client_prices[v_failing] <> r_price_cents THEN 'price'
                           ELSE 'stock' END;
+        -- A retry that waited for our locks behind its twin answers as the twin did.
         IF p_key IS NOT NULL THEN
             SELECT * INTO v_key FROM idempotency_keys k WHERE k.key = p_key;
             IF FOUND THEN
