@@ -1,10 +1,15 @@
 //! The consumers: broker deliveries → batch → one read-model transaction → commit → ack.
 //!
-//! Each thread owns a connection and a channel consuming both queues with a prefetch
-//! window. It takes the first delivery, then whatever else arrives within a few
+//! Each thread owns a connection and two channels, one consuming each queue with a
+//! prefetch window. It takes the first delivery, then whatever else arrives within a few
 //! milliseconds, up to a batch. Nothing is acked before the transaction that applied it
 //! has committed; a crash in between leaves the messages unacked, the broker redelivers
-//! them and `processed_events` turns the redelivery into a no-op. A batch that fails for a
+//! them and `processed_events` turns the redelivery into a no-op. A batch is acked with
+//! `multiple`, one ack per channel, which is exact only because each channel has a single
+//! consumer: its deliveries reach us in delivery-tag order, so the batch holds every
+//! unsettled delivery of that channel up to the one acked. (On one channel shared by both
+//! queues, the last delivery of a batch of products also acked the orders with lower tags
+//! still waiting in the other queue's buffer, and a stop lost them.) A batch that fails for a
 //! reason other than a lost database is replayed one event at a time to isolate the bad
 //! one, which is retried a bounded number of times and then dead-lettered.
 
@@ -176,22 +181,23 @@ impl Consumer<'_> {
         let (config, shutdown) = (self.config, self.shutdown);
         let mut link = endpoints.connect(config)?;
         let stall = config.broker_stall_timeout;
-        let channel = link.within(stall, "opening the consumer's channel", |connection| {
-            Ok(connection.open_channel(None)?)
+        let channels = link.within(stall, "opening the consumer's channels", |connection| {
+            Ok([
+                connection.open_channel(None)?,
+                connection.open_channel(None)?,
+            ])
         })?;
         // Each call waits for the broker's answer; a node whose queue client waits on a dead
         // peer leaves basic.consume unanswered for seconds (measured: 7 s).
         let (products, orders) = link.within(stall, "declaring and consuming", |_| {
-            broker::declare_topology(&channel, &config.broker)?;
-            channel.qos(0, config.consumer_prefetch, false)?;
-            let products = channel.basic_consume(
-                config.broker.product_queue.as_str(),
-                ConsumerOptions::default(),
-            )?;
-            let orders = channel.basic_consume(
-                config.broker.order_queue.as_str(),
-                ConsumerOptions::default(),
-            )?;
+            broker::declare_topology(&channels[0], &config.broker)?;
+            let consume = |from: Source, queue: &str| {
+                let channel = &channels[from as usize];
+                channel.qos(0, config.consumer_prefetch, false)?;
+                channel.basic_consume(queue, ConsumerOptions::default())
+            };
+            let products = consume(Source::Products, config.broker.product_queue.as_str())?;
+            let orders = consume(Source::Orders, config.broker.order_queue.as_str())?;
             Ok((products, orders))
         })?;
         info!("consumer consuming from {}", link.endpoint);
@@ -209,29 +215,32 @@ impl Consumer<'_> {
                 never.clone()
             };
             let first = select! {
-                recv(prx) -> m => m,
-                recv(orx) -> m => m,
+                recv(prx) -> m => (Source::Products, m),
+                recv(orx) -> m => (Source::Orders, m),
                 recv(shutdown.receiver()) -> _ => return Ok(()), // unacked messages are redelivered
                 recv(idle) -> _ => {
                     self.fold_when_idle();
                     continue;
                 }
             };
-            let mut batch = vec![delivery(first)?];
+            let mut batch = vec![(first.0, delivery(first.1)?)];
             let deadline = Instant::now() + config.consumer_batch_wait;
             while batch.len() < config.consumer_batch_size_max {
                 // Take what is already here without waiting, then wait until the deadline.
-                let next = match prx.try_recv().or_else(|_| orx.try_recv()) {
-                    Ok(m) => m,
-                    Err(_) => select! {
-                        recv(prx) -> m => delivery_or_closed(m)?,
-                        recv(orx) -> m => delivery_or_closed(m)?,
-                        default(deadline.saturating_duration_since(Instant::now())) => break,
+                let next = match prx.try_recv() {
+                    Ok(m) => (Source::Products, m),
+                    Err(_) => match orx.try_recv() {
+                        Ok(m) => (Source::Orders, m),
+                        Err(_) => select! {
+                            recv(prx) -> m => (Source::Products, delivery_or_closed(m)?),
+                            recv(orx) -> m => (Source::Orders, delivery_or_closed(m)?),
+                            default(deadline.saturating_duration_since(Instant::now())) => break,
+                        },
                     },
                 };
-                batch.push(delivery(Ok(next))?);
+                batch.push((next.0, delivery(Ok(next.1))?));
             }
-            self.process(&channel, batch)?;
+            self.process(&channels, batch)?;
         };
         let result = consume();
         if result.is_err() {
@@ -241,37 +250,46 @@ impl Consumer<'_> {
         result
     }
 
-    fn process(&self, channel: &Channel, batch: Vec<Delivery>) -> Result<()> {
+    fn process(&self, channels: &[Channel; 2], batch: Vec<(Source, Delivery)>) -> Result<()> {
         let metrics = self.metrics;
         let held = batch.len();
         metrics.deliveries.add(batch.len() as u64);
         metrics.batch_size.observe(batch.len() as f64);
         // Messages that are not events at all can never succeed: dead-letter them at once.
-        let mut good: Vec<(Delivery, Event)> = Vec::with_capacity(batch.len());
-        for d in batch {
+        let mut good: Vec<((Source, Delivery), Event)> = Vec::with_capacity(batch.len());
+        for (from, d) in batch {
             match Event::parse(&d.body) {
-                Ok(e) => good.push((d, e)),
+                Ok(e) => good.push(((from, d), e)),
                 Err(e) => {
                     warn!(
                         "dead-lettering an unparseable message ({}): {e}",
                         message_key(&d)
                     );
                     metrics.dead_lettered.inc();
-                    d.nack(channel, false)?;
+                    d.nack(&channels[from as usize], false)?;
                 }
             }
         }
         if good.is_empty() {
             return Ok(());
         }
-        let (mut deliveries, events): (Vec<Delivery>, Vec<Event>) = good.into_iter().unzip();
+        let (deliveries, events): (Vec<(Source, Delivery)>, Vec<Event>) = good.into_iter().unzip();
         let oldest = events.iter().map(Event::timestamp).min();
         let _held = self.progress.hold(self.thread, held, oldest);
         match self.apply_with_retry(&events)? {
             Some(Ok(counts)) => {
                 self.record_applied(&events, counts);
-                let last = deliveries.pop().expect("non-empty");
-                last.ack_multiple(channel)?;
+                // Each channel's last delivery in the batch, acked with `multiple` (module
+                // doc); the unparseable ones nacked above are settled already.
+                let mut last: [Option<Delivery>; 2] = [None, None];
+                for (from, d) in deliveries {
+                    last[from as usize] = Some(d);
+                }
+                for (d, channel) in last.into_iter().zip(channels) {
+                    if let Some(d) = d {
+                        d.ack_multiple(channel)?;
+                    }
+                }
                 Ok(())
             }
             None => Err(Error::unavailable(
@@ -283,8 +301,8 @@ impl Consumer<'_> {
                     "a batch of {} events failed ({e}); applying them one at a time",
                     events.len()
                 );
-                for (d, event) in deliveries.into_iter().zip(events) {
-                    self.isolate(channel, d, event)?;
+                for ((from, d), event) in deliveries.into_iter().zip(events) {
+                    self.isolate(&channels[from as usize], d, event)?;
                 }
                 Ok(())
             }
@@ -389,6 +407,13 @@ impl Consumer<'_> {
             metrics.end_to_end_seconds.observe(lag);
         }
     }
+}
+
+/// The queue a delivery came from, which is also the index of the channel that consumes it.
+#[derive(Clone, Copy)]
+enum Source {
+    Products = 0,
+    Orders = 1,
 }
 
 fn delivery_or_closed(

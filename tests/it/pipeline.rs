@@ -622,3 +622,68 @@ fn the_consumer_commits_asynchronously_and_acks_only_after_a_flush_barrier() {
         assert!(flushed, "round {n}: WAL not flushed past {after_commit}");
     }
 }
+
+/// A consumer takes both queues' messages over one broker session and acks after each
+/// batch commits. Whatever it has acked must be applied: stopped halfway through a backlog
+/// in both queues, every event is either applied or back in its queue, and a second
+/// consumer then brings the read model to the write model. A consumer that acked
+/// `multiple` up to the last message of a batch also acked the other queue's messages with
+/// lower delivery tags that were still waiting in its buffer, and lost them at the stop.
+#[test]
+fn a_consumer_stopped_in_a_mixed_backlog_loses_nothing_it_acked() {
+    let env = TestEnv::new();
+    let command = env.start(Role::Command);
+    let c = command.command();
+    const EACH: i64 = 300;
+    let products: Vec<i64> = (0..EACH)
+        .map(|i| create_product(c, &format!("p{i}"), &format!("Mixed{}", i % 3), 2.5, 1000))
+        .collect();
+    for (i, pid) in products.iter().enumerate() {
+        let r = post_json(
+            c,
+            "/api/orders",
+            &json!({"customerId": 1 + i, "items": [{"productId": pid, "quantity": 1}]}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let queues = [
+        env.broker.product_queue.as_str(),
+        env.broker.order_queue.as_str(),
+    ];
+    let mut depths = QueueDepths::open();
+    wait_until("both queues to hold every event", CONVERGE, || {
+        (unpublished(&env) == 0 && depths.total(&queues) == 2 * EACH).then_some(())
+    });
+
+    // One event per batch, so the stop lands with most of the backlog delivered but unapplied.
+    let consumer = env.start_with(Role::Consumer, |c| c.consumer_batch_size_max = 1);
+    let mut read = env.read();
+    let applied = |read: &mut postgres::Client| -> i64 {
+        read.query_one("SELECT count(*) FROM processed_events", &[])
+            .unwrap()
+            .get(0)
+    };
+    wait_until("a tenth of the events applied", CONVERGE, || {
+        (applied(&mut read) >= 2 * EACH / 10).then_some(())
+    });
+    consumer.stop();
+    let done = applied(&mut read);
+    assert!(
+        done < 2 * EACH,
+        "the stop should land in the backlog, or this test shows nothing"
+    );
+    // The broker puts the stopped channel's unacked messages back in their queues.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ready = depths.total(&queues);
+    while done + ready < 2 * EACH && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        ready = depths.total(&queues);
+    }
+    assert_eq!(
+        done + ready,
+        2 * EACH,
+        "after the stop, {done} events applied and {ready} back in the queues: an event was acked but not applied"
+    );
+    let _consumer = env.start(Role::Consumer);
+    assert_converges(&env, CONVERGE);
+}
