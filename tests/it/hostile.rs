@@ -694,3 +694,152 @@ fn path_ids_that_overflow_or_are_not_ids_get_400() {
     }
     healthy(q);
 }
+
+/// Sends `bytes` on one connection and reads until the server closes it or `timeout` passes:
+/// every response the server sent, and whether it closed the connection.
+fn raw_all(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let _ = s.write_all(bytes);
+    let (mut out, mut buf) = (Vec::new(), [0u8; 4096]);
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// A body whose length the server cannot be sure of is refused, and the connection closed:
+/// the bytes after a misread body would otherwise be read as a second request (here a
+/// whole product POST, which upstream tiny_http created after answering 400 to the first).
+#[test]
+fn a_body_of_uncertain_length_is_refused_and_nothing_after_it_runs() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Command);
+    let a = app.command();
+    let before = write_counts(&env);
+    let body = product_body();
+    let smuggled = format!(
+        "POST /api/products HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let n = smuggled.len();
+    for (framing, status) in [
+        ("Content-Length: abc".to_string(), 400),
+        ("Content-Length: -1".to_string(), 400),
+        ("Content-Length: +5".to_string(), 400),
+        ("Content-Length: 0x10".to_string(), 400),
+        ("Content-Length: 1e2".to_string(), 400),
+        ("Content-Length: 5 0".to_string(), 400),
+        (format!("Content-Length: {n}, {n}"), 400),
+        (format!("Content-Length: 0\r\nContent-Length: {n}"), 400),
+        (
+            format!("Content-Length: {n}\r\nTransfer-Encoding: chunked"),
+            400,
+        ),
+        ("Transfer-Encoding: xchunked".to_string(), 501),
+        ("Transfer-Encoding: gzip".to_string(), 501),
+        ("Transfer-Encoding: gzip, chunked".to_string(), 501),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked".to_string(),
+            501,
+        ),
+    ] {
+        let req = format!(
+            "POST /api/products HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{framing}\r\n\r\n{smuggled}"
+        );
+        let (text, closed) = raw_all(a, req.as_bytes(), Duration::from_secs(5));
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{framing:?}: {text:?}"
+        );
+        assert_eq!(
+            text.matches("HTTP/1.1 ").count(),
+            1,
+            "{framing:?}: one answer, then the connection closes: {text:?}"
+        );
+        assert!(text.contains("{\"error\":"), "{framing:?}: {text:?}");
+        assert!(closed, "{framing:?}: the connection stays open");
+        assert_eq!(write_counts(&env), before, "{framing:?} wrote something");
+    }
+    // What stays accepted: a length with leading zeros, chunked in any case, and a length
+    // repeated in a second identical header.
+    let padded = format!("Content-Length: 000{}", body.len());
+    let repeated = format!("Content-Length: {0}\r\nContent-Length: {0}", body.len());
+    for framing in [padded.as_str(), repeated.as_str()] {
+        let req = format!(
+            "{}{body}",
+            post_head("/api/products", &format!("{framing}\r\n"))
+        );
+        assert_status(
+            &raw(a, req.as_bytes(), Duration::from_secs(5)),
+            201,
+            framing,
+        );
+    }
+    let mut req = post_head("/api/products", "Transfer-Encoding: Chunked\r\n").into_bytes();
+    req.extend_from_slice(&chunked(body.as_bytes(), 7));
+    assert_status(&raw(a, &req, Duration::from_secs(5)), 201, "Chunked");
+    healthy(a);
+}
+
+/// HTTP/2 spoken without negotiation gets 505 and a closed connection. Upstream tiny_http
+/// waited forever to write that 505, so each such connection kept its thread and its place
+/// under `HTTP_MAX_CONNECTIONS` after the client left.
+#[test]
+fn http2_gets_505_and_leaves_no_connection_behind() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Command);
+    let a = app.command();
+    let open = || metric(a, "http_connections_open");
+    let baseline = open();
+    for _ in 0..10 {
+        for req in [
+            &b"GET /health HTTP/2.0\r\nHost: test\r\n\r\n"[..],
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            &b"GET /health HTTP/3.0\r\nHost: test\r\n\r\n"[..],
+        ] {
+            let (text, closed) = raw_all(a, req, Duration::from_secs(5));
+            assert!(text.starts_with("HTTP/1.1 505 "), "{text:?}");
+            assert!(text.contains("{\"error\":"), "{text:?}");
+            assert!(closed, "the connection stays open after 505");
+        }
+    }
+    wait_until(
+        "the connections' count back where it was",
+        Duration::from_secs(5),
+        || (open() <= baseline).then_some(()),
+    );
+    healthy(a);
+}
+
+/// `Connection: Upgrade` (as `curl --http2` sends) is ignored: the request is answered at
+/// once, over HTTP/1.1. Upstream tiny_http gave such a request the raw socket as its body,
+/// so a worker read it until the read timeout and answered 400 to a valid body.
+#[test]
+fn an_upgrade_request_is_answered_as_plain_http_1_1() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Command);
+    let a = app.command();
+    let upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    let t = Duration::from_secs(10);
+    let r = raw(
+        a,
+        format!("GET /health HTTP/1.1\r\nHost: test\r\n{upgrade}\r\n").as_bytes(),
+        t,
+    );
+    assert_status(&r, 200, "GET with Upgrade");
+    assert!(r.elapsed < Duration::from_secs(1), "took {:?}", r.elapsed);
+    let body = product_body();
+    let req = format!(
+        "POST /api/products HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{upgrade}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = raw(a, req.as_bytes(), t);
+    assert_status(&r, 201, "POST with Upgrade");
+    assert!(r.elapsed < Duration::from_secs(1), "took {:?}", r.elapsed);
+}

@@ -59,6 +59,11 @@ enum ReadError {
     WrongHeader(HTTPVersion),
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
+    /// PATCHED: a version other than HTTP/1.0 and HTTP/1.1.
+    UnsupportedVersion,
+    /// PATCHED: a request the server refuses with this status and message, then closes
+    /// (a body whose length it cannot trust).
+    Refused(HTTPVersion, u16, &'static str),
     ReadIoError(IoError),
 }
 
@@ -161,6 +166,12 @@ impl ClientConnection {
                     line.as_str().trim(), // TODO: remove this conversion
                 )?
             };
+            // PATCHED: refused before a writer is taken. Upstream checked the version of the
+            // built request and then waited for a second writer while the request held the
+            // first: no answer, and the connection's thread and slot were never freed.
+            if version != HTTPVersion(1, 0) && version != HTTPVersion(1, 1) {
+                return Err(ReadError::UnsupportedVersion);
+            }
 
             // getting all headers
             let headers = {
@@ -216,6 +227,9 @@ impl ClientConnection {
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
+                request::RequestCreationError::Refused(status, message) => {
+                    ReadError::Refused(version, status, message)
+                }
             }
         })?;
 
@@ -240,90 +254,90 @@ impl Iterator for ClientConnection {
             return None;
         }
 
-        loop {
-            let rq = match self.read() {
-                // PATCHED: every rejection carries a JSON body, {"error": "..."}, so that
-                // clients of a JSON API always get JSON (upstream sent empty bodies, and no
-                // response at all for the cases marked new).
-                Err(ReadError::WrongRequestLine) => {
-                    // we don't know where the next request would start, so we have to close
-                    return self.reject(400, HTTPVersion(1, 1), "malformed request line");
-                }
-
-                Err(ReadError::UriTooLong) => {
-                    return self.reject(414, HTTPVersion(1, 1), "request line too long");
-                }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    return self.reject(400, ver, "malformed header");
-                }
-
-                // new: a head that is too large
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidData => {
-                    return self.reject(431, HTTPVersion(1, 1), "request head too large");
-                }
-
-                // new: a head that is not ASCII
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidInput => {
-                    return self.reject(400, HTTPVersion(1, 1), "request head is not ASCII");
-                }
-
-                // a socket read timeout (SO_RCVTIMEO) is WouldBlock on Unix
-                Err(ReadError::ReadIoError(ref err))
-                    if err.kind() == ErrorKind::TimedOut || err.kind() == ErrorKind::WouldBlock =>
-                {
-                    // PATCHED: an idle connection (no byte of a request yet) is closed
-                    // silently, as keep-alive clients expect; a stalled request gets 408.
-                    if !self.head_started {
-                        return None;
-                    }
-                    return self.reject(408, HTTPVersion(1, 1), "request timed out");
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    // TODO: should be recoverable, but needs handling in case of body
-                    return self.reject(417, ver, "unsupported Expect header");
-                }
-
-                Err(ReadError::ReadIoError(_)) => return None,
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = json_error(505, "only HTTP/1.0 and HTTP/1.1 are supported");
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+        let rq = match self.read() {
+            // PATCHED: every rejection carries a JSON body, {"error": "..."}, so that
+            // clients of a JSON API always get JSON (upstream sent empty bodies, and no
+            // response at all for the cases marked new).
+            Err(ReadError::WrongRequestLine) => {
+                // we don't know where the next request would start, so we have to close
+                return self.reject(400, HTTPVersion(1, 1), "malformed request line");
             }
 
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
+            Err(ReadError::UriTooLong) => {
+                return self.reject(414, HTTPVersion(1, 1), "request line too long");
+            }
 
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+            Err(ReadError::WrongHeader(ver)) => {
+                return self.reject(400, ver, "malformed header");
+            }
 
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
+            // new: a head that is too large
+            Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidData => {
+                return self.reject(431, HTTPVersion(1, 1), "request head too large");
+            }
+
+            // new: a head that is not ASCII
+            Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidInput => {
+                return self.reject(400, HTTPVersion(1, 1), "request head is not ASCII");
+            }
+
+            // a socket read timeout (SO_RCVTIMEO) is WouldBlock on Unix
+            Err(ReadError::ReadIoError(ref err))
+                if err.kind() == ErrorKind::TimedOut || err.kind() == ErrorKind::WouldBlock =>
+            {
+                // PATCHED: an idle connection (no byte of a request yet) is closed
+                // silently, as keep-alive clients expect; a stalled request gets 408.
+                if !self.head_started {
+                    return None;
                 }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
+                return self.reject(408, HTTPVersion(1, 1), "request timed out");
+            }
 
-            // returning the request
-            return Some(rq);
-        }
+            Err(ReadError::ExpectationFailed(ver)) => {
+                // TODO: should be recoverable, but needs handling in case of body
+                return self.reject(417, ver, "unsupported Expect header");
+            }
+
+            // PATCHED: new.
+            Err(ReadError::UnsupportedVersion) => {
+                let message = "only HTTP/1.0 and HTTP/1.1 are supported";
+                return self.reject(505, HTTPVersion(1, 1), message);
+            }
+
+            // PATCHED: new.
+            Err(ReadError::Refused(ver, status, message)) => {
+                return self.reject(status, ver, message);
+            }
+
+            Err(ReadError::ReadIoError(_)) => return None,
+
+            Ok(rq) => rq,
+        };
+
+        // updating the status of the connection
+        let connection_header = rq
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Connection"))
+            .map(|h| h.value.as_str());
+
+        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+
+        match lowercase {
+            Some(ref val) if val.contains("close") => self.no_more_requests = true,
+            // PATCHED: upstream ended the connection at `Connection: upgrade`; this server
+            // upgrades to nothing and ignores it (RFC 9110 7.8), see request.rs.
+            Some(ref val)
+                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
+            {
+                self.no_more_requests = true
+            }
+            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
+            _ => (),
+        };
+
+        // returning the request
+        Some(rq)
     }
 }
 

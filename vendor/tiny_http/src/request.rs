@@ -3,7 +3,6 @@ use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
@@ -108,6 +107,10 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// PATCHED: refused with this status and message; the connection closes (its next
+    /// request's start cannot be known).
+    Refused(u16, &'static str),
 }
 
 impl From<IoError> for RequestCreationError {
@@ -140,23 +143,7 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
+    let (transfer_encoding, content_length) = framing(&headers)?;
 
     // true if the client sent a `Expect: 100-continue` header
     let expects_continue = {
@@ -171,26 +158,16 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
+    // PATCHED: upstream handed a request with `Connection: upgrade` the raw socket as its
+    // body, whatever its framing said: the handler then read until the read timeout (5 s of
+    // a worker) and refused a valid body. This server upgrades to nothing, so it ignores the
+    // header (RFC 9110 7.8) and reads the body by its framing, as for any request.
 
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
     let mut writer = writer;
     let mut must_send_continue = expects_continue;
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if content_length == Some(0) || (content_length.is_none() && transfer_encoding.is_none()) {
+    let reader = if content_length == Some(0) || (content_length.is_none() && !transfer_encoding) {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
         Box::new(io::empty()) as Box<dyn Read + Send + 'static>
@@ -513,6 +490,46 @@ impl Drop for Request {
             }
         }
     }
+}
+
+/// PATCHED: the body's framing (RFC 9112 6.1-6.3): whether it is chunked, and its declared
+/// length. Upstream took the first `Content-Length` and read an unparsable one as no body,
+/// and decoded any `Transfer-Encoding` as chunked; the bytes it did not take as the body
+/// were then read as the connection's next request (request smuggling, behind a proxy that
+/// frames the message otherwise). Now a `Content-Length` must be one decimal number (repeated
+/// identically at most), `Transfer-Encoding` exactly `chunked` and not beside a
+/// `Content-Length`; anything else is refused and the connection closed.
+fn framing(headers: &[Header]) -> Result<(bool, Option<usize>), RequestCreationError> {
+    let mut chunked = false;
+    let mut length: Option<usize> = None;
+    let mut transfer_encodings = 0;
+    for h in headers {
+        if h.field.equiv("Transfer-Encoding") {
+            transfer_encodings += 1;
+            if transfer_encodings > 1 || !h.value.as_str().trim().eq_ignore_ascii_case("chunked")
+            {
+                let message = "only the chunked Transfer-Encoding is supported";
+                return Err(RequestCreationError::Refused(501, message));
+            }
+            chunked = true;
+        } else if h.field.equiv("Content-Length") {
+            let value = h.value.as_str().trim();
+            let n = (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse::<usize>().ok())
+                .flatten()
+                .ok_or(RequestCreationError::Refused(400, "invalid Content-Length"))?;
+            if length.is_some_and(|m| m != n) {
+                let message = "conflicting Content-Length headers";
+                return Err(RequestCreationError::Refused(400, message));
+            }
+            length = Some(n);
+        }
+    }
+    if chunked && length.is_some() {
+        let message = "both Content-Length and Transfer-Encoding";
+        return Err(RequestCreationError::Refused(400, message));
+    }
+    Ok((chunked, length))
 }
 
 /// Dummy trait that regroups the `Read` and `Write` traits.
