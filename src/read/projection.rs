@@ -148,7 +148,22 @@ pub struct BatchCounts {
 /// the long way, in three more: `BEGIN` with the claim (`Conn::begin_execute`, the batch's
 /// ids, types and timestamps as literals), the writes of the new events, then `COMMIT`
 /// with the barrier.
+///
+/// On any error the connection goes back to the pool outside a transaction: a statement
+/// that fails inside `BEGIN` (the long way, or the barrier's own transaction, e.g. its
+/// `setval` past `lock_timeout`) leaves the transaction open and aborted, and every later
+/// batch on that connection would fail with 25P02, a permanent error, and be dead-lettered.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
+    let result = apply(conn, events);
+    if result.is_err() {
+        // Outside a transaction a ROLLBACK only warns; a lost connection fails here too,
+        // and the pool discards it.
+        let _ = conn.client.batch_execute("ROLLBACK");
+    }
+    result
+}
+
+fn apply(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     let batch = Batch::new(events);
     if let Some(counts) = apply_at_once(conn, &batch)? {
         conn.client.batch_execute(FLUSH_BARRIER)?;
@@ -165,18 +180,9 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
             let (claim, fresh) = Claim::from_text(row)?;
             finish(&mut conn.client, &statements, &batch, &claim, &fresh)
         });
-    match applied {
-        Ok(counts) => {
-            conn.client.batch_execute(COMMIT_AND_FLUSH)?;
-            Ok(counts)
-        }
-        Err(e) => {
-            // A failed statement leaves the transaction open (and aborted); a lost
-            // connection fails here too, and the pool discards it.
-            let _ = conn.client.batch_execute("ROLLBACK");
-            Err(e)
-        }
-    }
+    let counts = applied?; // `apply_batch` rolls back
+    conn.client.batch_execute(COMMIT_AND_FLUSH)?;
+    Ok(counts)
 }
 
 /// The batch in one statement (`at_once_sql`), assuming every event is new: claims, records

@@ -687,3 +687,57 @@ fn a_consumer_stopped_in_a_mixed_backlog_loses_nothing_it_acked() {
     let _consumer = env.start(Role::Consumer);
     assert_converges(&env, CONVERGE);
 }
+
+/// The flush barrier runs in a transaction of its own after the batch commits. When it
+/// fails (here its `setval` waits for a lock past `lock_timeout`), the connection must go
+/// back to the pool clean: left inside the barrier's aborted transaction, every later batch
+/// on it failed with 25P02, which is not transient, so valid events went to the dead-letter
+/// queue until PostgreSQL ended the idle transaction.
+#[test]
+fn a_failed_flush_barrier_leaves_no_aborted_transaction_behind() {
+    let env = TestEnv::new();
+    let app = env.start_with(Role::All, |c| {
+        c.db.lock = Duration::from_millis(300);
+        c.db.retry_max = Duration::from_millis(200);
+        // An aborted transaction then outlives the test, as it outlived the failures.
+        c.db.idle_in_transaction = Duration::from_secs(120);
+        c.consumer_attempts_max = 2;
+    });
+    let c = app.command();
+    let pid = create_product(c, "p", "Barrier", 3.0, 1000);
+    assert_converges(&env, CONVERGE);
+    let mut blocker = env.read();
+    let mut tx = blocker.transaction().unwrap();
+    tx.batch_execute("ALTER SEQUENCE consumer_flush_barrier INCREMENT BY 1")
+        .unwrap();
+    for i in 0..5 {
+        let r = post_json(
+            c,
+            "/api/orders",
+            &json!({"customerId": 1 + i, "items": [{"productId": pid, "quantity": 1}]}),
+        );
+        assert_eq!(r.status, 201);
+    }
+    // Several barriers time out meanwhile.
+    thread::sleep(Duration::from_millis(1500));
+    tx.commit().unwrap();
+    for i in 5..10 {
+        let r = post_json(
+            c,
+            "/api/orders",
+            &json!({"customerId": 1 + i, "items": [{"productId": pid, "quantity": 1}]}),
+        );
+        assert_eq!(r.status, 201);
+    }
+    assert_converges(&env, Duration::from_secs(10));
+    assert_eq!(env.queue_depth(&env.broker.dead_letter_queue), 0);
+    let failures: i64 = env
+        .read()
+        .query_one("SELECT count(*) FROM event_failures", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        failures, 0,
+        "events failed for a reason that was not theirs"
+    );
+}
