@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use log::warn;
+use postgres::error::SqlState;
 use postgres::{Client, IsolationLevel, NoTls, Row, Transaction};
 use uuid::Uuid;
 
@@ -67,8 +68,16 @@ const CATCH_UP_SMALL: usize = 500;
 const SWITCH_LOCK_TIMEOUT_MS: u64 = 500;
 const SWITCH_ATTEMPTS_MAX: u32 = 40;
 
-/// Runs the rebuild. Ok(false): refused (another rebuild holds the lock), message printed.
+/// Runs the rebuild. Ok(false): refused (another rebuild holds the lock, or the write
+/// database is not a write model, or is empty beside a read model that is not), message
+/// printed.
 pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
+    // The source must be there already: a mistyped DATABASE_URL must not become a new,
+    // empty write model whose rebuild then empties the live read model.
+    if let Some(refusal) = source_refusal(config)? {
+        writeln!(out, "{refusal}; nothing was changed")?;
+        return Ok(false);
+    }
     app::migrate(config, Role::All, Duration::from_secs(60))?;
     let mut read = connect(&config.read_db)?;
     let locked: bool = read
@@ -82,6 +91,10 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
         return Ok(false);
     }
     let live = live_schema(&mut read)?;
+    if let Some(refusal) = empty_source_refusal(config, &mut read, &live)? {
+        writeln!(out, "{refusal}; nothing was changed")?;
+        return Ok(false);
+    }
     prepare_shadow(&mut read, &live)?;
     let r0: DateTime<Utc> = read.query_one("SELECT clock_timestamp()", &[])?.get(0);
     let mut shadow = Conn::new(read);
@@ -117,6 +130,64 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
         switched.readers_blocked_ms
     )?;
     Ok(true)
+}
+
+/// Why `DATABASE_URL` cannot be the write model to rebuild from, if it cannot: its database
+/// does not exist, or holds no `products` and `outbox` tables (say, the read database).
+fn source_refusal(config: &Config) -> Result<Option<String>> {
+    let name = config.write_db.get_dbname().unwrap_or("?");
+    let mut write = config.write_db.clone();
+    write.connect_timeout(config.db.connect);
+    let mut write = match write.connect(NoTls) {
+        Ok(client) => client,
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+            return Ok(Some(format!(
+                "the write database {name} (DATABASE_URL) does not exist"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ours: bool = write
+        .query_one(
+            "SELECT to_regclass('products') IS NOT NULL AND to_regclass('outbox') IS NOT NULL",
+            &[],
+        )?
+        .get(0);
+    Ok((!ours).then(|| {
+        format!("the database {name} (DATABASE_URL) holds no write model (no products and outbox tables)")
+    }))
+}
+
+/// A write model with no product and no order beside a read model that has some is most
+/// likely the wrong database, not a wish to empty the read model: refused.
+fn empty_source_refusal(config: &Config, read: &mut Client, live: &str) -> Result<Option<String>> {
+    let mut write = connect(&config.write_db)?;
+    let empty: bool = write
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM products) AND NOT EXISTS (SELECT 1 FROM orders)",
+            &[],
+        )?
+        .get(0);
+    if !empty {
+        return Ok(None);
+    }
+    let live = ident(live);
+    let read_has_rows: bool = read
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {live}.product_sales_view)
+                     OR EXISTS (SELECT 1 FROM {live}.customer_ltv_view)"
+            ),
+            &[],
+        )?
+        .get(0);
+    let name = config.write_db.get_dbname().unwrap_or("?");
+    Ok(read_has_rows.then(|| {
+        format!(
+            "the write database {name} (DATABASE_URL) has no product and no order, but the read \
+             model has rows: check DATABASE_URL (to empty the read model, drop the read database)"
+        )
+    }))
 }
 
 fn connect(config: &postgres::Config) -> Result<Client> {

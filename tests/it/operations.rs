@@ -561,3 +561,60 @@ fn a_rebuild_killed_mid_switch_leaves_the_old_views() {
     converge(&env);
     assert_read_model_is_exact(&env);
 }
+
+/// A rebuild whose `DATABASE_URL` names the wrong database refuses with exit 1 and changes
+/// nothing: a database that does not exist (it used to be created, migrated, and rebuilt
+/// from, which emptied the live read model and exited 0), a database that is not a write
+/// model (here the read database), and an empty write model beside a read model with rows.
+#[test]
+fn a_rebuild_from_the_wrong_write_database_refuses_and_changes_nothing() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let pid = create_product(app.command(), "p", "Wrong", 4.0, 10);
+    let r = post_json(
+        app.command(),
+        "/api/orders",
+        &json!({"customerId": 3, "items": [{"productId": pid, "quantity": 2}]}),
+    );
+    assert_eq!(r.status, 201);
+    converge(&env);
+    let before = read_totals(&mut env.read());
+    let missing = format!("{}_missing", env.write_db);
+    let empty = TestEnv::new();
+    for (url, says) in [
+        (format!("{}/{missing}", pg_base()), "does not exist"),
+        (env.read_url(), "holds no write model"),
+        (empty.write_url(), "has no product and no order"),
+    ] {
+        let out = env
+            .binary("rebuild-read-model")
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(
+            stderr.contains(says) && stderr.contains("nothing was changed"),
+            "{url}: {stderr}"
+        );
+        assert_eq!(read_totals(&mut env.read()), before, "{url}");
+    }
+    let created: bool = env
+        .write()
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&missing],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        !created,
+        "the rebuild created the database it was misdirected to"
+    );
+    let r = get(app.query(), &format!("/api/analytics/products/{pid}/sales"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The right database still rebuilds.
+    let (code, stderr) = rebuild(&env);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read_totals(&mut env.read()), before);
+}
