@@ -103,20 +103,8 @@ impl Link {
         let Link {
             connection, socket, ..
         } = self;
-        let (done, finished) = crossbeam_channel::bounded::<()>(1);
-        let cut = AtomicBool::new(false);
-        let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                if finished.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
-                    cut.store(true, Ordering::SeqCst);
-                    let _ = socket.shutdown(Shutdown::Both);
-                }
-            });
-            let result = f(connection);
-            let _ = done.send(());
-            result
-        });
-        if cut.load(Ordering::SeqCst) {
+        let (result, cut) = watched(socket, limit, || f(connection));
+        if cut {
             return Err(Error::unavailable(format!(
                 "the broker at {} did not answer {what} within {} ms; connection dropped",
                 self.endpoint,
@@ -321,9 +309,33 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` (calls on the connection whose socket is `socket`) and shuts the socket down if
+/// they have not returned within `limit`, which makes the blocked call fail. Returns what
+/// `f` returned and whether the socket was cut.
+fn watched<T>(socket: &TcpStream, limit: Duration, f: impl FnOnce() -> T) -> (T, bool) {
+    let (done, finished) = crossbeam_channel::bounded::<()>(1);
+    let cut = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            if finished.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+                cut.store(true, Ordering::SeqCst);
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        });
+        let result = f();
+        let _ = done.send(());
+        result
+    });
+    (result, cut.load(Ordering::SeqCst))
+}
+
 /// A connection kept for asking the broker how many messages are ready in the two event
 /// queues and the dead-letter queue (a passive declare). After a failed connection attempt the broker is not asked
-/// again for a few seconds, so a status route stays fast while the broker is down.
+/// again for a few seconds, so a status route stays fast while the broker is down. Every
+/// call the broker must answer is given up after `BROKER_STALL_TIMEOUT_MS` (the connection
+/// is cut): a node that keeps the connection alive but leaves its channels unanswered
+/// would otherwise hold sync-status, the consumer's `/health` and the outbox pruner, each
+/// queued behind the probe's lock, for as long as it stays silent.
 #[derive(Default)]
 pub struct QueueProbe {
     state: std::sync::Mutex<ProbeState>,
@@ -331,7 +343,8 @@ pub struct QueueProbe {
 
 #[derive(Default)]
 struct ProbeState {
-    channel: Option<(Connection, Channel)>,
+    /// The connection, its channel, and its socket (to cut it).
+    channel: Option<(Connection, Channel, TcpStream)>,
     failed_at: Option<std::time::Instant>,
 }
 
@@ -359,28 +372,44 @@ impl QueueProbe {
                 {
                     return None;
                 }
-                match connect(config).and_then(|mut conn| {
-                    let channel = conn.open_channel(None)?;
-                    Ok((conn, channel))
-                }) {
-                    Ok(pair) => probe.channel = Some(pair),
+                let start = random_index(config.broker_targets.len());
+                let opened = connect_from(config, start).and_then(|(mut conn, socket, _)| {
+                    let stall = config.broker_stall_timeout;
+                    match watched(&socket, stall, || conn.open_channel(None)) {
+                        (Ok(channel), false) => Ok((conn, channel, socket)),
+                        (result, _) => Err(result.err().map(Error::from).unwrap_or_else(|| {
+                            Error::unavailable("the broker did not open a channel in time")
+                        })),
+                    }
+                });
+                match opened {
+                    Ok(opened) => probe.channel = Some(opened),
                     Err(_) => {
                         probe.failed_at = Some(std::time::Instant::now());
                         return None;
                     }
                 }
             }
-            let (_, channel) = probe.channel.as_ref().expect("just set");
+            let (_, channel, socket) = probe.channel.as_ref().expect("just set");
             let depth = |q: &str| {
                 channel
                     .queue_declare_passive(q)
                     .map(|q| i64::from(q.declared_message_count().unwrap_or(0)))
             };
-            match (
-                depth(&config.broker.product_queue),
-                depth(&config.broker.order_queue),
-                depth(&config.broker.dead_letter_queue),
-            ) {
+            let (depths, cut) = watched(socket, config.broker_stall_timeout, || {
+                (
+                    depth(&config.broker.product_queue),
+                    depth(&config.broker.order_queue),
+                    depth(&config.broker.dead_letter_queue),
+                )
+            });
+            if cut {
+                // Silent, not refusing: ask again only after a while, like a failed connect.
+                probe.channel = None;
+                probe.failed_at = Some(std::time::Instant::now());
+                return None;
+            }
+            match depths {
                 (Ok(p), Ok(o), Ok(d)) => {
                     return Some(Ready {
                         events: p + o,

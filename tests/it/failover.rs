@@ -5,7 +5,7 @@
 //! test kills: the shared broker itself is never stopped.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cqrs_analytics::app::Role;
 use cqrs_analytics::broker::{endpoint_name, Endpoints, LinkStatus};
@@ -257,4 +257,42 @@ fn a_publisher_without_confirms_moves_on_after_the_stall_timeout() {
         "orders placed after the stall took {took:?} to be applied (stall timeout {stall:?})"
     );
     assert!(counter(command.command(), "outbox_session_errors_total") >= 1);
+}
+
+/// sync-status asks the broker for its queue depths over a connection it keeps. When that
+/// connection's channels stop answering (a node waiting on a dead peer, while heartbeats
+/// still pass), the question is given up after `BROKER_STALL_TIMEOUT_MS` and sync-status
+/// answers without the broker's figures, instead of waiting (with every other caller of
+/// the probe queued behind it) for as long as the node stays silent.
+#[test]
+fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
+    let env = TestEnv::new();
+    let (proxies, url) = proxied_endpoints::<1>();
+    let stall = Duration::from_millis(500);
+    let _consumer = env.start(Role::Consumer); // declares the queues, straight to the broker
+    let query = env.start_with(Role::Query, |c| {
+        c.broker_targets = parse_amqp_urls(&url).unwrap();
+        c.broker_stall_timeout = stall;
+    });
+    let addr = query.query();
+    let status = move || {
+        let started = Instant::now();
+        let r = get(addr, "/api/analytics/sync-status");
+        assert_eq!(r.status, 200, "{}", r.body);
+        (r.json(), started.elapsed())
+    };
+    wait_until(
+        "sync-status to reach the broker",
+        Duration::from_secs(10),
+        || (status().0["brokerReachable"] == true).then_some(()),
+    );
+    proxies[0].stall_open_connections();
+    let callers: Vec<_> = (0..3).map(|_| std::thread::spawn(status)).collect();
+    for caller in callers {
+        let (body, took) = caller.join().unwrap();
+        assert!(
+            took < Duration::from_secs(4),
+            "sync-status took {took:?} with the broker silent (stall timeout {stall:?}): {body}"
+        );
+    }
 }
