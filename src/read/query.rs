@@ -98,7 +98,7 @@ impl QueryService {
                 None => Ok(None),
                 Some(s) if s.is_empty() => Ok(None),
                 Some(s) => DateTime::parse_from_rfc3339(&s)
-                    .map(|t| Some(t.with_timezone(&Utc)))
+                    .map(|t| Some(ceil_micros(t.with_timezone(&Utc))))
                     .map_err(|_| {
                         Error::bad_request(format!(
                             "`{name}` must be an RFC 3339 timestamp, e.g. 2026-02-11T16:00:00Z"
@@ -228,6 +228,20 @@ struct Backlog {
 
 /// A read route's handler: the service, the request, the path segments.
 type Handler = fn(&QueryService, &Request, &[&str]) -> Result<Response>;
+
+/// `t` rounded up to a whole microsecond. PostgreSQL keeps microseconds and the postgres
+/// crate drops the nanoseconds beyond them, which moved a bound between two microseconds
+/// down: an hour starting before `to` was left out, one starting before `from` let in.
+/// Every hour starts on a whole microsecond, so rounding up keeps `from` inclusive and
+/// `to` exclusive exact. (RFC 3339 years stop at 9999: no overflow.)
+fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    let below = t.timestamp_subsec_nanos() % 1_000;
+    if below == 0 {
+        return t;
+    }
+    t.checked_add_signed(chrono::Duration::nanoseconds(i64::from(1_000 - below)))
+        .unwrap_or(t)
+}
 
 fn round_ms(seconds: f64) -> f64 {
     (seconds * 1000.0 * 100.0).round() / 100.0

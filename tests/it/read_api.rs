@@ -148,6 +148,28 @@ fn hourly_sales_filter_by_range() {
     );
     let none = get(q, "/api/analytics/sales/hourly?from=2030-01-01T00:00:00Z").json();
     assert_eq!(none, json!({"hours": []}));
+    // Bounds finer than PostgreSQL's microseconds: 16:00 starts before a `to` half a
+    // microsecond later, and before a `from` a tenth of one later.
+    let hours = |query: &str| -> Vec<String> {
+        get(q, &format!("/api/analytics/sales/hourly?{query}")).json()["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["hour"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        hours("to=2026-02-11T16:00:00.0000005Z"),
+        ["2026-02-11T15:00:00.000Z", "2026-02-11T16:00:00.000Z"]
+    );
+    assert_eq!(
+        hours("from=2026-02-11T16:00:00.0000001Z"),
+        ["2026-02-11T17:00:00.000Z"]
+    );
+    assert_eq!(
+        hours("from=2026-02-11T16:00:00.000000000Z&to=2026-02-11T17:00:00.000000001Z"),
+        ["2026-02-11T16:00:00.000Z", "2026-02-11T17:00:00.000Z"]
+    );
 }
 
 #[test]
