@@ -288,6 +288,17 @@ impl Config {
                 config.consumer_batch_size_max, config.consumer_prefetch
             )));
         }
+        // A claimed batch's transaction stays open, idle, from its claim until its confirms
+        // (at most PUBLISH_CONFIRM_TIMEOUT_MS after its publishing, which itself may wait on
+        // a broker's flow control). If the database ended that transaction first, the mark
+        // would fail and the same rows be published again at every attempt.
+        if config.publish_confirm_timeout * 2 > config.db.idle_in_transaction {
+            return Err(Error::config(format!(
+                "PUBLISH_CONFIRM_TIMEOUT_MS ({}) must be at most half of DB_IDLE_IN_TRANSACTION_TIMEOUT_MS ({}): a claim's transaction waits for its confirms",
+                config.publish_confirm_timeout.as_millis(),
+                config.db.idle_in_transaction.as_millis()
+            )));
+        }
         Ok(config)
     }
 }
@@ -593,6 +604,23 @@ mod tests {
         let e =
             Config::from_lookup(|k| (k == "BROKER_URL").then(|| "http://x".into())).unwrap_err();
         assert!(e.message().contains("BROKER_URL"), "{e}");
+    }
+
+    #[test]
+    fn a_claim_outlives_its_confirm_wait() {
+        let c = |confirm: &str, idle: &str| {
+            let (confirm, idle) = (confirm.to_string(), idle.to_string());
+            Config::from_lookup(move |k| match k {
+                "PUBLISH_CONFIRM_TIMEOUT_MS" => Some(confirm.clone()),
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS" => Some(idle.clone()),
+                _ => None,
+            })
+        };
+        assert!(c("7500", "15000").is_ok());
+        let e = c("7501", "15000").unwrap_err();
+        assert!(e.message().contains("PUBLISH_CONFIRM_TIMEOUT_MS"), "{e}");
+        assert!(c("30000", "15000").is_err());
+        assert!(c("30000", "60000").is_ok());
     }
 
     #[test]
