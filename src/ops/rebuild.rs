@@ -10,12 +10,13 @@
 //! 3. Catch-up: the consumers kept applying to the live tables meanwhile. Every event in the
 //!    live `processed_events` since `r0` (minus a margin) that the shadow one lacks was
 //!    committed after the snapshot; it is read back from the write DB by event id and applied
-//!    to the shadow tables. Repeated until little is left.
-//! 4. The switch, one transaction: `EXCLUSIVE` locks on the live tables (consumers wait,
-//!    readers do not), a last catch-up pass, then `ACCESS EXCLUSIVE` (readers wait for the
-//!    few milliseconds of the renames) and `ALTER TABLE .. SET SCHEMA` moves the live tables
-//!    out and the shadow ones in. Readers and consumers then resolve the names to the new
-//!    tables (PostgreSQL re-plans their cached statements).
+//!    to the shadow tables, keeping the time the consumers applied it. Repeated, each pass
+//!    from where the previous one began (minus the margin), until little is left.
+//! 4. The switch, one transaction: `ACCESS EXCLUSIVE` locks on the live tables (consumers
+//!    and readers wait), a last catch-up pass over what came since the previous one, and
+//!    `ALTER TABLE .. SET SCHEMA` moves the live tables out and the shadow ones in. Readers
+//!    and consumers then resolve the names to the new tables (PostgreSQL re-plans their
+//!    cached statements).
 //!
 //! Interrupted at any point before the switch commits, nothing has changed: the live tables
 //! were only read, and the next run drops the leftovers. ARCHITECTURE.md says why no event
@@ -57,14 +58,16 @@ const TABLES: [&str; 8] = [
 ];
 /// Orders (or products, or caught-up events) read and applied per transaction.
 const CHUNK: i64 = 5_000;
-/// Slack on `r0` against a read-DB clock that steps back.
+/// Slack on each catch-up pass's start: a read-DB clock that steps back, and a consumer's
+/// transaction that commits, after the pass looked, rows it recorded before.
 const CLOCK_MARGIN_SECS: f64 = 60.0;
 /// Catch-up passes before the switch at most; the switch's own pass takes the rest.
 const CATCH_UP_PASSES_MAX: usize = 10;
 /// A pass that found fewer events than this is close enough for the switch.
 const CATCH_UP_SMALL: usize = 500;
 /// How long the switch waits for a lock before it lets go and tries again: readers queued
-/// behind it wait at most this long (the services' own lock timeout is longer).
+/// behind it wait at most this long for its locks (the services' own lock timeout is
+/// longer), then for its last catch-up pass and the renames.
 const SWITCH_LOCK_TIMEOUT_MS: u64 = 500;
 const SWITCH_ATTEMPTS_MAX: u32 = 40;
 
@@ -108,16 +111,20 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
     let (products, orders) = build(&mut write, &mut shadow.client, &stmts, &mut progress)?;
     let build_secs = started.elapsed().as_secs_f64();
     let mut caught_up = 0;
+    // Each pass looks at what the consumers recorded since the previous pass began (less
+    // the margin), the first since `r0`.
+    let mut since = r0;
     for _ in 0..CATCH_UP_PASSES_MAX {
         let mut tx = shadow.client.transaction()?;
-        let n = catch_up(&mut tx, &mut write, &stmts, &live, r0)?;
+        let (n, began) = catch_up(&mut tx, &mut write, &stmts, &live, since)?;
         tx.commit()?;
         caught_up += n;
+        since = began;
         if n < CATCH_UP_SMALL {
             break;
         }
     }
-    let switched = switch(&mut shadow.client, &mut write, &stmts, &live, r0)?;
+    let switched = switch(&mut shadow.client, &mut write, &stmts, &live, since)?;
     caught_up += switched.caught_up;
     drop_retired(&mut shadow.client);
     writeln!(
@@ -356,28 +363,31 @@ FROM o JOIN order_items i ON i.order_id = o.id JOIN products p ON p.id = i.produ
 ORDER BY o.id";
 
 /// Applies to the shadow tables (in `tx`) every event the live `processed_events` has
-/// recorded since `r0` and the shadow one lacks, read back from the write DB by event id.
+/// recorded since `since` (less `CLOCK_MARGIN_SECS`: a clock that steps back, and a
+/// consumer's transaction that commits rows it recorded a while before) and the shadow one
+/// lacks, read back from the write DB by event id. Each keeps the time the consumers
+/// recorded for it, so sync-status's end-to-end latency stays theirs. Returns the events
+/// applied and the read DB's clock when this pass began.
 fn catch_up(
     tx: &mut Transaction,
     write: &mut Client,
     stmts: &Statements,
     live: &str,
-    r0: DateTime<Utc>,
-) -> Result<usize> {
-    let since = r0 - chrono::Duration::milliseconds((CLOCK_MARGIN_SECS * 1000.0) as i64);
-    let missing: Vec<Uuid> = tx
-        .query(
-            &format!(
-                "SELECT p.event_id FROM {}.processed_events p
-                 WHERE p.processed_at >= $1
-                   AND NOT EXISTS (SELECT 1 FROM {SHADOW}.processed_events s WHERE s.event_id = p.event_id)",
-                ident(live)
-            ),
-            &[&since],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    since: DateTime<Utc>,
+) -> Result<(usize, DateTime<Utc>)> {
+    let began: DateTime<Utc> = tx.query_one("SELECT clock_timestamp()", &[])?.get(0);
+    let since = since - chrono::Duration::milliseconds((CLOCK_MARGIN_SECS * 1000.0) as i64);
+    let rows = tx.query(
+        &format!(
+            "SELECT p.event_id, p.processed_at FROM {}.processed_events p
+             WHERE p.processed_at >= $1
+               AND NOT EXISTS (SELECT 1 FROM {SHADOW}.processed_events s WHERE s.event_id = p.event_id)",
+            ident(live)
+        ),
+        &[&since],
+    )?;
+    let missing: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let applied_at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(1)).collect();
     let mut found = 0;
     for ids in missing.chunks(CHUNK as usize) {
         let mut events: Vec<Event> = write
@@ -393,6 +403,13 @@ fn catch_up(
         found += events.len();
         projection::apply_in(tx, stmts, &events, false)?;
     }
+    tx.execute(
+        &format!(
+            "UPDATE {SHADOW}.processed_events s SET processed_at = u.at
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, at) WHERE s.event_id = u.id"
+        ),
+        &[&missing, &applied_at],
+    )?;
     if found < missing.len() {
         warn!(
             "{} events applied during the rebuild are not in the write model (not recorded \
@@ -400,7 +417,7 @@ fn catch_up(
             missing.len() - found
         );
     }
-    Ok(found)
+    Ok((found, began))
 }
 
 const PRODUCTS_BY_EVENT: &str = "
@@ -421,12 +438,12 @@ fn switch(
     write: &mut Client,
     stmts: &Statements,
     live: &str,
-    r0: DateTime<Utc>,
+    since: DateTime<Utc>,
 ) -> Result<Switched> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_switch(read, write, stmts, live, r0) {
+        match try_switch(read, write, stmts, live, since) {
             Ok(done) => return Ok(done),
             Err(e) if e.is_transient() && attempt < SWITCH_ATTEMPTS_MAX => {
                 warn!("switch attempt {attempt} gave way to other sessions ({e}); retrying");
@@ -442,20 +459,26 @@ fn try_switch(
     write: &mut Client,
     stmts: &Statements,
     live: &str,
-    r0: DateTime<Utc>,
+    since: DateTime<Utc>,
 ) -> Result<Switched> {
     let started = Instant::now();
     let live_q = ident(live);
     let tables: Vec<String> = TABLES.iter().map(|t| format!("{live_q}.{t}")).collect();
     let tables = tables.join(", ");
     let mut tx = read.transaction()?;
+    // Every table at once, in ACCESS EXCLUSIVE mode, before the last catch-up: readers
+    // wait for that pass too. Taking EXCLUSIVE first (consumers wait, readers do not) and
+    // ACCESS EXCLUSIVE after the pass deadlocked with a consumer under steady load: its
+    // statement, queued behind the EXCLUSIVE locks, already held ACCESS SHARE locks on
+    // tables it reads, so every attempt timed out (test:
+    // `operations::events_caught_up_by_a_rebuild_keep_when_they_were_applied`).
+    let blocking = Instant::now();
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{SWITCH_LOCK_TIMEOUT_MS}ms';
-         LOCK TABLE {tables} IN EXCLUSIVE MODE"
+         LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE"
     ))?;
-    let caught_up = catch_up(&mut tx, write, stmts, live, r0)?;
-    let blocking = Instant::now();
-    let mut sql = format!("LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE;");
+    let (caught_up, _) = catch_up(&mut tx, write, stmts, live, since)?;
+    let mut sql = String::new();
     for t in TABLES {
         sql.push_str(&format!(
             "ALTER TABLE {live_q}.{t} SET SCHEMA {RETIRED}; ALTER TABLE {SHADOW}.{t} SET SCHEMA {live_q};"
