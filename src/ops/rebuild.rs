@@ -228,7 +228,7 @@ fn prepare_shadow(read: &mut Client, live: &str) -> Result<()> {
     );
     for t in TABLES {
         sql.push_str(&format!(
-            "CREATE TABLE {SHADOW}.{t} (LIKE {live}.{t} INCLUDING ALL);"
+            "CREATE TABLE {SHADOW}.{t} (LIKE {live}.{t} INCLUDING ALL EXCLUDING INDEXES);"
         ));
     }
     sql.push_str(&format!(
@@ -236,6 +236,32 @@ fn prepare_shadow(read: &mut Client, live: &str) -> Result<()> {
     ));
     read.batch_execute(&sql)?;
     let names: Vec<String> = TABLES.iter().map(|t| format!("{live}.{t}")).collect();
+    // The live tables' indexes and storage parameters, under their own names: `LIKE`
+    // names copied indexes after their columns and drops the parameters, so after a
+    // rebuild a migration that names an index (`DROP INDEX IF EXISTS ..`) would miss it,
+    // and `processed_events` would lose its autovacuum settings (read migration 005).
+    let copies = read.query(
+        "SELECT CASE WHEN con.oid IS NOT NULL
+                     THEN format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', $2::text, c.relname,
+                                 con.conname, pg_get_constraintdef(con.oid))
+                     ELSE replace(pg_get_indexdef(i.indexrelid),
+                                  format(' ON %I.%I ', n.nspname, c.relname),
+                                  format(' ON %I.%I ', $2::text, c.relname))
+                END
+         FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u', 'x')
+         WHERE i.indrelid = ANY($1::text[]::regclass[])
+         UNION ALL
+         SELECT format('ALTER TABLE %I.%I SET (%s)', $2::text, c.relname, array_to_string(c.reloptions, ', '))
+         FROM pg_class c
+         WHERE c.oid = ANY($1::text[]::regclass[]) AND c.reloptions IS NOT NULL",
+        &[&names, &SHADOW],
+    )?;
+    for copy in copies {
+        read.batch_execute(copy.get::<_, &str>(0))?;
+    }
     let grants = read.query(
         "SELECT format('GRANT %s ON %I.%I TO %s', a.privilege_type, $2::text, c.relname,
                 CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)

@@ -669,3 +669,55 @@ fn events_caught_up_by_a_rebuild_keep_when_they_were_applied() {
         "an event is recorded as applied {worst:.2} s after it was committed"
     );
 }
+
+/// After a rebuild the read model's tables have the indexes, index names and storage
+/// parameters the migrations gave them: a later migration may name an index, and
+/// `processed_events` keeps its autovacuum settings (read migration 005).
+#[test]
+fn a_rebuild_keeps_index_names_and_storage_parameters() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let products = crate::faults::seed_products(app.command());
+    orders(&app, &products, 10);
+    converge(&env);
+    let shape = |env: &TestEnv| -> Vec<String> {
+        env.read()
+            .query(
+                "SELECT c.relname || ' ' || coalesce(c.reloptions::text, '') || ' '
+                        || coalesce(string_agg(pg_get_indexdef(i.indexrelid), '; '
+                                              ORDER BY pg_get_indexdef(i.indexrelid)), '')
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid
+                 WHERE n.nspname = 'public' AND c.relkind = 'r'
+                 GROUP BY c.relname, c.reloptions ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let before = shape(&env);
+    assert!(
+        before
+            .iter()
+            .any(|t| t.starts_with("processed_events {autovacuum")),
+        "{before:#?}"
+    );
+    let (code, stderr) = rebuild(&env);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(shape(&env), before);
+    let pks: i64 = env
+        .read()
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'p'
+               AND conrelid = ANY(ARRAY['product_sales_view', 'processed_events']::regclass[])",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pks, 2, "primary keys are constraints again");
+    orders(&app, &products, 5);
+    converge(&env);
+    assert_read_model_is_exact(&env);
+}
