@@ -162,8 +162,8 @@ impl QueryService {
         drop(conn);
 
         let queued = self.broker.ready(&self.config);
-        let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.events));
         let now = crate::event::now_millis();
+        let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.events), now);
         let mut lag_ms: i64 = 0;
         let waiting = outbox
             .as_ref()
@@ -198,17 +198,35 @@ impl QueryService {
 
     /// Unpublished outbox rows and the age of the oldest committed-but-unapplied event:
     /// the oldest unpublished row, or, when `queued` messages wait in the broker, the
-    /// `queued`-th newest published row (queues are FIFO, so that is the oldest one waiting).
-    fn outbox_backlog(&self, queued: Option<i64>) -> Result<Backlog> {
+    /// `queued`-th newest published row (queues are FIFO, so that is the oldest one waiting;
+    /// if there are fewer rows, a bound: the oldest row left, and the retention window).
+    fn outbox_backlog(&self, queued: Option<i64>, now: DateTime<Utc>) -> Result<Backlog> {
         let mut conn = self.write.get()?;
         let row = conn.client.query_one(OUTBOX_BACKLOG, &[])?;
         let pending: i64 = row.get(0);
         let oldest: Option<DateTime<Utc>> = row.get(1);
         let oldest_queued = match queued {
-            Some(n) if n > 0 => conn
-                .client
-                .query_opt(OLDEST_QUEUED, &[&(n - 1)])?
-                .map(|r| r.get(0)),
+            Some(n) if n > 0 => match conn.client.query_opt(OLDEST_QUEUED, &[&(n - 1)])? {
+                Some(row) => Some(row.get(0)),
+                // Fewer published rows than ready messages: the oldest waiting events' rows
+                // were pruned while a consumer held them unacked (the pruner keeps as many
+                // of the newest rows as messages are ready; unacked ones it cannot count).
+                // Those events are older than every row left, and than the window: the lag
+                // is at least that.
+                None => {
+                    let oldest_left: Option<DateTime<Utc>> = conn
+                        .client
+                        .query_opt(OLDEST_PUBLISHED, &[])?
+                        .map(|row| row.get(0));
+                    let window = self
+                        .config
+                        .retention
+                        .outbox
+                        .and_then(|w| chrono::Duration::from_std(w).ok())
+                        .and_then(|w| now.checked_sub_signed(w));
+                    oldest_left.into_iter().chain(window).min()
+                }
+            },
             _ => None,
         };
         Ok(Backlog {
@@ -322,6 +340,8 @@ const OUTBOX_BACKLOG: &str =
     "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL";
 const OLDEST_QUEUED: &str =
     "SELECT created_at FROM outbox WHERE published_at IS NOT NULL ORDER BY id DESC OFFSET $1 LIMIT 1";
+const OLDEST_PUBLISHED: &str =
+    "SELECT created_at FROM outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT 1";
 
 impl Service for QueryService {
     fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {

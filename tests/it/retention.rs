@@ -458,3 +458,59 @@ fn sync_status_stays_honest_when_old_rows_are_gone() {
     assert_eq!(s["endToEndLatencyMs"]["samples"], 0, "{s}");
     drop(consumer);
 }
+
+/// Events a consumer held unacked while the pruner removed their outbox rows (it keeps as
+/// many rows as messages are ready, and cannot count unacked ones), then back in the queue
+/// when that consumer stopped: sync-status still reports a lag, at least the window,
+/// instead of 0 (it found no row to date them by).
+#[test]
+fn events_back_in_the_queue_after_their_rows_went_still_show_a_lag() {
+    let env = TestEnv::new();
+    let window = Duration::from_secs(1);
+    let tweak = |c: &mut cqrs_analytics::Config| {
+        fast_retention(c);
+        c.retention.outbox = Some(window);
+    };
+    let command = env.start_with(Role::Command, tweak);
+    let query = env.start_with(Role::Query, tweak);
+    let consumer = env.start_with(Role::Consumer, tweak);
+    let c = command.command();
+    let pid = create_product(c, "p", "Held", 3.0, 100);
+    wait_until("the product applied", CONVERGE, || {
+        (sync_status(query.query())["eventsApplied"] == 1).then_some(())
+    });
+    // The consumer takes the orders and cannot apply them.
+    let mut blocker = env.read();
+    let mut lock = blocker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE customer_ltv_view IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    for i in 0..3 {
+        let r = post_json(
+            c,
+            "/api/orders",
+            &json!({"customerId": 1 + i, "items": [{"productId": pid, "quantity": 1}]}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let mut w = env.write();
+    wait_until("the held events' rows to be pruned", PRUNED, || {
+        (count(&mut w, "SELECT count(*) FROM outbox") == 0).then_some(())
+    });
+    consumer.stop();
+    lock.rollback().unwrap();
+    let s = wait_until("the events back in the queue", PRUNED, || {
+        let s = sync_status(query.query());
+        (s["pendingBrokerMessages"] == 3).then_some(s)
+    });
+    assert!(
+        s["lagSeconds"].as_f64().unwrap() >= window.as_secs_f64(),
+        "three events wait in the queue: {s}"
+    );
+    let _consumer = env.start_with(Role::Consumer, tweak);
+    assert_converges(&env, CONVERGE);
+    let s = wait_until("the lag to drop to 0", CONVERGE, || {
+        let s = sync_status(query.query());
+        (s["lagSeconds"].as_f64() == Some(0.0)).then_some(s)
+    });
+    assert_eq!(s["eventsApplied"], 4, "{s}");
+}
