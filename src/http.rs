@@ -511,12 +511,31 @@ fn health<S: Service>(service: &S) -> Result<Response> {
     ))
 }
 
+/// The request target in origin form (`/path?query`). A server must accept the absolute
+/// form too (`http://host/path`, RFC 9112 3.2.2): its scheme and authority are dropped.
+fn origin_form(target: &str) -> &str {
+    let scheme = ["http://", "https://"].into_iter().find(|s| {
+        target
+            .get(..s.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(s))
+    });
+    let Some(scheme) = scheme else {
+        return target;
+    };
+    let rest = &target[scheme.len()..];
+    match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => &rest[i..],
+        // `http://host` or `http://host?q`: the path is `/`, which no route has.
+        _ => "/",
+    }
+}
+
 /// Reads the head fields we use and the body, enforcing the size limit. The body is already
 /// in memory: our tiny_http reads bodies of up to 64 KiB (plus one byte, so a larger
 /// chunked body is still seen as too large) in the connection's thread, bounded by the
 /// socket timeout, so a slow client never holds this worker.
 fn read_request(rq: &mut tiny_http::Request) -> Result<Request> {
-    let url = rq.url();
+    let url = origin_form(rq.url());
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (url.to_string(), None),
@@ -583,6 +602,17 @@ pub fn get_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absolute_form_targets_are_routed_by_their_path() {
+        assert_eq!(origin_form("/api/orders"), "/api/orders");
+        assert_eq!(origin_form("http://host:8080/api/orders"), "/api/orders");
+        assert_eq!(origin_form("HTTPS://h/a?b=c"), "/a?b=c");
+        assert_eq!(origin_form("http://host"), "/");
+        assert_eq!(origin_form("http://host?x=1"), "/");
+        assert_eq!(origin_form("httpx://host/a"), "httpx://host/a");
+        assert_eq!(origin_form("*"), "*");
+    }
 
     #[test]
     fn percent_decoding() {

@@ -347,7 +347,7 @@ impl Service for QueryService {
     fn handle(&self, req: &Request) -> (&'static str, Result<Response>) {
         if let Some((route, page)) = crate::read::dashboard::asset(&req.path) {
             if req.method != Method::Get && req.method != Method::Head {
-                return http::method_not_allowed(route, "GET");
+                return http::method_not_allowed(route, "GET, HEAD");
             }
             return (route, Ok(page));
         }
@@ -386,7 +386,7 @@ impl Service for QueryService {
             _ => return http::not_found(),
         };
         if req.method != Method::Get && req.method != Method::Head {
-            return http::method_not_allowed(route, "GET");
+            return http::method_not_allowed(route, "GET, HEAD");
         }
         (route, result(self, req, &segments))
     }

@@ -843,3 +843,42 @@ fn an_upgrade_request_is_answered_as_plain_http_1_1() {
     assert_status(&r, 201, "POST with Upgrade");
     assert!(r.elapsed < Duration::from_secs(1), "took {:?}", r.elapsed);
 }
+
+/// A request target in absolute form (RFC 9112 3.2.2: a server must accept it) is routed by
+/// its path, and a 405 of the query service names every method it serves.
+#[test]
+fn absolute_form_targets_are_served_and_405_names_head() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let (c, q) = (app.command(), app.query());
+    let body = product_body();
+    let req = format!(
+        "POST http://{c}/api/products HTTP/1.1\r\nHost: {c}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_status(
+        &raw(c, req.as_bytes(), Duration::from_secs(5)),
+        201,
+        "absolute form",
+    );
+    let req =
+        format!("GET http://{q}/api/analytics/sync-status HTTP/1.1\r\nHost: {q}\r\nConnection: close\r\n\r\n");
+    assert_status(
+        &raw(q, req.as_bytes(), Duration::from_secs(5)),
+        200,
+        "absolute form",
+    );
+    let r = raw(
+        q,
+        b"DELETE /api/analytics/sync-status HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_status(&r, 405, "DELETE");
+    assert!(
+        r.text
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get, head\r\n"),
+        "{}",
+        r.text
+    );
+}
