@@ -34,7 +34,7 @@ use uuid::Uuid;
 use crate::app::{self, Role};
 use crate::config::Config;
 use crate::db::Conn;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{Event, OrderCreated, OrderItem, ProductCreated};
 use crate::read::projection::{self, Statements};
 
@@ -124,7 +124,17 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
             break;
         }
     }
-    let switched = switch(&mut shadow.client, &mut write, &stmts, &live, since)?;
+    let switched = match switch(&mut shadow.client, &mut write, &stmts, &live, since) {
+        Ok(switched) => switched,
+        Err(e) => {
+            // Nothing was switched: say who held the live tables, and drop the copy.
+            let holders = lock_holders(&mut shadow.client, &live);
+            drop_retired(&mut shadow.client);
+            return Err(Error::unavailable(format!(
+                "the switch gave up ({e}); nothing was changed; sessions holding locks on the live tables: {holders}"
+            )));
+        }
+    };
     caught_up += switched.caught_up;
     drop_retired(&mut shadow.client);
     writeln!(
@@ -517,6 +527,32 @@ fn try_switch(
         total_ms: started.elapsed().as_millis(),
         readers_blocked_ms: blocking.elapsed().as_millis(),
     })
+}
+
+/// The sessions holding locks on the live tables, for the message of a switch that gave
+/// up: pid, application, state, and for how long their transaction has been open.
+fn lock_holders(read: &mut Client, live: &str) -> String {
+    let names: Vec<String> = TABLES
+        .iter()
+        .map(|t| format!("{}.{t}", ident(live)))
+        .collect();
+    let rows = read.query(
+        "SELECT DISTINCT format('pid %s (%s, %s, transaction open %s s)', a.pid,
+                CASE WHEN a.application_name = '' THEN '?' ELSE a.application_name END, a.state,
+                round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1))
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.granted AND l.relation = ANY($1::text[]::regclass[]) AND a.pid <> pg_backend_pid()",
+        &[&names],
+    );
+    match rows {
+        Ok(rows) if rows.is_empty() => "none now".into(),
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("unknown ({e})"),
+    }
 }
 
 /// Drops the old tables; a failure only leaves them for the next run to drop.
