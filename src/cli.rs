@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::shutdown::SignalThread;
 
-pub const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT|dead-letters list|dead-letters replay --all|dead-letters replay EVENT_ID...|rebuild-read-model>";
+pub const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT|dead-letters list|dead-letters replay --all|dead-letters replay EVENT_ID...|dead-letters discard EVENT_ID...|rebuild-read-model>";
 
 /// How long a starting service waits for its databases to accept migrations.
 const MIGRATE_WAIT: Duration = Duration::from_secs(60);
@@ -23,7 +23,8 @@ pub enum Command {
     Migrate,
     /// Exits 0 when `http://127.0.0.1:PORT/health` answers 200.
     Healthcheck(u16),
-    /// `dead-letters list | replay --all | replay EVENT_ID...` (its own arguments).
+    /// `dead-letters list | replay --all | replay EVENT_ID... | discard EVENT_ID...` (its own
+    /// arguments).
     DeadLetters(Vec<String>),
     /// Recomputes the read model from the write model while everything runs.
     RebuildReadModel,

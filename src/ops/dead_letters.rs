@@ -1,5 +1,6 @@
-//! `cqrs-analytics dead-letters list | replay --all | replay EVENT_ID...`: inspect the
-//! dead-letter queue and put its messages back on their work queues after a fix.
+//! `cqrs-analytics dead-letters list | replay --all | replay EVENT_ID... | discard
+//! EVENT_ID...`: inspect the dead-letter queue, put its messages back on their work queues
+//! after a fix, or remove the ones no fix will make apply (printed whole first).
 //!
 //! Both commands take the messages off the dead-letter queue unacked (at most
 //! `DEAD_LETTERS_MAX` per run), so nothing else sees them meanwhile and a crash puts them
@@ -30,7 +31,8 @@ pub const DEAD_LETTERS_MAX: usize = 10_000;
 /// How long `replay` waits for the broker's confirms.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "usage: cqrs-analytics dead-letters list | replay --all | replay EVENT_ID...";
+const USAGE: &str =
+    "usage: cqrs-analytics dead-letters list | replay --all | replay EVENT_ID... | discard EVENT_ID...";
 
 /// Runs the subcommand; Ok(false) means "done, but exit 1" (an id that was not there).
 pub fn run(config: &Config, args: &[String], out: &mut dyn Write) -> Result<bool> {
@@ -41,6 +43,12 @@ pub fn run(config: &Config, args: &[String], out: &mut dyn Write) -> Result<bool
         }
         Some("replay") if args.len() > 1 && !args[1].starts_with('-') => {
             replay(config, Some(args[1..].iter().cloned().collect()), out)
+        }
+        // `-` is how `list` shows a message with no event id: `discard -` removes those.
+        Some("discard")
+            if args.len() > 1 && args[1..].iter().all(|a| a == "-" || !a.starts_with('-')) =>
+        {
+            discard(config, args[1..].iter().cloned().collect(), out)
         }
         _ => Err(Error::config(USAGE)),
     }
@@ -77,6 +85,7 @@ fn take_all(channel: &Channel, config: &Config) -> Result<(Vec<DeadLetter>, u32)
         let id = props
             .message_id()
             .clone()
+            .filter(|id| !id.is_empty())
             .or_else(|| parsed.as_ref().map(|e| e.event_id().to_string()))
             .unwrap_or_else(|| "-".into());
         let event_type = props
@@ -145,43 +154,95 @@ fn list(config: &Config, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn replay(config: &Config, wanted: Option<BTreeSet<String>>, out: &mut dyn Write) -> Result<bool> {
-    let (connection, channel) = open(config)?;
-    let (taken, left) = take_all(&channel, config)?;
-    let (selected, keep): (Vec<DeadLetter>, Vec<DeadLetter>) = taken
-        .into_iter()
-        .partition(|d| wanted.as_ref().is_none_or(|w| w.contains(&d.id)));
-    let missing: Vec<&String> = wanted
-        .iter()
-        .flatten()
-        .filter(|id| !selected.iter().any(|d| &d.id == *id))
-        .collect();
-    if !selected.is_empty() {
-        let ids: Vec<&str> = selected.iter().map(|d| d.id.as_str()).collect();
-        // A fresh count of attempts: the replay follows a fix.
+/// Takes the dead letters off the queue unacked and splits them: those `wanted` names (all
+/// if None), and the ids asked for that were not there. The rest go back untouched when
+/// the caller nacks all.
+struct Selection {
+    connection: amiquip::Connection,
+    channel: Channel,
+    selected: Vec<DeadLetter>,
+    missing: Vec<String>,
+    left: u32,
+}
+
+impl Selection {
+    fn take(config: &Config, wanted: Option<&BTreeSet<String>>) -> Result<Selection> {
+        let (connection, channel) = open(config)?;
+        let (taken, left) = take_all(&channel, config)?;
+        let selected: Vec<DeadLetter> = taken
+            .into_iter()
+            .filter(|d| wanted.is_none_or(|w| w.contains(&d.id)))
+            .collect();
+        let missing = wanted
+            .into_iter()
+            .flatten()
+            .filter(|id| !selected.iter().any(|d| &d.id == *id))
+            .cloned()
+            .collect();
+        Ok(Selection {
+            connection,
+            channel,
+            selected,
+            missing,
+            left,
+        })
+    }
+
+    /// Forgets the selected events' failure records.
+    fn forget_failures(&self, config: &Config) -> Result<()> {
+        let ids: Vec<&str> = self.selected.iter().map(|d| d.id.as_str()).collect();
         read_db(config)?.execute(
             "DELETE FROM event_failures WHERE message_key = ANY($1)",
             &[&ids],
         )?;
-        republish(&channel, config, &selected)?;
+        Ok(())
     }
-    for d in selected.iter() {
+
+    /// Acks the selected messages (they leave the dead-letter queue), puts every other one
+    /// back, reports the ids that were not there; Ok(false) if some were not.
+    fn finish(self, out: &mut dyn Write) -> Result<bool> {
+        for d in self.selected {
+            d.get.ack(&self.channel)?;
+        }
+        self.channel.nack_all(true)?;
+        for id in &self.missing {
+            writeln!(out, "not in the dead-letter queue: {id}")?;
+        }
+        drop(self.channel.close());
+        drop(self.connection.close());
+        Ok(self.missing.is_empty())
+    }
+}
+
+fn replay(config: &Config, wanted: Option<BTreeSet<String>>, out: &mut dyn Write) -> Result<bool> {
+    let s = Selection::take(config, wanted.as_ref())?;
+    if !s.selected.is_empty() {
+        // A fresh count of attempts: the replay follows a fix.
+        s.forget_failures(config)?;
+        republish(&s.channel, config, &s.selected)?;
+    }
+    for d in s.selected.iter() {
         writeln!(out, "replayed {} ({})", d.id, d.event_type)?;
     }
-    for d in selected {
-        d.get.ack(&channel)?;
+    if s.left > 0 && wanted.is_none() {
+        writeln!(out, "{} more remain; run the replay again", s.left)?;
     }
-    drop(keep);
-    channel.nack_all(true)?;
-    for id in &missing {
-        writeln!(out, "not in the dead-letter queue: {id}")?;
+    s.finish(out)
+}
+
+/// Removes the chosen dead letters for good, each printed first on one line (id, type, the
+/// body as a JSON string) so that the output is the record of what was dropped.
+fn discard(config: &Config, wanted: BTreeSet<String>, out: &mut dyn Write) -> Result<bool> {
+    let s = Selection::take(config, Some(&wanted))?;
+    for d in s.selected.iter() {
+        let body = serde_json::Value::String(String::from_utf8_lossy(&d.get.delivery.body).into());
+        writeln!(out, "discarded {} ({}): {body}", d.id, d.event_type)?;
     }
-    if left > 0 && wanted.is_none() {
-        writeln!(out, "{left} more remain; run the replay again")?;
+    out.flush()?;
+    if !s.selected.is_empty() {
+        s.forget_failures(config)?;
     }
-    drop(channel.close());
-    drop(connection.close());
-    Ok(missing.is_empty())
+    s.finish(out)
 }
 
 /// Publishes copies of `letters` to the events exchange and waits until the broker has

@@ -721,3 +721,73 @@ fn a_rebuild_keeps_index_names_and_storage_parameters() {
     converge(&env);
     assert_read_model_is_exact(&env);
 }
+
+/// A dead letter no fix will make apply is removed by `discard`, printed whole first; the
+/// others stay. Messages without an event id (listed as `-`) are discarded with `-`. An id
+/// that is not there is reported, exit 1, and the rest is still done.
+#[test]
+fn dead_letters_are_discarded_one_by_one_and_printed_first() {
+    let env = TestEnv::new();
+    let app = env.start_with(Role::All, |c| c.consumer_attempts_max = 2);
+    let dlq = env.broker.dead_letter_queue.clone();
+    let product = create_product(app.command(), "Kettle", "Kitchen", 30.00, 1_000);
+    env.read()
+        .batch_execute(
+            "ALTER TABLE customer_ltv_view ADD CONSTRAINT it_bug CHECK (customer_id <> 4242)",
+        )
+        .unwrap();
+    for customer in [4242, 4242] {
+        order(&app, product, customer);
+    }
+    publish_raw(&env, "order-events", "", b"{not json");
+    wait_until("three dead letters", Duration::from_secs(30), || {
+        (env.queue_depth(&dlq) == 3).then_some(())
+    });
+    let poison: Vec<String> = env
+        .write()
+        .query(
+            "SELECT payload->>'eventId' FROM outbox WHERE payload->>'customerId' = '4242' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (code, out) = dead_letters(&env, &["discard", &poison[0], "-", "no-such-id"]);
+    assert_eq!(code, 1, "{out}");
+    let discarded: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("discarded "))
+        .collect();
+    assert_eq!(discarded.len(), 2, "{out}");
+    let event = format!("discarded {} (OrderCreated): \"{{", poison[0]);
+    assert!(
+        discarded
+            .iter()
+            .any(|l| l.starts_with(&event) && l.contains("4242")),
+        "{out}"
+    );
+    assert!(
+        discarded.contains(&r#"discarded - ((not an event)): "{not json""#),
+        "{out}"
+    );
+    assert!(
+        out.contains("not in the dead-letter queue: no-such-id"),
+        "{out}"
+    );
+    assert_eq!(
+        env.queue_depth(&dlq),
+        1,
+        "only the other poison event stays"
+    );
+    assert_eq!(
+        failed_attempts(&env, &poison[0]),
+        None,
+        "its failure record went"
+    );
+    let (_, listed) = dead_letters(&env, &["list"]);
+    assert!(listed.contains(&poison[1]), "{listed}");
+    assert!(!listed.contains(&poison[0]), "{listed}");
+    let (code, _) = dead_letters(&env, &["discard"]);
+    assert_eq!(code, 2, "discard needs an id");
+}
