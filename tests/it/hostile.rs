@@ -784,6 +784,28 @@ fn a_body_of_uncertain_length_is_refused_and_nothing_after_it_runs() {
     let mut req = post_head("/api/products", "Transfer-Encoding: Chunked\r\n").into_bytes();
     req.extend_from_slice(&chunked(body.as_bytes(), 7));
     assert_status(&raw(a, &req, Duration::from_secs(5)), 201, "Chunked");
+    // A malformed chunked body (here a trailer field, which is not supported) is a 400
+    // that says so, and the connection closes.
+    let before = write_counts(&env);
+    for tail in ["0\r\nX-Trailer: 1\r\n\r\n", "zz\r\n"] {
+        let req = format!(
+            "POST /api/products HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n{tail}{smuggled}",
+            body.len()
+        );
+        let (text, closed) = raw_all(a, req.as_bytes(), Duration::from_secs(5));
+        assert!(text.starts_with("HTTP/1.1 400 "), "{tail:?}: {text:?}");
+        assert!(
+            text.contains("malformed chunked body"),
+            "{tail:?}: {text:?}"
+        );
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{tail:?}: {text:?}");
+        assert!(closed, "{tail:?}");
+    }
+    assert_eq!(
+        write_counts(&env),
+        before,
+        "a malformed chunked body wrote something"
+    );
     healthy(a);
 }
 

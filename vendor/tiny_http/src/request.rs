@@ -207,7 +207,16 @@ where
             }
             None => {
                 let mut buffer = Vec::new();
-                inner.by_ref().take(crate::BODY_BUFFER_LIMIT as u64 + 1).read_to_end(&mut buffer)?;
+                let limit = crate::BODY_BUFFER_LIMIT as u64 + 1;
+                // PATCHED: the chunked decoder's errors are InvalidInput, which the
+                // connection answered as a head that is not ASCII.
+                if let Err(e) = inner.by_ref().take(limit).read_to_end(&mut buffer) {
+                    if e.kind() == ErrorKind::InvalidInput {
+                        let message = "malformed chunked body (trailer fields are not supported)";
+                        return Err(RequestCreationError::Refused(400, message));
+                    }
+                    return Err(e.into());
+                }
                 buffer
             }
         };
