@@ -112,6 +112,9 @@ const BROWSER_DEADLINE: Duration = Duration::from_secs(240);
 const HOSTILE_NAME: &str = "<img src=x onerror=alert(1)>";
 
 /// Products, orders and 46 past hours the page must show, and what it must show for them.
+/// A customer id that a JavaScript number cannot hold exactly.
+const BIG_ID: i64 = 9_007_199_254_740_993;
+
 fn seed(env: &TestEnv, c: SocketAddr, q: SocketAddr) -> Value {
     let laptop = create_product(c, "Gaming Laptop", "Electronics", 1299.99, 100);
     let hostile = create_product(c, HOSTILE_NAME, "<b>Hostile</b>", 6.66, 100);
@@ -120,7 +123,8 @@ fn seed(env: &TestEnv, c: SocketAddr, q: SocketAddr) -> Value {
     for (customer, items) in [
         (100, vec![(laptop, 2), (lamp, 1)]),
         (200, vec![(hostile, 3)]),
-        (300, vec![(coffee, 10), (lamp, 2)]),
+        // 2^53 + 1: a double would show it as 9007199254740992.
+        (BIG_ID, vec![(coffee, 10), (lamp, 2)]),
         (100, vec![(coffee, 1)]),
     ] {
         let items: Vec<Value> = items
@@ -181,7 +185,7 @@ fn seed(env: &TestEnv, c: SocketAddr, q: SocketAddr) -> Value {
         ],
         "customers": [
             ["1", "100", "2", "2,634.47", last_order(100)],
-            ["2", "300", "1", "148.90", last_order(300)],
+            ["2", BIG_ID.to_string(), "1", "148.90", last_order(BIG_ID)],
             ["3", "200", "1", "19.98", last_order(200)],
         ],
         // The past hours and this hour's 4 orders of 2,803.35.

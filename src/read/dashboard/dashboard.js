@@ -10,6 +10,7 @@ const FETCH_TIMEOUT_MS = 4000;
 const HOURS = 48;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const MONEY_KEYS = new Set(["totalRevenue", "totalSpent"]);
+const ID_KEYS = new Set(["customerId", "productId"]);
 // Thresholds for the health cards: above `warn` amber, above `bad` red.
 const LAG_SECONDS = { warn: 2, bad: 10 };
 const P99_MS = { warn: 1000, bad: 5000 };
@@ -40,11 +41,16 @@ function byId(id) {
 
 // Money as the API printed it: JSON.parse's reviver sees the number's source text where the
 // browser supports it, so 12345678901234.56 is shown exactly, not as the nearest double.
+// Ids likewise, as their text: a customer id may be any 64-bit integer, and 2^53 + 1 as a
+// double would show as its neighbour.
 function parseJson(text) {
   return JSON.parse(text, function (key, value, context) {
+    const source = context && typeof context.source === "string" ? context.source : null;
     if (MONEY_KEYS.has(key) && typeof value === "number") {
-      const source = context && typeof context.source === "string" ? context.source : null;
       return { value: value, text: source !== null ? source : value.toFixed(2) };
+    }
+    if (ID_KEYS.has(key) && typeof value === "number") {
+      return source !== null ? source : String(value);
     }
     return value;
   });
@@ -223,7 +229,7 @@ function healthCards(s) {
   if (typeof s.deadLetterMessages === "number") {
     cards.push({ label: "dead letters", value: formatInt(s.deadLetterMessages), sub: s.deadLetterMessages > 0 ? "see dead-letters list" : "none", kind: s.deadLetterMessages > 0 ? "bad" : "ok" });
   }
-  cards.push({ label: "events applied", value: formatInt(s.eventsApplied), sub: "newest " + timestampLabel(s.lastProcessedEventTimestamp).slice(5), kind: "idle" });
+  cards.push({ label: "events applied", value: formatInt(s.eventsApplied), sub: s.lastProcessedEventTimestamp ? "newest " + timestampLabel(s.lastProcessedEventTimestamp).slice(5) : "none yet", kind: "idle" });
   return cards;
 }
 
