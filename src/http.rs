@@ -65,20 +65,6 @@ impl Request {
             ))
         }
     }
-
-    /// The value of query parameter `name`, percent-decoded.
-    pub fn query_param(&self, name: &str) -> Result<Option<String>> {
-        let Some(q) = self.query.as_deref() else {
-            return Ok(None);
-        };
-        for pair in q.split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if percent_decode(k, true)? == name {
-                return percent_decode(v, true).map(Some);
-            }
-        }
-        Ok(None)
-    }
 }
 
 /// A response: a status and a JSON (or text) body.

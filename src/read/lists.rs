@@ -13,8 +13,6 @@ use crate::http::{percent_decode, Request, Response};
 pub const LIMIT_MAX: i64 = 100;
 /// The `limit` when the request names none.
 pub const LIMIT_DEFAULT: i64 = 10;
-/// Query parameters a list request may carry at most (each may appear once: two known ones).
-const PARAMS_MAX: usize = 2;
 
 /// The three lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,27 +146,7 @@ fn render_row(list: List, row: &postgres::Row, out: &mut String) {
 /// sort the list does not have, a limit that is not an integer from 1 to [`LIMIT_MAX`]. The
 /// error's `field` names the parameter.
 fn parse_params(list: List, query: Option<&str>) -> Result<(&'static Sort, i64)> {
-    let mut sort: Option<String> = None;
-    let mut limit: Option<String> = None;
-    let pairs = query.unwrap_or("").split('&').filter(|p| !p.is_empty());
-    for (i, pair) in pairs.enumerate() {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (percent_decode(k, true)?, percent_decode(v, true)?);
-        let slot = match k.as_str() {
-            "sort" => &mut sort,
-            "limit" => &mut limit,
-            _ => {
-                return Err(param_error(
-                    &k,
-                    "is not a parameter of this list (use sort, limit)",
-                ))
-            }
-        };
-        if slot.is_some() || i >= PARAMS_MAX {
-            return Err(param_error(&k, "is given more than once"));
-        }
-        *slot = Some(v);
-    }
+    let [sort, limit] = known_params(query, ["sort", "limit"], "this list")?;
     let sorts = || SORTS.iter().filter(|s| s.list == list);
     let sort = match sort {
         None => sorts().next().expect("every list has a sort"),
@@ -182,6 +160,33 @@ fn parse_params(list: List, query: Option<&str>) -> Result<(&'static Sort, i64)>
         Some(s) => parse_limit(&s)?,
     };
     Ok((sort, limit))
+}
+
+/// The values of the parameters `names` in `query` (percent-decoded), each at most once;
+/// any other parameter is refused, naming it in the error's `field` (a typo such as
+/// `?limt=5` must not be ignored). `what` says whose parameters they are.
+pub fn known_params<const N: usize>(
+    query: Option<&str>,
+    names: [&str; N],
+    what: &str,
+) -> Result<[Option<String>; N]> {
+    let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
+    let pairs = query.unwrap_or("").split('&').filter(|p| !p.is_empty());
+    for pair in pairs {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (percent_decode(k, true)?, percent_decode(v, true)?);
+        let Some(slot) = names.iter().position(|n| *n == k) else {
+            return Err(param_error(
+                &k,
+                &format!("is not a parameter of {what} (use {})", names.join(", ")),
+            ));
+        };
+        if values[slot].is_some() {
+            return Err(param_error(&k, "is given more than once"));
+        }
+        values[slot] = Some(v);
+    }
+    Ok(values)
 }
 
 /// A decimal integer from 1 to [`LIMIT_MAX`], digits only (no sign, no spaces).

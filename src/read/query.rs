@@ -93,8 +93,9 @@ impl QueryService {
     }
 
     fn hourly(&self, req: &Request) -> Result<Response> {
-        let bound = |name: &str| -> Result<Option<DateTime<Utc>>> {
-            match req.query_param(name)? {
+        let [from, to] = lists::known_params(req.query.as_deref(), ["from", "to"], "hourly sales")?;
+        let bound = |name: &str, value: Option<String>| -> Result<Option<DateTime<Utc>>> {
+            match value {
                 None => Ok(None),
                 Some(s) if s.is_empty() => Ok(None),
                 Some(s) => DateTime::parse_from_rfc3339(&s)
@@ -106,7 +107,7 @@ impl QueryService {
                     }),
             }
         };
-        let (from, to) = (bound("from")?, bound("to")?);
+        let (from, to) = (bound("from", from)?, bound("to", to)?);
         if let (Some(f), Some(t)) = (from, to) {
             if f > t {
                 return Err(Error::bad_request("`from` must not be after `to`"));

@@ -111,6 +111,23 @@ fn read_routes_404_and_400() {
         assert_eq!(r.status, 400, "GET {path}: {}", r.body);
         assert!(r.json()["error"].is_string());
     }
+    // Hourly sales, like the lists, refuses a parameter it does not know (a typo would
+    // otherwise return every hour) or one given twice, and names it.
+    for (path, field) in [
+        (
+            "/api/analytics/sales/hourly?form=2026-02-11T16:00:00Z",
+            "form",
+        ),
+        ("/api/analytics/sales/hourly?from=&from=", "from"),
+        (
+            "/api/analytics/sales/hourly?to=2026-02-11T16:00:00Z&limit=5",
+            "limit",
+        ),
+    ] {
+        let r = get(q, path);
+        assert_eq!(r.status, 400, "GET {path}: {}", r.body);
+        assert_eq!(r.json()["field"], field, "GET {path}: {}", r.body);
+    }
     let r = request(q, "POST", "/api/analytics/sync-status", &[], b"");
     assert_eq!(r.status, 405);
 }
