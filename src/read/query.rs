@@ -165,17 +165,19 @@ impl QueryService {
         let queued = self.broker.ready(&self.config);
         let now = crate::event::now_millis();
         let outbox = self.outbox_backlog(queued.as_ref().map(|q| q.events), now);
-        let mut lag_ms: i64 = 0;
-        let waiting = outbox
+        let age_ms = |t: Option<DateTime<Utc>>| t.map_or(0, |t| (now - t).num_milliseconds());
+        let (unpublished, oldest_queued) = outbox
             .as_ref()
-            .map(|b| [b.oldest_unpublished, b.oldest_queued])
+            .map(|b| (b.oldest_unpublished, b.oldest_queued))
             .unwrap_or_default();
-        for oldest in waiting.into_iter().chain([oldest_held]).flatten() {
-            lag_ms = lag_ms.max((now - oldest).num_milliseconds());
-        }
+        // Past the outbox, the consumers' side: what waits in the broker or in their hands.
+        let consumer_lag_ms = age_ms(oldest_queued).max(age_ms(oldest_held));
+        let lag_ms = age_ms(unpublished).max(consumer_lag_ms);
         let stall_secs = self.config.consumer_stall.as_secs_f64();
-        let waited_too_long =
-            lag_ms as f64 / 1000.0 >= stall_secs && idle_secs.is_none_or(|idle| idle >= stall_secs);
+        // Events the publisher cannot get to the broker are not the consumers' stall: the
+        // command service's health says so (`brokerConnected`), and `pendingOutboxEvents`.
+        let waited_too_long = consumer_lag_ms as f64 / 1000.0 >= stall_secs
+            && idle_secs.is_none_or(|idle| idle >= stall_secs);
         let body = json!({
             "lastProcessedEventTimestamp": last.map(|t| format_timestamp(&t)),
             "lagSeconds": lag_ms.max(0) as f64 / 1000.0,

@@ -791,3 +791,24 @@ fn dead_letters_are_discarded_one_by_one_and_printed_first() {
     let (code, _) = dead_letters(&env, &["discard"]);
     assert_eq!(code, 2, "discard needs an id");
 }
+
+/// Events stuck in the outbox because the publisher cannot reach the broker are not a
+/// consumer stall: `consumerStalled` stays false while the lag and `pendingOutboxEvents`
+/// grow (it used to turn true after `CONSUMER_STALL_SECS`, pointing at the wrong service).
+#[test]
+fn a_publisher_cut_off_from_the_broker_is_not_a_consumer_stall() {
+    let env = TestEnv::new();
+    let stall = Duration::from_secs(1);
+    let command = env.start_with(Role::Command, |c| {
+        c.broker_targets =
+            cqrs_analytics::config::parse_amqp_urls("amqp://guest:guest@127.0.0.1:1/%2f").unwrap();
+    });
+    let _consumer = env.start_with(Role::Consumer, |c| c.consumer_stall = stall);
+    let query = env.start_with(Role::Query, |c| c.consumer_stall = stall);
+    create_product(command.command(), "p", "Cut", 2.0, 10);
+    std::thread::sleep(stall * 3);
+    let s = get(query.query(), "/api/analytics/sync-status").json();
+    assert_eq!(s["pendingOutboxEvents"], json!(1), "{s}");
+    assert!(s["lagSeconds"].as_f64().unwrap() >= 3.0, "{s}");
+    assert_eq!(s["consumerStalled"], json!(false), "{s}");
+}
