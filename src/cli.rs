@@ -34,15 +34,26 @@ impl Command {
     /// The command `args` (without the program name) ask for; None is bad usage.
     pub fn parse(args: &[String]) -> Option<Command> {
         let arg = |i: usize| args.get(i).map(String::as_str);
+        // Only `dead-letters` takes arguments of its own; anything else after a command is
+        // a mistake (`all --port 1`), not something to ignore.
+        let alone = args.len() == 1;
         match arg(0)? {
-            "command-service" => Some(Command::Serve(Role::Command)),
-            "consumer-service" => Some(Command::Serve(Role::Consumer)),
-            "query-service" => Some(Command::Serve(Role::Query)),
-            "all" => Some(Command::Serve(Role::All)),
-            "migrate" => Some(Command::Migrate),
-            "healthcheck" => arg(1)?.parse().ok().map(Command::Healthcheck),
+            "command-service" if alone => Some(Command::Serve(Role::Command)),
+            "consumer-service" if alone => Some(Command::Serve(Role::Consumer)),
+            "query-service" if alone => Some(Command::Serve(Role::Query)),
+            "all" if alone => Some(Command::Serve(Role::All)),
+            "migrate" if alone => Some(Command::Migrate),
+            "healthcheck" if args.len() == 2 => {
+                let port = arg(1)?;
+                match port.parse() {
+                    Ok(n) if n > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {
+                        Some(Command::Healthcheck(n))
+                    }
+                    _ => None,
+                }
+            }
             "dead-letters" => Some(Command::DeadLetters(args[1..].to_vec())),
-            "rebuild-read-model" if args.len() == 1 => Some(Command::RebuildReadModel),
+            "rebuild-read-model" if alone => Some(Command::RebuildReadModel),
             _ => None,
         }
     }
@@ -138,6 +149,12 @@ mod tests {
             Some(Command::RebuildReadModel)
         );
         assert_eq!(parse(&["rebuild-read-model", "now"]), None);
+        assert_eq!(parse(&["all", "extra"]), None);
+        assert_eq!(parse(&["command-service", "--port", "1"]), None);
+        assert_eq!(parse(&["migrate", "extra"]), None);
+        assert_eq!(parse(&["healthcheck", "8080", "extra"]), None);
+        assert_eq!(parse(&["healthcheck", "0"]), None);
+        assert_eq!(parse(&["healthcheck", "+8080"]), None);
         assert_eq!(parse(&["bogus"]), None);
         assert_eq!(parse(&[]), None);
     }

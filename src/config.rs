@@ -292,6 +292,11 @@ impl Config {
         // (at most PUBLISH_CONFIRM_TIMEOUT_MS after its publishing, which itself may wait on
         // a broker's flow control). If the database ended that transaction first, the mark
         // would fail and the same rows be published again at every attempt.
+        if same_database(&config.write_db, &config.read_db) {
+            return Err(Error::config(
+                "DATABASE_URL and READ_DATABASE_URL name the same database; the write and read models need one each",
+            ));
+        }
         if config.publish_confirm_timeout * 2 > config.db.idle_in_transaction {
             return Err(Error::config(format!(
                 "PUBLISH_CONFIRM_TIMEOUT_MS ({}) must be at most half of DB_IDLE_IN_TRANSACTION_TIMEOUT_MS ({}): a claim's transaction waits for its confirms",
@@ -301,6 +306,34 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Whether two PostgreSQL URLs name one database (same name on a common host and port): the
+/// two schemas would then share one migration ledger, and the read model's migrations be
+/// taken as applied.
+fn same_database(a: &postgres::Config, b: &postgres::Config) -> bool {
+    fn endpoints(c: &postgres::Config) -> Vec<(String, u16)> {
+        let ports = c.get_ports();
+        c.get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    postgres::config::Host::Tcp(h) => h.to_ascii_lowercase(),
+                    postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                (host, port)
+            })
+            .collect()
+    }
+    let local = |h: &str| matches!(h, "localhost" | "127.0.0.1" | "::1");
+    let (ea, eb) = (endpoints(a), endpoints(b));
+    a.get_dbname() == b.get_dbname()
+        && ea.iter().any(|(ha, pa)| {
+            eb.iter()
+                .any(|(hb, pb)| pa == pb && (ha == hb || (local(ha) && local(hb))))
+        })
 }
 
 /// The variables' values as `lookup` gives them, each parsed by the rule of its type.
@@ -382,12 +415,31 @@ impl Values<'_> {
                 redact(&value)
             )));
         }
-        value.parse().map_err(|e| {
+        let config: postgres::Config = value.parse().map_err(|e| {
             Error::config(format!(
                 "{name} is not a valid PostgreSQL URL ({e}): {:?}",
                 redact(&value)
             ))
-        })
+        })?;
+        // What the URL parses to but can never connect with: said now, not after a minute
+        // of retries that end in an error not naming the variable.
+        let no_host = |h: &postgres::config::Host| matches!(h, postgres::config::Host::Tcp(h) if h.is_empty());
+        let problem = if config.get_hosts().is_empty() || config.get_hosts().iter().any(no_host) {
+            Some("names no host")
+        } else if config.get_dbname().is_none_or(str::is_empty) {
+            Some("names no database")
+        } else if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            Some("asks for TLS (sslmode=require), which this build does not have")
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(Error::config(format!(
+                "{name} {problem}: {:?}",
+                redact(&value)
+            ))),
+            None => Ok(config),
+        }
     }
 
     fn amqp(&self, name: &str) -> Result<Vec<AmqpTarget>> {
@@ -516,6 +568,12 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
         password,
         vhost: if vhost.is_empty() {
             "/".into()
+        } else if vhost.contains(['/', ',', '#']) {
+            // A second URL glued on, a path or a fragment: not a vhost (a vhost with
+            // these characters is written percent-encoded).
+            return Err(bad(
+                "the vhost may not contain /, , or # (percent-encode them)",
+            ));
         } else {
             decode(vhost)?
         },
@@ -525,11 +583,20 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("heartbeat", v)) => {
-                target.heartbeat_secs = Some(v.parse().map_err(|_| bad("bad heartbeat"))?)
+                // As BROKER_HEARTBEAT_SECS: 0 (none) to an hour.
+                let secs = v.parse().map_err(|_| bad("bad heartbeat"))?;
+                if secs > 3600 {
+                    return Err(bad("heartbeat must be from 0 to 3600 s"));
+                }
+                target.heartbeat_secs = Some(secs)
             }
             Some(("connection_timeout", v)) => {
-                target.connection_timeout_ms =
-                    Some(v.parse().map_err(|_| bad("bad connection_timeout"))?)
+                // As BROKER_CONNECT_TIMEOUT_MS: 1 ms to 10 minutes.
+                let ms: u64 = v.parse().map_err(|_| bad("bad connection_timeout"))?;
+                if !(1..=600_000).contains(&ms) {
+                    return Err(bad("connection_timeout must be from 1 to 600000 ms"));
+                }
+                target.connection_timeout_ms = Some(ms)
             }
             _ => return Err(bad(&format!("unsupported query parameter {pair:?}"))),
         }
@@ -604,6 +671,68 @@ mod tests {
         let e =
             Config::from_lookup(|k| (k == "BROKER_URL").then(|| "http://x".into())).unwrap_err();
         assert!(e.message().contains("BROKER_URL"), "{e}");
+    }
+
+    #[test]
+    fn urls_that_can_never_work_are_refused_at_once() {
+        let with = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_lookup(move |k| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.clone())
+            })
+        };
+        for (var, value, says) in [
+            ("DATABASE_URL", "postgresql:///w", "no host"),
+            (
+                "READ_DATABASE_URL",
+                "postgresql://postgres@:5432/r",
+                "no host",
+            ),
+            (
+                "DATABASE_URL",
+                "postgresql://postgres@h:5432/",
+                "no database",
+            ),
+            ("DATABASE_URL", "postgresql://h/w?sslmode=require", "TLS"),
+            (
+                "BROKER_URL",
+                "amqp://g:g@h:5672/%2f?connection_timeout=0",
+                "connection_timeout",
+            ),
+            (
+                "BROKER_URL",
+                "amqp://g:g@h/%2f?heartbeat=65535",
+                "heartbeat",
+            ),
+            ("BROKER_URL", "amqp://g:g@h/%2f,http://x", "vhost"),
+            ("BROKER_URL", "amqp://g:g@h/%2f/extra", "vhost"),
+            ("BROKER_URL", "amqp://g:g@h/%2f#frag", "vhost"),
+        ] {
+            let e = with(&[(var, value)]).unwrap_err();
+            assert!(
+                e.message().contains(var) && e.message().contains(says),
+                "{var}={value}: {e}"
+            );
+        }
+        let same = with(&[
+            ("DATABASE_URL", "postgresql://u@localhost:5432/one"),
+            ("READ_DATABASE_URL", "postgresql://v@127.0.0.1/one"),
+        ])
+        .unwrap_err();
+        assert!(same.message().contains("same database"), "{same}");
+        assert!(with(&[
+            ("DATABASE_URL", "postgresql://u@db:5432/one"),
+            ("READ_DATABASE_URL", "postgresql://u@read_db:5432/one"),
+        ])
+        .is_ok());
+        assert!(with(&[("BROKER_URL", "amqp://g:g@h/%2f?connection_timeout=600000")]).is_ok());
+        assert!(with(&[("BROKER_URL", "amqp://g:g@h/a%2fb")]).is_ok());
     }
 
     #[test]

@@ -581,10 +581,21 @@ fn a_rebuild_from_the_wrong_write_database_refuses_and_changes_nothing() {
     let before = read_totals(&mut env.read());
     let missing = format!("{}_missing", env.write_db);
     let empty = TestEnv::new();
-    for (url, says) in [
-        (format!("{}/{missing}", pg_base()), "does not exist"),
-        (env.read_url(), "holds no write model"),
-        (empty.write_url(), "has no product and no order"),
+    // A database that is not a write model (an empty one), and the read database itself,
+    // which the configuration refuses first (exit 2).
+    let other = format!("{}_other", env.read_db);
+    env.write()
+        .batch_execute(&format!("CREATE DATABASE {other}"))
+        .unwrap();
+    for (url, code, says) in [
+        (
+            format!("{}/{missing}", pg_base()),
+            1,
+            "does not exist; nothing was changed",
+        ),
+        (format!("{}/{other}", pg_base()), 1, "holds no write model"),
+        (env.read_url(), 2, "name the same database"),
+        (empty.write_url(), 1, "has no product and no order"),
     ] {
         let out = env
             .binary("rebuild-read-model")
@@ -592,11 +603,8 @@ fn a_rebuild_from_the_wrong_write_database_refuses_and_changes_nothing() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
-        assert!(
-            stderr.contains(says) && stderr.contains("nothing was changed"),
-            "{url}: {stderr}"
-        );
+        assert_eq!(out.status.code(), Some(code), "{url}: {stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
         assert_eq!(read_totals(&mut env.read()), before, "{url}");
     }
     let created: bool = env
@@ -611,6 +619,9 @@ fn a_rebuild_from_the_wrong_write_database_refuses_and_changes_nothing() {
         !created,
         "the rebuild created the database it was misdirected to"
     );
+    env.write()
+        .batch_execute(&format!("DROP DATABASE {other}"))
+        .unwrap();
     let r = get(app.query(), &format!("/api/analytics/products/{pid}/sales"));
     assert_eq!(r.status, 200, "{}", r.body);
     // The right database still rebuilds.
