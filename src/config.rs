@@ -292,6 +292,36 @@ impl Config {
         // (at most PUBLISH_CONFIRM_TIMEOUT_MS after its publishing, which itself may wait on
         // a broker's flow control). If the database ended that transaction first, the mark
         // would fail and the same rows be published again at every attempt.
+        let b = &config.broker;
+        let exchanges = [
+            ("BROKER_EXCHANGE", &b.exchange),
+            ("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange),
+        ];
+        let queues = [
+            ("BROKER_PRODUCT_QUEUE", &b.product_queue),
+            ("BROKER_ORDER_QUEUE", &b.order_queue),
+            ("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue),
+        ];
+        for names in [&exchanges[..], &queues[..]] {
+            for (i, (var, name)) in names.iter().enumerate() {
+                // RabbitMQ refuses to declare names starting with `amq.` (ACCESS_REFUSED).
+                if name.starts_with("amq.") {
+                    return Err(Error::config(format!(
+                        "{var} may not start with amq. (reserved by RabbitMQ): {name:?}"
+                    )));
+                }
+                if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                    return Err(Error::config(format!(
+                        "{other} and {var} name the same {}: {name:?}",
+                        if names.len() == 2 {
+                            "exchange"
+                        } else {
+                            "queue"
+                        }
+                    )));
+                }
+            }
+        }
         if same_database(&config.write_db, &config.read_db) {
             return Err(Error::config(
                 "DATABASE_URL and READ_DATABASE_URL name the same database; the write and read models need one each",
@@ -719,6 +749,26 @@ mod tests {
                 e.message().contains(var) && e.message().contains(says),
                 "{var}={value}: {e}"
             );
+        }
+        for (pairs, says) in [
+            (
+                [
+                    ("BROKER_EXCHANGE", "x"),
+                    ("BROKER_DEAD_LETTER_EXCHANGE", "x"),
+                ],
+                "same exchange",
+            ),
+            (
+                [
+                    ("BROKER_ORDER_QUEUE", "q"),
+                    ("BROKER_DEAD_LETTER_QUEUE", "q"),
+                ],
+                "same queue",
+            ),
+            ([("BROKER_EXCHANGE", "amq.x"), ("RUST_LOG", "info")], "amq."),
+        ] {
+            let e = with(&pairs).unwrap_err();
+            assert!(e.message().contains(says), "{pairs:?}: {e}");
         }
         let same = with(&[
             ("DATABASE_URL", "postgresql://u@localhost:5432/one"),
