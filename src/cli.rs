@@ -85,9 +85,33 @@ fn serve(config: &Config, role: Role) -> Result<()> {
     let mut running = app::start(config, role)?;
     let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
     running.shutdown().wait();
+    stop_watchdog(config.shutdown_drain_timeout + STOP_GRACE);
     running.stop();
     signals.join();
     Ok(())
+}
+
+/// How long the stop may take beyond `SHUTDOWN_DRAIN_TIMEOUT_MS`.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Ends the process with exit code 1 if the stop has not finished within `limit`: a thread
+/// blocked in a call that has no timeout of its own (an AMQP handshake with a node that
+/// accepted the connection and says nothing, for up to `BROKER_CONNECT_TIMEOUT_MS`) would
+/// otherwise hold the exit for as long. Leaving then is as safe as a crash: unacked
+/// deliveries are redelivered, claimed outbox rows published again, each applied once.
+fn stop_watchdog(limit: Duration) {
+    std::thread::Builder::new()
+        .name("stop-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            log::error!(
+                "still stopping {} ms after the request (a thread is blocked on the broker or a database); exiting now",
+                limit.as_millis()
+            );
+            std::process::exit(1);
+        })
+        .map(drop)
+        .unwrap_or_else(|e| log::warn!("no stop watchdog: {e}"));
 }
 
 fn migrate(config: &Config) -> Result<()> {

@@ -65,3 +65,49 @@ fn sigterm_under_load_publishes_every_accepted_order_then_exits_0() {
         seen.summary()
     );
 }
+
+/// A stop that a thread cannot finish (the publisher in an AMQP handshake with a node that
+/// accepted the connection and says nothing, for up to `BROKER_CONNECT_TIMEOUT_MS`, here
+/// ten minutes) ends the process anyway, `SHUTDOWN_DRAIN_TIMEOUT_MS` plus 5 s after the
+/// signal, with exit code 1 and a line saying why. It used to wait out the handshake.
+#[test]
+fn a_stop_blocked_on_a_silent_broker_ends_within_its_deadline() {
+    let env = TestEnv::new();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        // Accept, and never say a word.
+        let mut open = Vec::new();
+        for s in silent.incoming().take(4).flatten() {
+            open.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(60));
+        drop(open);
+    });
+    let mut cmd = env.binary("command-service");
+    cmd.env("RUST_LOG", "info")
+        .env("COMMAND_SERVICE_PORT", "0")
+        .env(
+            "BROKER_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .env("BROKER_CONNECT_TIMEOUT_MS", "600000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "0");
+    let mut service =
+        ChildService::spawn(&mut cmd, "command-service", &format!("silent-{}", env.id));
+    std::thread::sleep(Duration::from_millis(500)); // the publisher is in its handshake
+    let started = std::time::Instant::now();
+    let status = service.terminate(Duration::from_secs(20));
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(1), "log:\n{}", service.log());
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(10),
+        "stopped after {took:?}"
+    );
+    assert!(
+        service.log().contains("still stopping"),
+        "{}",
+        service.log()
+    );
+    drop(held);
+}
