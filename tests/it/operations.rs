@@ -123,20 +123,27 @@ fn failed_attempts(env: &TestEnv, id: &str) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
-/// Events the read model refuses (a constraint standing in for a bug) are dead-lettered
-/// after the usual attempts; a replay before the fix sends them back there after the same
-/// number of attempts (no loop); after the fix a replay applies each exactly once.
-#[test]
-fn dead_letters_are_listed_and_replayed_exactly_once_after_a_fix() {
-    let env = TestEnv::new();
-    let app = env.start_with(Role::All, |c| c.consumer_attempts_max = 3);
-    let dlq = env.broker.dead_letter_queue.clone();
+/// Services whose read model cannot take an order of customer 4242 (a bug to fix, here a
+/// CHECK that `it_bug` names), with `attempts` before dead-lettering; and a product.
+fn poisoned_by_customer_4242(env: &TestEnv, attempts: u32) -> (App, i64) {
+    let app = env.start_with(Role::All, |c| c.consumer_attempts_max = attempts);
     let product = create_product(app.command(), "Kettle", "Kitchen", 30.00, 1_000);
     env.read()
         .batch_execute(
             "ALTER TABLE customer_ltv_view ADD CONSTRAINT it_bug CHECK (customer_id <> 4242)",
         )
         .unwrap();
+    (app, product)
+}
+
+/// Events the read model refuses (a constraint standing in for a bug) are dead-lettered
+/// after the usual attempts; a replay before the fix sends them back there after the same
+/// number of attempts (no loop); after the fix a replay applies each exactly once.
+#[test]
+fn dead_letters_are_listed_and_replayed_exactly_once_after_a_fix() {
+    let env = TestEnv::new();
+    let (app, product) = poisoned_by_customer_4242(&env, 3);
+    let dlq = env.broker.dead_letter_queue.clone();
     for customer in [1, 4242, 2, 4242, 3] {
         order(&app, product, customer);
     }
@@ -562,10 +569,11 @@ fn a_rebuild_killed_mid_switch_leaves_the_old_views() {
     assert_read_model_is_exact(&env);
 }
 
-/// A rebuild whose `DATABASE_URL` names the wrong database refuses with exit 1 and changes
-/// nothing: a database that does not exist (it used to be created, migrated, and rebuilt
-/// from, which emptied the live read model and exited 0), a database that is not a write
-/// model (here the read database), and an empty write model beside a read model with rows.
+/// A rebuild whose `DATABASE_URL` names the wrong database refuses and changes nothing: a
+/// database that does not exist (it used to be created, migrated, and rebuilt from, which
+/// emptied the live read model and exited 0), a database that is not a write model, and an
+/// empty write model beside a read model with rows (exit 1); the read database itself
+/// (exit 2: the configuration refuses two models in one database).
 #[test]
 fn a_rebuild_from_the_wrong_write_database_refuses_and_changes_nothing() {
     let env = TestEnv::new();
@@ -739,14 +747,8 @@ fn a_rebuild_keeps_index_names_and_storage_parameters() {
 #[test]
 fn dead_letters_are_discarded_one_by_one_and_printed_first() {
     let env = TestEnv::new();
-    let app = env.start_with(Role::All, |c| c.consumer_attempts_max = 2);
+    let (app, product) = poisoned_by_customer_4242(&env, 2);
     let dlq = env.broker.dead_letter_queue.clone();
-    let product = create_product(app.command(), "Kettle", "Kitchen", 30.00, 1_000);
-    env.read()
-        .batch_execute(
-            "ALTER TABLE customer_ltv_view ADD CONSTRAINT it_bug CHECK (customer_id <> 4242)",
-        )
-        .unwrap();
     for customer in [4242, 4242] {
         order(&app, product, customer);
     }
