@@ -185,8 +185,17 @@ impl Manager {
             .options(&options)
             .application_name(application_name)
             .connect_timeout(timeouts.connect)
+            // A peer that vanished (a partition, a host that died without closing) is found
+            // by the kernel: probes after 10 s of silence, 5 s apart, and no connection
+            // survives 30 s with its data or probes unacknowledged. With the system's probe
+            // defaults that took about 11 minutes, during which a consumer or a health check
+            // waited on a read that never ended. (A proxy in between that keeps the TCP
+            // connection alive and forwards nothing is not found this way.)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30));
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(4)
+            .tcp_user_timeout(Duration::from_secs(30));
         Manager { config }
     }
 }
