@@ -351,10 +351,31 @@ pub fn pool(
 }
 
 /// Answers whether the pool's database responds, for /health.
+///
+/// Gives up after the pool's checkout timeout plus a second, on a thread of its own: a
+/// connection whose peer takes the bytes and never answers (a proxy in front of a server
+/// that is gone) would otherwise hold the health check, and the HTTP worker running it,
+/// until TCP gives up, which it never does while the proxy acknowledges. The thread waits
+/// on with its connection; at most the pool's connections can be held so.
 pub fn ping(pool: &Pool) -> Result<()> {
-    let mut conn = pool.get()?;
-    conn.client.simple_query("SELECT 1")?;
-    Ok(())
+    let deadline = pool.connection_timeout() + Duration::from_secs(1);
+    let (answer, answered) = crossbeam_channel::bounded(1);
+    let pool = pool.clone();
+    std::thread::Builder::new()
+        .name("db-ping".into())
+        .spawn(move || {
+            let pinged = pool.get().map_err(Error::from).and_then(|mut conn| {
+                conn.client.simple_query("SELECT 1")?;
+                Ok(())
+            });
+            let _ = answer.send(pinged);
+        })?;
+    answered.recv_timeout(deadline).unwrap_or_else(|_| {
+        Err(Error::unavailable(format!(
+            "no answer within {} ms",
+            deadline.as_millis()
+        )))
+    })
 }
 
 /// One migration: a version, a name and the SQL it runs.

@@ -825,3 +825,115 @@ fn a_publisher_cut_off_from_the_broker_is_not_a_consumer_stall() {
     assert!(s["lagSeconds"].as_f64().unwrap() >= 3.0, "{s}");
     assert_eq!(s["consumerStalled"], json!(false), "{s}");
 }
+
+/// A TCP proxy in front of PostgreSQL that, once `black_hole` is set, keeps every
+/// connection open and forwards nothing either way: a server gone behind a proxy that
+/// still acknowledges what it is sent.
+struct BlackHole {
+    port: u16,
+    black_hole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sockets: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Drop for BlackHole {
+    /// Cuts every proxied connection, so that whatever waits on one fails and ends.
+    fn drop(&mut self) {
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl BlackHole {
+    fn start(upstream: std::net::SocketAddr) -> BlackHole {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let black_hole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = black_hole.clone();
+        let sockets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = sockets.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                kept.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if !flag.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        BlackHole {
+            port,
+            black_hole,
+            sockets,
+        }
+    }
+}
+
+/// With the read database gone behind a proxy that keeps the connections open, the
+/// consumer's and the query service's `/health` answer 503 within the pool's checkout
+/// timeout plus a second. They used to wait on the pooled connection for good (a probe
+/// unanswered after 23 minutes in the fault-injection audit).
+#[test]
+fn health_answers_503_when_the_read_database_stops_answering() {
+    let env = TestEnv::new();
+    let read: postgres::Config = env.read_url().parse().unwrap();
+    let host = match &read.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("TEST_PG_URL must name a TCP host, not {other:?}"),
+    };
+    let port = read.get_ports().first().copied().unwrap_or(5432);
+    let upstream = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = BlackHole::start(upstream);
+    let proxied = env.read_url().replacen(
+        &format!("@{host}:{port}/"),
+        &format!("@127.0.0.1:{}/", proxy.port),
+        1,
+    );
+    assert_ne!(proxied, env.read_url(), "TEST_PG_URL must name its port");
+    let via_proxy = |c: &mut cqrs_analytics::Config| {
+        c.read_db = proxied.parse().unwrap();
+        c.db.pool_checkout = Duration::from_secs(1);
+    };
+    let consumer = env.start_with(Role::Consumer, via_proxy);
+    let query = env.start_with(Role::Query, via_proxy);
+    // Bound after the services, so dropped before them, also when an assertion fails: it
+    // cuts the connections their threads wait on, and they can stop.
+    let proxy = proxy;
+    for addr in [consumer.consumer(), query.query()] {
+        wait_until("healthy through the proxy", Duration::from_secs(20), || {
+            (get(addr, "/health").status == 200).then_some(())
+        });
+    }
+    proxy
+        .black_hole
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for addr in [consumer.consumer(), query.query()] {
+        let started = Instant::now();
+        let r = get(addr, "/health");
+        let took = started.elapsed();
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("read database"), "{}", r.body);
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+    }
+}
