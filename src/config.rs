@@ -282,60 +282,67 @@ impl Config {
                 batch_size_max: v.int("RETENTION_BATCH_SIZE")?,
             },
         };
-        if config.consumer_batch_size_max > usize::from(config.consumer_prefetch) {
+        config.check_together()?;
+        Ok(config)
+    }
+
+    /// The rules that tie variables together (each alone was checked as it was read).
+    fn check_together(&self) -> Result<()> {
+        if self.consumer_batch_size_max > usize::from(self.consumer_prefetch) {
             return Err(Error::config(format!(
                 "CONSUMER_BATCH_SIZE ({}) must not exceed CONSUMER_PREFETCH ({})",
-                config.consumer_batch_size_max, config.consumer_prefetch
+                self.consumer_batch_size_max, self.consumer_prefetch
             )));
+        }
+        check_broker_names(&self.broker)?;
+        if same_database(&self.write_db, &self.read_db) {
+            return Err(Error::config(
+                "DATABASE_URL and READ_DATABASE_URL name the same database; the write and read models need one each",
+            ));
         }
         // A claimed batch's transaction stays open, idle, from its claim until its confirms
         // (at most PUBLISH_CONFIRM_TIMEOUT_MS after its publishing, which itself may wait on
         // a broker's flow control). If the database ended that transaction first, the mark
         // would fail and the same rows be published again at every attempt.
-        let b = &config.broker;
-        let exchanges = [
-            ("BROKER_EXCHANGE", &b.exchange),
-            ("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange),
-        ];
-        let queues = [
-            ("BROKER_PRODUCT_QUEUE", &b.product_queue),
-            ("BROKER_ORDER_QUEUE", &b.order_queue),
-            ("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue),
-        ];
-        for names in [&exchanges[..], &queues[..]] {
-            for (i, (var, name)) in names.iter().enumerate() {
-                // RabbitMQ refuses to declare names starting with `amq.` (ACCESS_REFUSED).
-                if name.starts_with("amq.") {
-                    return Err(Error::config(format!(
-                        "{var} may not start with amq. (reserved by RabbitMQ): {name:?}"
-                    )));
-                }
-                if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
-                    return Err(Error::config(format!(
-                        "{other} and {var} name the same {}: {name:?}",
-                        if names.len() == 2 {
-                            "exchange"
-                        } else {
-                            "queue"
-                        }
-                    )));
-                }
-            }
-        }
-        if same_database(&config.write_db, &config.read_db) {
-            return Err(Error::config(
-                "DATABASE_URL and READ_DATABASE_URL name the same database; the write and read models need one each",
-            ));
-        }
-        if config.publish_confirm_timeout * 2 > config.db.idle_in_transaction {
+        if self.publish_confirm_timeout * 2 > self.db.idle_in_transaction {
             return Err(Error::config(format!(
                 "PUBLISH_CONFIRM_TIMEOUT_MS ({}) must be at most half of DB_IDLE_IN_TRANSACTION_TIMEOUT_MS ({}): a claim's transaction waits for its confirms",
-                config.publish_confirm_timeout.as_millis(),
-                config.db.idle_in_transaction.as_millis()
+                self.publish_confirm_timeout.as_millis(),
+                self.db.idle_in_transaction.as_millis()
             )));
         }
-        Ok(config)
+        Ok(())
     }
+}
+
+/// Broker names RabbitMQ would refuse, or that would collide: `amq.` is reserved, and the
+/// two exchanges, like the three queues, need a name each.
+fn check_broker_names(b: &BrokerNames) -> Result<()> {
+    let exchanges = [
+        ("BROKER_EXCHANGE", &b.exchange),
+        ("BROKER_DEAD_LETTER_EXCHANGE", &b.dead_letter_exchange),
+    ];
+    let queues = [
+        ("BROKER_PRODUCT_QUEUE", &b.product_queue),
+        ("BROKER_ORDER_QUEUE", &b.order_queue),
+        ("BROKER_DEAD_LETTER_QUEUE", &b.dead_letter_queue),
+    ];
+    for (kind, names) in [("exchange", &exchanges[..]), ("queue", &queues[..])] {
+        for (i, (var, name)) in names.iter().enumerate() {
+            // RabbitMQ refuses to declare names starting with `amq.` (ACCESS_REFUSED).
+            if name.starts_with("amq.") {
+                return Err(Error::config(format!(
+                    "{var} may not start with amq. (reserved by RabbitMQ): {name:?}"
+                )));
+            }
+            if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                return Err(Error::config(format!(
+                    "{other} and {var} name the same {kind}: {name:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether two PostgreSQL URLs name one database (same name on a common host and port): the
@@ -610,6 +617,17 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
         heartbeat_secs: None,
         connection_timeout_ms: None,
     };
+    apply_amqp_query(&mut target, query, bad)?;
+    Ok(target)
+}
+
+/// The query parameters of a broker URL (`heartbeat`, `connection_timeout`), each within
+/// the range of the variable it overrides; any other is refused.
+fn apply_amqp_query(
+    target: &mut AmqpTarget,
+    query: &str,
+    bad: impl Fn(&str) -> Error,
+) -> Result<()> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("heartbeat", v)) => {
@@ -631,7 +649,7 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
             _ => return Err(bad(&format!("unsupported query parameter {pair:?}"))),
         }
     }
-    Ok(target)
+    Ok(())
 }
 
 /// Decodes `%XX` escapes (and `+` as space in query strings); the result must be UTF-8.

@@ -110,20 +110,8 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
     let mut progress = Progress::new(out);
     let (products, orders) = build(&mut write, &mut shadow.client, &stmts, &mut progress)?;
     let build_secs = started.elapsed().as_secs_f64();
-    let mut caught_up = 0;
-    // Each pass looks at what the consumers recorded since the previous pass began (less
-    // the margin), the first since `r0`.
-    let mut since = r0;
-    for _ in 0..CATCH_UP_PASSES_MAX {
-        let mut tx = shadow.client.transaction()?;
-        let (n, began) = catch_up(&mut tx, &mut write, &stmts, &live, since)?;
-        tx.commit()?;
-        caught_up += n;
-        since = began;
-        if n < CATCH_UP_SMALL {
-            break;
-        }
-    }
+    let (mut caught_up, since) =
+        catch_up_passes(&mut shadow.client, &mut write, &stmts, &live, r0)?;
     let switched = match switch(&mut shadow.client, &mut write, &stmts, &live, since) {
         Ok(switched) => switched,
         Err(e) => {
@@ -147,6 +135,31 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
         switched.readers_blocked_ms
     )?;
     Ok(true)
+}
+
+/// Catch-up passes until one finds little (at most `CATCH_UP_PASSES_MAX`), each in a
+/// transaction of its own and looking at what the consumers recorded since the previous
+/// pass began (less the margin), the first since `r0`. Returns the events applied and where
+/// the switch's own pass starts.
+fn catch_up_passes(
+    shadow: &mut Client,
+    write: &mut Client,
+    stmts: &Statements,
+    live: &str,
+    r0: DateTime<Utc>,
+) -> Result<(usize, DateTime<Utc>)> {
+    let (mut caught_up, mut since) = (0, r0);
+    for _ in 0..CATCH_UP_PASSES_MAX {
+        let mut tx = shadow.transaction()?;
+        let (n, began) = catch_up(&mut tx, write, stmts, live, since)?;
+        tx.commit()?;
+        caught_up += n;
+        since = began;
+        if n < CATCH_UP_SMALL {
+            break;
+        }
+    }
+    Ok((caught_up, since))
 }
 
 /// Why `DATABASE_URL` cannot be the write model to rebuild from, if it cannot: its database

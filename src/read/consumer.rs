@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::{Channel, ConsumerMessage, ConsumerOptions, Delivery};
-use crossbeam_channel::select;
+use crossbeam_channel::{select, Receiver};
 use log::{error, info, warn};
 
 use crate::broker::{self, Endpoints, LinkStatus};
@@ -223,23 +223,7 @@ impl Consumer<'_> {
                     continue;
                 }
             };
-            let mut batch = vec![(first.0, delivery(first.1)?)];
-            let deadline = Instant::now() + config.consumer_batch_wait;
-            while batch.len() < config.consumer_batch_size_max {
-                // Take what is already here without waiting, then wait until the deadline.
-                let next = match prx.try_recv() {
-                    Ok(m) => (Source::Products, m),
-                    Err(_) => match orx.try_recv() {
-                        Ok(m) => (Source::Orders, m),
-                        Err(_) => select! {
-                            recv(prx) -> m => (Source::Products, delivery_or_closed(m)?),
-                            recv(orx) -> m => (Source::Orders, delivery_or_closed(m)?),
-                            default(deadline.saturating_duration_since(Instant::now())) => break,
-                        },
-                    },
-                };
-                batch.push((next.0, delivery(Ok(next.1))?));
-            }
+            let batch = self.fill_batch((first.0, delivery(first.1)?), prx, orx)?;
             self.process(&channels, batch)?;
         };
         let result = consume();
@@ -248,6 +232,34 @@ impl Consumer<'_> {
             link.cut();
         }
         result
+    }
+
+    /// A batch from `first` and whatever else arrives: what is already here without
+    /// waiting, then until `CONSUMER_BATCH_WAIT_MS` has passed, up to the batch size.
+    fn fill_batch(
+        &self,
+        first: (Source, Delivery),
+        prx: &Receiver<ConsumerMessage>,
+        orx: &Receiver<ConsumerMessage>,
+    ) -> Result<Vec<(Source, Delivery)>> {
+        let config = self.config;
+        let mut batch = vec![first];
+        let deadline = Instant::now() + config.consumer_batch_wait;
+        while batch.len() < config.consumer_batch_size_max {
+            let next = match prx.try_recv() {
+                Ok(m) => (Source::Products, m),
+                Err(_) => match orx.try_recv() {
+                    Ok(m) => (Source::Orders, m),
+                    Err(_) => select! {
+                        recv(prx) -> m => (Source::Products, delivery_or_closed(m)?),
+                        recv(orx) -> m => (Source::Orders, delivery_or_closed(m)?),
+                        default(deadline.saturating_duration_since(Instant::now())) => break,
+                    },
+                },
+            };
+            batch.push((next.0, delivery(Ok(next.1))?));
+        }
+        Ok(batch)
     }
 
     fn process(&self, channels: &[Channel; 2], batch: Vec<(Source, Delivery)>) -> Result<()> {
