@@ -13,7 +13,7 @@ use log::{info, warn};
 use crate::broker::LinkStatus;
 use crate::config::Config;
 use crate::db;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::http::{HttpServer, Limits, Service};
 use crate::ops::retention::{self, Job, RetentionMetrics, Table};
 use crate::read::consumer::{self, ConsumerHttp, ConsumerMetrics};
@@ -57,9 +57,6 @@ pub struct Running {
     background: Stage,
     /// Restarts and threads down of the supervised workers, for /health and /metrics.
     supervision: Arc<Supervision>,
-    /// Fired by a signal: `main` waits for it, then calls `stop`.
-    stop_request: Option<Trigger>,
-    stop_requested: Shutdown,
 }
 
 /// Threads that stop together when their trigger fires.
@@ -88,19 +85,9 @@ impl Stage {
 }
 
 impl Running {
-    /// The request to stop (a signal) that `main` waits for.
-    pub fn shutdown(&self) -> &Shutdown {
-        &self.stop_requested
-    }
-
     /// The supervision of this process's publishers and consumers.
     pub fn supervision(&self) -> &Arc<Supervision> {
         &self.supervision
-    }
-
-    /// Takes the trigger of the request to stop, so that a signal thread can fire it.
-    pub fn take_trigger(&mut self) -> Option<Trigger> {
-        self.stop_request.take()
     }
 
     /// Starts an HTTP server for `service` on `port` of the bind address; it is stopped
@@ -149,42 +136,61 @@ impl Running {
 }
 
 /// Applies the migrations of the databases `role` uses, waiting for each database to come
-/// up for at most `wait`; says what it did, one report per database.
-pub fn migrate(config: &Config, role: Role, wait: Duration) -> Result<Vec<db::MigrationReport>> {
+/// up for at most `wait`; says what it did, one report per database. A stop requested
+/// through `stop` meanwhile ends the wait with [`Error::stopped`].
+pub fn migrate(
+    config: &Config,
+    role: Role,
+    wait: Duration,
+    stop: Option<&Shutdown>,
+) -> Result<Vec<db::MigrationReport>> {
+    let retry = Retry { wait, stop };
     if role == Role::All {
-        retry_until(wait, || {
-            db::ensure_database(&config.write_db, config.db.connect)
-        })?;
-        retry_until(wait, || {
-            db::ensure_database(&config.read_db, config.db.connect)
-        })?;
+        retry.run(|| db::ensure_database(&config.write_db, config.db.connect))?;
+        retry.run(|| db::ensure_database(&config.read_db, config.db.connect))?;
     }
     let mut reports = Vec::new();
     if role.runs_command() {
-        reports.push(retry_until(wait, || {
-            db::migrate(&config.write_db, db::WRITE_MIGRATIONS, config.db.connect)
-        })?);
+        reports.push(
+            retry.run(|| db::migrate(&config.write_db, db::WRITE_MIGRATIONS, config.db.connect))?,
+        );
     }
     if role.runs_consumer() || role.runs_query() {
-        reports.push(retry_until(wait, || {
-            db::migrate(&config.read_db, db::READ_MIGRATIONS, config.db.connect)
-        })?);
+        reports.push(
+            retry.run(|| db::migrate(&config.read_db, db::READ_MIGRATIONS, config.db.connect))?,
+        );
     }
     Ok(reports)
 }
 
-/// Runs `f` until it succeeds, fails for good, or `wait` has passed, 500 ms apart.
-fn retry_until<T>(wait: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + wait;
-    let mut backoff = Backoff::new(MIGRATE_RETRY_INTERVAL, MIGRATE_RETRY_INTERVAL);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && Instant::now() < deadline => {
-                warn!("{e}; retrying");
-                std::thread::sleep(backoff.next_wait());
+/// How long to retry a database that is not up yet, and what ends the wait early.
+struct Retry<'a> {
+    wait: Duration,
+    stop: Option<&'a Shutdown>,
+}
+
+impl Retry<'_> {
+    /// Runs `f` until it succeeds, fails for good, `wait` has passed or a stop is
+    /// requested, 500 ms apart.
+    fn run<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        let deadline = Instant::now() + self.wait;
+        let mut backoff = Backoff::new(MIGRATE_RETRY_INTERVAL, MIGRATE_RETRY_INTERVAL);
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    warn!("{e}; retrying");
+                    let pause = backoff.next_wait();
+                    match self.stop {
+                        Some(stop) if stop.sleep(pause) => {
+                            return Err(Error::stopped("the database"))
+                        }
+                        Some(_) => {}
+                        None => std::thread::sleep(pause),
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -193,7 +199,6 @@ const MIGRATE_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Starts the services of `role`. Ports come from `config` (0 picks a free port).
 pub fn start(config: &Config, role: Role) -> Result<Running> {
-    let (trigger, shutdown) = shutdown::channel();
     let mut running = Running {
         command_addr: None,
         query_addr: None,
@@ -202,8 +207,6 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         publishers: Stage::new(),
         background: Stage::new(),
         supervision: Arc::default(),
-        stop_request: Some(trigger),
-        stop_requested: shutdown,
     };
     if role.runs_command() {
         running.command_addr = Some(start_command(config, &mut running)?);

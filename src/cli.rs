@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::app::{self, Role};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::shutdown::SignalThread;
+use crate::shutdown::{self, SignalThread};
 
 pub const USAGE: &str = "usage: cqrs-analytics <command-service|consumer-service|query-service|all|migrate|healthcheck PORT|dead-letters list|dead-letters replay --all|dead-letters replay EVENT_ID...|dead-letters discard EVENT_ID...|rebuild-read-model>";
 
@@ -76,15 +76,26 @@ pub fn run(command: Command) -> Result<bool> {
     }
 }
 
+/// Serves until SIGINT or SIGTERM, then stops in order. A signal that comes while the
+/// databases are still awaited at start-up is a stop too: exit 0, nothing started.
 fn serve(config: &Config, role: Role) -> Result<()> {
+    let (trigger, stop_requested) = shutdown::channel();
+    let signals = SignalThread::start(trigger)?;
     if config.migrate_on_start {
-        for report in app::migrate(config, role, MIGRATE_WAIT)? {
-            log::info!("migrate: {report}");
+        match app::migrate(config, role, MIGRATE_WAIT, Some(&stop_requested)) {
+            Ok(reports) => reports
+                .iter()
+                .for_each(|report| log::info!("migrate: {report}")),
+            Err(e) if e.is_stopped() => {
+                log::info!("{e}; stopped before the services started");
+                signals.join();
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
     }
-    let mut running = app::start(config, role)?;
-    let signals = SignalThread::start(running.take_trigger().expect("a fresh trigger"))?;
-    running.shutdown().wait();
+    let running = app::start(config, role)?;
+    stop_requested.wait();
     stop_watchdog(config.shutdown_drain_timeout + STOP_GRACE);
     running.stop();
     signals.join();
@@ -116,7 +127,7 @@ fn stop_watchdog(limit: Duration) {
 
 fn migrate(config: &Config) -> Result<()> {
     // One line per database on stdout: what a deployment log should show.
-    for report in app::migrate(config, Role::All, MIGRATE_WAIT)? {
+    for report in app::migrate(config, Role::All, MIGRATE_WAIT, None)? {
         println!("migrate: {report}");
     }
     Ok(())

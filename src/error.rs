@@ -31,6 +31,8 @@ enum Kind {
     Unavailable,
     /// A configuration value is malformed (start-up only).
     Config,
+    /// A stop was requested while waiting (start-up only).
+    Stopped,
     /// A bug or an unexpected server-side failure (500).
     Internal,
 }
@@ -104,6 +106,11 @@ impl Error {
         Error::new(Kind::Config, message)
     }
 
+    /// A stop was requested while `what` was still being waited for.
+    pub fn stopped(what: &str) -> Error {
+        Error::new(Kind::Stopped, format!("stopped while waiting for {what}"))
+    }
+
     /// Adds a field to the JSON error body, beside `error`.
     pub fn with_field(mut self, name: &'static str, value: impl Into<Value>) -> Error {
         self.0.fields.push((name, value.into()));
@@ -133,6 +140,10 @@ impl Error {
     }
 
     /// True when retrying the same work later may succeed (connection loss, deadlock, timeout).
+    pub fn is_stopped(&self) -> bool {
+        self.0.kind == Kind::Stopped
+    }
+
     pub fn is_transient(&self) -> bool {
         self.0.kind == Kind::Unavailable
     }
@@ -148,7 +159,7 @@ impl Error {
             Kind::UnsupportedMediaType => 415,
             Kind::Unprocessable => 422,
             Kind::Unavailable => 503,
-            Kind::Config | Kind::Internal => 500,
+            Kind::Config | Kind::Stopped | Kind::Internal => 500,
         }
     }
 
@@ -156,7 +167,7 @@ impl Error {
     pub fn to_json(&self) -> String {
         let mut body = serde_json::Map::new();
         let message = match self.0.kind {
-            Kind::Internal | Kind::Config => "internal error".to_string(),
+            Kind::Internal | Kind::Config | Kind::Stopped => "internal error".to_string(),
             _ => self.0.message.clone(),
         };
         body.insert("error".into(), Value::String(message));

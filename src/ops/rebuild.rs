@@ -81,7 +81,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
         writeln!(out, "{refusal}; nothing was changed")?;
         return Ok(false);
     }
-    app::migrate(config, Role::All, Duration::from_secs(60))?;
+    app::migrate(config, Role::All, Duration::from_secs(60), None)?;
     let mut read = connect(&config.read_db)?;
     let locked: bool = read
         .query_one("SELECT pg_try_advisory_lock($1)", &[&REBUILD_LOCK_KEY])?

@@ -111,3 +111,50 @@ fn a_stop_blocked_on_a_silent_broker_ends_within_its_deadline() {
     );
     drop(held);
 }
+
+/// SIGTERM while the service still waits for its database at start-up (it retries for up
+/// to a minute) ends it at once with exit code 0, as the stop of a running service does.
+/// It used to end by the signal itself (status 143, which an orchestrator reads as a crash).
+#[test]
+fn sigterm_while_waiting_for_the_database_at_start_exits_0() {
+    let env = TestEnv::new();
+    // Nothing listens there: every attempt is refused, and retried.
+    let nowhere = format!("postgres://root@127.0.0.1:{}/nowhere", free_port());
+    let mut child = env
+        .binary("all")
+        .env("DATABASE_URL", &nowhere)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // a few attempts refused
+    let started = std::time::Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{status}; log:\n{log}");
+    assert!(log.contains("retrying"), "it was not waiting; log:\n{log}");
+    assert!(
+        log.contains("stopped before the services started"),
+        "log:\n{log}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
