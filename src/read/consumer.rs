@@ -235,7 +235,8 @@ impl Consumer<'_> {
     }
 
     /// A batch from `first` and whatever else arrives: what is already here without
-    /// waiting, then until `CONSUMER_BATCH_WAIT_MS` has passed, up to the batch size.
+    /// waiting, then until `CONSUMER_BATCH_WAIT_MS` has passed or a stop is requested, up
+    /// to the batch size.
     fn fill_batch(
         &self,
         first: (Source, Delivery),
@@ -253,6 +254,7 @@ impl Consumer<'_> {
                     Err(_) => select! {
                         recv(prx) -> m => (Source::Products, delivery_or_closed(m)?),
                         recv(orx) -> m => (Source::Orders, delivery_or_closed(m)?),
+                        recv(self.shutdown.receiver()) -> _ => break,
                         default(deadline.saturating_duration_since(Instant::now())) => break,
                     },
                 },

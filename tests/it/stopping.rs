@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use cqrs_analytics::app::Role;
+
 use crate::faults::{seed_products, Load, SLOW_MARK};
 use crate::harness::*;
 
@@ -157,4 +159,34 @@ fn sigterm_while_waiting_for_the_database_at_start_exits_0() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A stop does not wait out `CONSUMER_BATCH_WAIT_MS`: a consumer filling a batch applies
+/// what it holds and stops. It used to wait the whole batch wait first (up to 10 s).
+#[test]
+fn a_stop_does_not_wait_out_the_consumers_batch_wait() {
+    let env = TestEnv::new();
+    let app = env.start_with(Role::All, |c| {
+        c.consumer_batch_wait = Duration::from_secs(10)
+    });
+    let id = create_product(app.command(), "Lamp", "Home", 12.5, 3);
+    // The event is delivered, and its batch waits for more.
+    let queue = env.broker.product_queue.as_str();
+    wait_until("the event delivered", Duration::from_secs(10), || {
+        (unpublished(&env) == 0 && env.queue_depth(queue) == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    app.stop();
+    let took = started.elapsed();
+    let applied: i64 = env
+        .read()
+        .query_one(
+            "SELECT count(*) FROM product_sales_view WHERE product_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1, "the batch held at the stop was not applied");
+    assert!(took < Duration::from_secs(3), "the stop took {took:?}");
 }
