@@ -174,8 +174,14 @@ impl Manager {
         session: Session,
     ) -> Manager {
         let mut config = target.clone();
+        // The server finds a vanished client the same way, and in the same time, as the
+        // client finds a vanished server (below): with its defaults (two hours of silence
+        // before the first probe) the process of a client cut off by a partition stayed,
+        // holding a connection slot, for hours.
         let mut options = format!(
-            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} \
+             -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=4 \
+             -c tcp_user_timeout=30000",
             timeouts.statement.as_millis(),
             timeouts.lock.as_millis(),
             timeouts.idle_in_transaction.as_millis()

@@ -15,6 +15,7 @@ mod hostile;
 mod lists;
 mod operations;
 mod panics;
+mod partition;
 mod pipeline;
 mod read_api;
 mod retention;

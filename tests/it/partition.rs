@@ -1,0 +1,188 @@
+//! Network partitions between a service and its database, made with iptables: every packet
+//! of the connections open at the cut is dropped, both ways, while new connections pass (a
+//! peer that vanished, as after a failover to a new host). Neither side is told: no FIN, no
+//! RST, nothing acknowledged. The kernel must find the dead connections on both sides
+//! (keepalive probes, TCP_USER_TIMEOUT), and the service must go on over new ones, with no
+//! event lost or counted twice. With the system's defaults this took 11 to 15 minutes on
+//! the client side, and two hours on the server side.
+//!
+//! Needs root and `iptables` (`.ci/run` installs it).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cqrs_analytics::app::Role;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// How long after the cut the pipeline must have caught up: the 30 s in which the kernel
+/// gives up a connection, the retries' backoff, and a margin. The system's defaults take
+/// 11 minutes or more.
+const RECOVERY: Duration = Duration::from_secs(90);
+
+/// iptables rules that drop the packets of some loopback TCP connections; removed on drop.
+/// Their client ports are reserved meanwhile (`ip_local_reserved_ports`): once a client has
+/// given a cut connection up, a new connection could otherwise get its port, and be cut
+/// too (the test's own connections were).
+struct Partition {
+    rules: Vec<[String; 4]>,
+    ports: Vec<i32>,
+}
+
+/// The kernel's list of reserved ports, changed by one partition at a time.
+static RESERVED_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const RESERVED_PORTS_FILE: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Adds `ports` to the reserved ports, or takes them out.
+fn reserve(ports: &[i32], reserved: bool) {
+    let _one_at_a_time = RESERVED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    // The kernel shows consecutive ports as ranges: "52616-52618,60000".
+    let list = std::fs::read_to_string(RESERVED_PORTS_FILE).unwrap();
+    let mut set = std::collections::BTreeSet::new();
+    for entry in list.trim().split(',').filter(|e| !e.is_empty()) {
+        let (low, high) = entry.split_once('-').unwrap_or((entry, entry));
+        set.extend(low.parse::<i32>().unwrap()..=high.parse::<i32>().unwrap());
+    }
+    for port in ports {
+        if reserved {
+            set.insert(*port);
+        } else {
+            set.remove(port);
+        }
+    }
+    let list: Vec<String> = set.iter().map(i32::to_string).collect();
+    // With a newline: an empty write would leave the list as it was.
+    std::fs::write(RESERVED_PORTS_FILE, list.join(",") + "\n")
+        .unwrap_or_else(|e| panic!("writing {RESERVED_PORTS_FILE} (root is needed): {e}"));
+}
+
+impl Partition {
+    /// Cuts the connections between `client_ports` and the server's `server_port`.
+    fn cut(client_ports: &[i32], server_port: u16) -> Partition {
+        reserve(client_ports, true);
+        let mut partition = Partition {
+            rules: Vec::new(),
+            ports: client_ports.to_vec(),
+        };
+        for client in client_ports {
+            for (from, to) in [(*client, server_port as i32), (server_port as i32, *client)] {
+                let rule = [
+                    "--sport".to_string(),
+                    from.to_string(),
+                    "--dport".to_string(),
+                    to.to_string(),
+                ];
+                iptables("-I", &rule);
+                partition.rules.push(rule);
+            }
+        }
+        partition
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            iptables("-D", rule);
+        }
+        reserve(&self.ports, false);
+    }
+}
+
+fn iptables(action: &str, rule: &[String; 4]) {
+    let status = Command::new("iptables")
+        .args(["-w", action, "INPUT", "-p", "tcp"])
+        .args(rule)
+        .args(["-j", "DROP"])
+        .status()
+        .expect("running iptables (root and the iptables package are needed)");
+    assert!(status.success(), "iptables {action} {rule:?}: {status}");
+}
+
+/// The client ports of the connections `application_name` has open to the database of `url`.
+fn client_ports(env: &TestEnv, url: &str, application_name: &str) -> Vec<i32> {
+    let db: postgres::Config = url.parse().unwrap();
+    let rows = env
+        .write()
+        .query(
+            "SELECT client_port FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = $2 AND client_port > 0",
+            &[&db.get_dbname().unwrap(), &application_name],
+        )
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// The port of the database server in `url`.
+fn server_port(url: &str) -> u16 {
+    let db: postgres::Config = url.parse().unwrap();
+    db.get_ports().first().copied().unwrap_or(5432)
+}
+
+/// How many of `ports` still have a server process behind them.
+fn backends_left(env: &TestEnv, ports: &[i32]) -> i64 {
+    env.write()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY($1)",
+            &[&ports],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Cuts the connections of `application_name` to the database of `url`, posts orders, and
+/// checks that the read model catches up within `RECOVERY`, and that the server has let go
+/// of the cut connections' processes by then.
+fn cut_and_recover(env: &TestEnv, app: &App, url: &str, application_name: &str) {
+    let product = create_product(app.command(), "Cable", "Parts", 4.25, 1000);
+    let order = |customer: i64| {
+        let body =
+            json!({"customerId": customer, "items": [{"productId": product, "quantity": 1}]});
+        let r = post_json(app.command(), "/api/orders", &body);
+        assert_eq!(r.status, 201, "{}", r.body);
+    };
+    order(1);
+    assert_converges(env, Duration::from_secs(10));
+
+    let ports = client_ports(env, url, application_name);
+    assert!(
+        !ports.is_empty(),
+        "{application_name} has no connection to cut"
+    );
+    let partition = Partition::cut(&ports, server_port(url));
+    let cut = Instant::now();
+    for customer in 2..12 {
+        order(customer); // the command service's own connections are not cut
+    }
+    assert_converges(env, RECOVERY);
+    let caught_up = cut.elapsed();
+    wait_until(
+        "the server to end the cut connections' processes",
+        RECOVERY.saturating_sub(cut.elapsed()),
+        || (backends_left(env, &ports) == 0).then_some(()),
+    );
+    eprintln!(
+        "partition: {} connections of {application_name} cut; caught up after {caught_up:?}, server processes gone after {:?}",
+        ports.len(),
+        cut.elapsed()
+    );
+    drop(partition);
+}
+
+/// The consumer's read-database connections are cut in the middle of the pipeline's work.
+#[test]
+fn a_consumer_cut_off_from_its_database_goes_on_over_new_connections() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    cut_and_recover(&env, &app, &env.read_url(), "consumer-service");
+}
+
+/// The outbox publishers' write-database connections are cut: orders are still accepted,
+/// and published once the publishers have new connections.
+#[test]
+fn a_publisher_cut_off_from_its_database_goes_on_over_new_connections() {
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    cut_and_recover(&env, &app, &env.write_url(), "outbox-publisher");
+}
