@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cqrs_analytics::app::Role;
+use cqrs_analytics::config::parse_amqp_urls;
 use serde_json::json;
 
 use crate::harness::*;
@@ -131,10 +132,17 @@ fn backends_left(env: &TestEnv, ports: &[i32]) -> i64 {
         .get(0)
 }
 
-/// Cuts the connections of `application_name` to the database of `url`, posts orders, and
-/// checks that the read model catches up within `RECOVERY`, and that the server has let go
-/// of the cut connections' processes by then.
-fn cut_and_recover(env: &TestEnv, app: &App, url: &str, application_name: &str) {
+/// Posts an order, waits for the read model, cuts the connections between `client_ports()`
+/// (asked after that first order) and `server_port`, posts ten more orders (the command
+/// service's own connections are never cut, so each is accepted), and checks that the read
+/// model catches up within `RECOVERY`. Returns the partition (healed on drop), the ports it
+/// cut and when.
+fn orders_across_a_cut(
+    env: &TestEnv,
+    app: &App,
+    client_ports: impl FnOnce() -> Vec<i32>,
+    server_port: u16,
+) -> (Partition, Vec<i32>, Instant) {
     let product = create_product(app.command(), "Cable", "Parts", 4.25, 1000);
     let order = |customer: i64| {
         let body =
@@ -144,18 +152,28 @@ fn cut_and_recover(env: &TestEnv, app: &App, url: &str, application_name: &str) 
     };
     order(1);
     assert_converges(env, Duration::from_secs(10));
-
-    let ports = client_ports(env, url, application_name);
-    assert!(
-        !ports.is_empty(),
-        "{application_name} has no connection to cut"
-    );
-    let partition = Partition::cut(&ports, server_port(url));
+    let ports = client_ports();
+    assert!(!ports.is_empty(), "no connection to cut");
+    let partition = Partition::cut(&ports, server_port);
     let cut = Instant::now();
     for customer in 2..12 {
-        order(customer); // the command service's own connections are not cut
+        order(customer);
     }
     assert_converges(env, RECOVERY);
+    (partition, ports, cut)
+}
+
+/// Cuts the connections of `application_name` to the database of `url` under orders, and
+/// checks that the read model catches up within `RECOVERY`, and that the server has let go
+/// of the cut connections' processes by then.
+fn cut_from_the_database(env: &TestEnv, url: &str, application_name: &str) {
+    let app = env.start(Role::All);
+    let (partition, ports, cut) = orders_across_a_cut(
+        env,
+        &app,
+        || client_ports(env, url, application_name),
+        server_port(url),
+    );
     let caught_up = cut.elapsed();
     wait_until(
         "the server to end the cut connections' processes",
@@ -174,8 +192,7 @@ fn cut_and_recover(env: &TestEnv, app: &App, url: &str, application_name: &str) 
 #[test]
 fn a_consumer_cut_off_from_its_database_goes_on_over_new_connections() {
     let env = TestEnv::new();
-    let app = env.start(Role::All);
-    cut_and_recover(&env, &app, &env.read_url(), "consumer-service");
+    cut_from_the_database(&env, &env.read_url(), "consumer-service");
 }
 
 /// The outbox publishers' write-database connections are cut: orders are still accepted,
@@ -183,6 +200,42 @@ fn a_consumer_cut_off_from_its_database_goes_on_over_new_connections() {
 #[test]
 fn a_publisher_cut_off_from_its_database_goes_on_over_new_connections() {
     let env = TestEnv::new();
-    let app = env.start(Role::All);
-    cut_and_recover(&env, &app, &env.write_url(), "outbox-publisher");
+    cut_from_the_database(&env, &env.write_url(), "outbox-publisher");
+}
+
+/// The client ports of the established loopback TCP connections to `port`.
+fn connections_to(port: u16) -> Vec<i32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port_of = |address: &str| i32::from_str_radix(address.rsplit(':').next()?, 16).ok();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state) = (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+            (*state == "01" && port_of(remote)? == i32::from(port)).then(|| port_of(local))?
+        })
+        .collect()
+}
+
+/// Every AMQP connection of the services (the publishers', the consumer's, the query
+/// service's queue probe) is cut, through a proxy in front of the broker so that the test
+/// can tell them from other tests' connections: no heartbeat, ack or confirm gets through
+/// either way. Each side must find out from the missing heartbeats; the services reconnect,
+/// what was unconfirmed is published again and what was unacked delivered again, and the
+/// read model ends exact.
+#[test]
+fn services_cut_off_from_the_broker_go_on_over_new_connections() {
+    let env = TestEnv::new();
+    let proxy = TcpProxy::start(broker_host_port());
+    let targets = parse_amqp_urls(&broker_url_via(proxy.port)).unwrap();
+    let app = env.start_with(Role::All, |c| c.broker_targets = targets);
+    let (partition, ports, cut) =
+        orders_across_a_cut(&env, &app, || connections_to(proxy.port), proxy.port);
+    eprintln!(
+        "partition: {} broker connections cut; caught up after {:?}",
+        ports.len(),
+        cut.elapsed()
+    );
+    drop(partition);
 }
