@@ -118,8 +118,8 @@ impl Running {
     /// hold unacked is redelivered); every thread is joined.
     pub fn stop(mut self) {
         let started = Instant::now();
-        for s in &self.servers {
-            s.stop_accepting();
+        for s in &mut self.servers {
+            s.begin_stop();
         }
         for s in self.servers.drain(..) {
             s.stop();

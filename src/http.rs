@@ -278,20 +278,19 @@ impl HttpServer {
         })
     }
 
-    /// Closes the listening socket: no new connection from now on. (`stop` does it too;
-    /// calling this first on every server of a process closes them all at once.)
-    pub fn stop_accepting(&self) {
-        self.server.stop_accepting();
-    }
-
-    /// Stops accepting, lets the workers answer the requests in flight (with `Connection:
-    /// close`), joins them.
-    pub fn stop(mut self) {
+    /// Stops accepting and tells the workers to stop: they answer the requests in flight
+    /// (with `Connection: close`) and what arrives until no request has come for
+    /// `STOP_QUIET`, together. (`stop` does it too; calling this first on every server of
+    /// a process stops them all at once.)
+    pub fn begin_stop(&mut self) {
         self.server.stop_accepting();
         drop(self.stop.take());
-        for _ in &self.workers {
-            self.server.unblock();
-        }
+        self.server.unblock_all();
+    }
+
+    /// `begin_stop`, then joins the workers.
+    pub fn stop(mut self) {
+        self.begin_stop();
         for w in self.workers {
             shutdown::join_logged(w);
         }
@@ -329,7 +328,7 @@ fn worker<S: Service>(shared: &Shared<S>) {
                 stopping_since = Some(Instant::now());
                 continue;
             }
-            // Only `unblock()` (at stop) makes recv fail: our tiny_http never ends its
+            // Only `unblock_all()` (at stop) makes recv fail: our tiny_http never ends its
             // accept thread by itself.
             None => match shared.server.recv() {
                 Ok(rq) => rq,
@@ -340,12 +339,7 @@ fn worker<S: Service>(shared: &Shared<S>) {
                 Ok(Some(rq)) if since.elapsed() < shared.drain_max => rq,
                 // A request whose head is still arriving gets at least STOP_QUIET.
                 Ok(None) if since.elapsed() < STOP_QUIET => continue,
-                _ => {
-                    // This may have taken the wake-up `stop` queued for a worker still
-                    // blocked in `recv`: pass one on.
-                    shared.server.unblock();
-                    return;
-                }
+                _ => return,
             },
         };
         let closing = stopping_since.is_some();

@@ -532,6 +532,12 @@ impl Server {
     pub fn unblock(&self) {
         self.messages.unblock();
     }
+
+    /// PATCHED: unblocks every thread in `recv()` or `incoming_requests()`, now and from
+    /// now on; `recv_timeout` still returns what arrives until its timeout.
+    pub fn unblock_all(&self) {
+        self.messages.close();
+    }
 }
 
 impl Iterator for IncomingRequests<'_> {

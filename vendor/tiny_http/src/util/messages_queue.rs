@@ -21,6 +21,8 @@ where
 struct Queue<T> {
     items: VecDeque<Control<T>>,
     waiting: usize,
+    /// PATCHED: set by `close`: `pop` no longer waits.
+    closed: bool,
 }
 
 impl<T> Queue<T> {
@@ -38,6 +40,7 @@ where
             queue: Mutex::new(Queue {
                 items: VecDeque::with_capacity(capacity),
                 waiting: 0,
+                closed: false,
             }),
             condvar: Condvar::new(),
         })
@@ -51,6 +54,15 @@ where
     /// Unblock one thread stuck in pop loop.
     pub fn unblock(&self) {
         self.push_control(Control::Unblock);
+    }
+
+    /// PATCHED: from now on `pop` returns None instead of waiting, in every thread at once
+    /// (`pop_timeout` still waits for elements until its timeout). One `unblock` per
+    /// waiting thread could be taken by a thread looping on `pop_timeout`, which left the
+    /// others waiting until someone unblocked them again.
+    pub fn close(&self) {
+        self.queue.lock().unwrap().closed = true;
+        self.condvar.notify_all();
     }
 
     fn push_control(&self, control: Control<T>) {
@@ -72,6 +84,7 @@ where
             match queue.pop_front() {
                 Some(Control::Elem(value)) => return Some(value),
                 Some(Control::Unblock) => return None,
+                None if queue.closed => return None,
                 None => (),
             }
 
@@ -104,7 +117,9 @@ where
             }
             let now = Instant::now();
             queue.waiting += 1;
-            let (_queue, result) = self.condvar.wait_timeout(queue, timeout).unwrap();
+            // PATCHED: waits what is left of the timeout (upstream waited all of it again
+            // after every wake-up that found nothing).
+            let (_queue, result) = self.condvar.wait_timeout(queue, duration).unwrap();
             queue = _queue;
             queue.waiting -= 1;
             let sleep_time = now.elapsed();
