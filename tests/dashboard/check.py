@@ -5,7 +5,7 @@ Run by the integration test `dashboard::dashboard_in_a_real_browser` (tests/it/d
 which starts the services, seeds known data and passes what the page must show:
 
     check.py --url http://127.0.0.1:PORT --command-url http://127.0.0.1:PORT \
-             --expect expect.json --shots DIR [--problem LABEL]
+             --expect expect.json --shots DIR [--problem LABEL | --empty]
 
 It drives chromium over the DevTools protocol (a WebSocket; Python's standard library only)
 and fails (exit 1, one line per problem) unless:
@@ -16,7 +16,9 @@ and fails (exit 1, one line per problem) unless:
   * it fits a 390x844 phone screen without horizontal scrolling;
   * with the API unreachable it says so, and recovers when the API is back.
 Screenshots at 1280x800 and 390x844 go to DIR. With --problem LABEL it only checks that the
-health card LABEL is red and that the status line says so.
+health card LABEL is red and that the status line says so. With --empty (before any event)
+it only checks that the page is green with an empty chart whose order axis counts whole
+orders (0 to 4), and that the page's icon loads.
 
 Exit 2 when chromium is missing (.ci/run installs it: apt-get install -y chromium).
 """
@@ -245,6 +247,7 @@ SNAPSHOT_JS = """(() => {
     images: document.images.length,
     chartBars: document.querySelectorAll('#chart svg rect.bar').length,
     chartTitles: Array.from(document.querySelectorAll('#chart svg title'), (t) => t.textContent),
+    orderTicks: Array.from(document.querySelectorAll('#chart svg text.tick-orders'), (t) => t.textContent),
     scrollWidth: document.documentElement.scrollWidth,
     width: window.innerWidth,
   };
@@ -292,10 +295,26 @@ def check_console(browser, problems):
         elif method == "Log.entryAdded":
             entry = e["params"]["entry"]
             text = entry.get("text", "")
-            # Failed loads (the favicon's 404, requests failed on purpose) are "network"
-            # entries; anything else, such as a policy violation, fails the check.
-            if entry.get("level") == "error" and entry.get("source") != "network":
+            # Failed loads are "network" entries: the API's, failed on purpose, are not
+            # problems; the icon's are. Anything else, such as a policy violation, is.
+            if entry.get("level") != "error":
+                continue
+            if entry.get("source") != "network":
                 problems.append(f"console {entry.get('source')}: {text}")
+            elif "/api/" not in entry.get("url", ""):
+                problems.append(f"failed load: {entry.get('url')}: {text}")
+
+
+def check_empty(browser, problems):
+    snap = browser.js(SNAPSHOT_JS)
+    expect_equal(problems, "state", snap["state"], "ok")
+    expect_equal(problems, "chart bars", snap["chartBars"], 48)
+    expect_equal(problems, "order axis ticks", snap["orderTicks"], ["0", "1", "2", "3", "4"])
+    if not snap["hourlyTotals"].startswith("0 orders"):
+        problems.append(f"hourly totals of an empty read model: {snap['hourlyTotals']!r}")
+    # The icon is asked for once the page has loaded; give it a moment to fail.
+    time.sleep(0.5)
+    check_console(browser, problems)
 
 
 def check_refresh(browser, args, expect, problems):
@@ -363,6 +382,9 @@ def run(args):
         if args.problem:
             check_problem(browser, args.problem, problems)
             return problems
+        if args.empty:
+            check_empty(browser, problems)
+            return problems
         # Two refreshes: the numbers come from a refresh after the first, not only the first.
         browser.wait_for("the second refresh", "Number(document.body.dataset.refreshes) >= 2")
         snap = browser.js(SNAPSHOT_JS)
@@ -387,6 +409,8 @@ def main():
     p.add_argument("--expect", help="JSON file: what the page must show")
     p.add_argument("--shots", default=".", help="directory for the screenshots")
     p.add_argument("--problem", help="only check that this health card is red")
+    p.add_argument("--empty", action="store_true",
+                   help="only check the page of an empty read model, and its icon")
     args = p.parse_args()
     try:
         problems = run(args)

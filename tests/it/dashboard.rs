@@ -44,6 +44,7 @@ fn dashboard_assets_are_served_with_types_and_security_headers() {
         ("/dashboard", "text/html; charset=utf-8"),
         ("/dashboard.js", "text/javascript; charset=utf-8"),
         ("/dashboard.css", "text/css; charset=utf-8"),
+        ("/favicon.svg", "image/svg+xml"),
         ("/api/analytics/products", "application/json"),
         ("/nothing", "application/json"),
     ] {
@@ -55,6 +56,8 @@ fn dashboard_assets_are_served_with_types_and_security_headers() {
     assert_eq!(page, get(q, "/dashboard").body);
     assert!(page.contains(r#"<script src="/dashboard.js" defer></script>"#));
     assert!(page.contains(r#"<link rel="stylesheet" href="/dashboard.css">"#));
+    assert!(page.contains(r#"<link rel="icon" href="/favicon.svg" type="image/svg+xml">"#));
+    assert!(get(q, "/favicon.svg").body.starts_with("<svg "));
     // Nothing inline: the policy would block it, and the page would silently lose it.
     for inline in [
         "style=",
@@ -259,6 +262,7 @@ fn dashboard_in_a_real_browser() {
     let env = TestEnv::new();
     let app = env.start(Role::All);
     let (c, q) = (app.command(), app.query());
+    browser_check(&["--url", &format!("http://{q}"), "--empty"]);
     let expect = seed(&env, c, q);
     let shots = env!("CARGO_TARGET_TMPDIR");
     let expect_path = format!("{shots}/dashboard-expect-{}.json", env.id);

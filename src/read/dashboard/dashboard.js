@@ -257,17 +257,23 @@ function hourSlots(start, hours) {
   return slots;
 }
 
-// A round axis maximum and its tick step: 1, 2 or 5 times a power of ten, four ticks.
-function niceScale(max) {
-  if (!(max > 0)) return { max: 1, step: 0.25 };
+// A round axis maximum and its tick step: 1, 2, 2.5 or 5 times a power of ten, four ticks.
+// A `whole` axis (orders) has whole-number steps, at least 1: 0 to 4 when it is empty.
+function niceScale(max, whole) {
+  if (!(max > 0)) max = whole ? 4 : 1;
   const rough = max / 4;
   const power = Math.pow(10, Math.floor(Math.log10(rough)));
-  const step = [1, 2, 2.5, 5, 10].map((m) => m * power).find((s) => s >= rough);
+  const step = [1, 2, 2.5, 5, 10]
+    .map((m) => m * power)
+    .filter((s) => !whole || Number.isInteger(s))
+    .find((s) => s >= rough);
   return { max: step * 4, step: step };
 }
 
+// Thousands, millions, billions, trillions.
 function shortNumber(n) {
-  if (n >= 1e9) return +(n / 1e9).toFixed(1) + "G";
+  if (n >= 1e12) return +(n / 1e12).toFixed(1) + "T";
+  if (n >= 1e9) return +(n / 1e9).toFixed(1) + "B";
   if (n >= 1e6) return +(n / 1e6).toFixed(1) + "M";
   if (n >= 1e3) return +(n / 1e3).toFixed(1) + "k";
   return String(+n.toFixed(2));
@@ -320,7 +326,7 @@ function drawChart() {
   const g = chartGeometry(Math.max(280, Math.min(box.clientWidth || viewport, viewport - 24)));
   const slots = state.hourly;
   const rev = niceScale(Math.max(...slots.map((s) => moneyValue(s.revenue))));
-  const ord = niceScale(Math.max(...slots.map((s) => s.orders)));
+  const ord = niceScale(Math.max(...slots.map((s) => s.orders)), true);
   const root = svg("svg", { width: g.width, height: g.height, viewBox: "0 0 " + g.width + " " + g.height, role: "img", "aria-label": "Revenue and orders per hour, last 48 hours" });
   drawAxes(g, root, rev, ord);
   const plotW = g.width - g.left - g.right;
