@@ -375,9 +375,17 @@ impl QueueProbe {
                 let start = random_index(config.broker_targets.len());
                 let opened = connect_from(config, start).and_then(|(mut conn, socket, _)| {
                     let stall = config.broker_stall_timeout;
-                    match watched(&socket, stall, || conn.open_channel(None)) {
+                    // The queues asked about exist from then on, also before a publisher or
+                    // a consumer has declared them: a passive declare of a missing queue
+                    // fails, and the broker was reported unreachable.
+                    let open = || -> Result<Channel> {
+                        let channel = conn.open_channel(None)?;
+                        declare_topology(&channel, &config.broker)?;
+                        Ok(channel)
+                    };
+                    match watched(&socket, stall, open) {
                         (Ok(channel), false) => Ok((conn, channel, socket)),
-                        (result, _) => Err(result.err().map(Error::from).unwrap_or_else(|| {
+                        (result, _) => Err(result.err().unwrap_or_else(|| {
                             Error::unavailable("the broker did not open a channel in time")
                         })),
                     }

@@ -142,7 +142,9 @@ impl QueryService {
     /// n = ready messages: queues are FIFO), or held unacked by a consumer (its batch and
     /// prefetch window, from `consumer_progress`). `consumerStalled`: a consumer says it holds
     /// deliveries it has not applied for `CONSUMER_STALL_SECS`, or events have waited that
-    /// long while nothing was applied (e.g. no consumer runs at all).
+    /// long while nothing was applied (e.g. no consumer runs at all). `lagIsLowerBound`: the
+    /// write database or the broker could not be asked, or the oldest queued events' rows
+    /// were pruned, so the lag is at least `lagSeconds`.
     fn sync_status(&self) -> Result<Response> {
         let mut conn = self.read.get()?;
         let status = conn.client.query_one(SYNC_STATUS, &[])?;
@@ -181,6 +183,10 @@ impl QueryService {
         let body = json!({
             "lastProcessedEventTimestamp": last.map(|t| format_timestamp(&t)),
             "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
+            // What a side that could not be asked holds, or the age of events whose outbox
+            // rows were pruned, is not in the figure: the lag is at least this.
+            "lagIsLowerBound": queued.is_none()
+                || outbox.as_ref().map_or(true, |b| b.queued_bound_only),
             "eventsApplied": applied,
             "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
             "pendingBrokerMessages": queued.as_ref().map(|q| q.events),
@@ -208,6 +214,7 @@ impl QueryService {
         let row = conn.client.query_one(OUTBOX_BACKLOG, &[])?;
         let pending: i64 = row.get(0);
         let oldest: Option<DateTime<Utc>> = row.get(1);
+        let mut queued_bound_only = false;
         let oldest_queued = match queued {
             Some(n) if n > 0 => match conn.client.query_opt(OLDEST_QUEUED, &[&(n - 1)])? {
                 Some(row) => Some(row.get(0)),
@@ -217,6 +224,7 @@ impl QueryService {
                 // Those events are older than every row left, and than the window: the lag
                 // is at least that.
                 None => {
+                    queued_bound_only = true;
                     let oldest_left: Option<DateTime<Utc>> = conn
                         .client
                         .query_opt(OLDEST_PUBLISHED, &[])?
@@ -236,6 +244,7 @@ impl QueryService {
             pending,
             oldest_unpublished: oldest,
             oldest_queued,
+            queued_bound_only,
         })
     }
 }
@@ -245,6 +254,8 @@ struct Backlog {
     pending: i64,
     oldest_unpublished: Option<DateTime<Utc>>,
     oldest_queued: Option<DateTime<Utc>>,
+    /// `oldest_queued` is a bound: the rows of the oldest queued events were pruned.
+    queued_bound_only: bool,
 }
 
 /// A read route's handler: the service, the request, the path segments.

@@ -294,5 +294,7 @@ fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
             took < Duration::from_secs(4),
             "sync-status took {took:?} with the broker silent (stall timeout {stall:?}): {body}"
         );
+        assert_eq!(body["brokerReachable"], false, "{body}");
+        assert_eq!(body["lagIsLowerBound"], true, "{body}");
     }
 }

@@ -201,6 +201,31 @@ fn sync_status_before_any_event() {
     assert_eq!(b["pendingOutboxEvents"], json!(0));
 }
 
+/// With a side that cannot be asked, the lag is what the other sides show: a lower bound,
+/// and sync-status says so (`lagIsLowerBound`), beside which side it could not reach. It
+/// used to read 0.0 as if nothing waited.
+#[test]
+fn sync_status_says_when_its_lag_is_only_a_lower_bound() {
+    let env = TestEnv::new();
+    let reachable = env.start(Role::Query);
+    let b = get(reachable.query(), "/api/analytics/sync-status").json();
+    assert_eq!(b["lagIsLowerBound"], json!(false), "{b}");
+    assert_eq!(b["writeSideReachable"], json!(true), "{b}");
+    // No publisher or consumer has declared the queues: the query service does (their
+    // passive declares failed, and the broker was said to be unreachable).
+    assert_eq!(b["brokerReachable"], json!(true), "{b}");
+
+    let nowhere = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    let cut_off = env.start_with(Role::Query, |c| c.write_db = nowhere.parse().unwrap());
+    let r = get(cut_off.query(), "/api/analytics/sync-status");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b = r.json();
+    assert_eq!(b["writeSideReachable"], json!(false), "{b}");
+    assert_eq!(b["pendingOutboxEvents"], json!(null), "{b}");
+    assert_eq!(b["lagIsLowerBound"], json!(true), "{b}");
+    assert_eq!(b["lagSeconds"], json!(0.0), "{b}");
+}
+
 #[test]
 fn sync_status_lag_grows_only_while_events_wait() {
     let env = TestEnv::new();

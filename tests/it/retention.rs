@@ -506,6 +506,7 @@ fn events_back_in_the_queue_after_their_rows_went_still_show_a_lag() {
         s["lagSeconds"].as_f64().unwrap() >= window.as_secs_f64(),
         "three events wait in the queue: {s}"
     );
+    assert_eq!(s["lagIsLowerBound"], true, "their rows are gone: {s}");
     let _consumer = env.start_with(Role::Consumer, tweak);
     assert_converges(&env, CONVERGE);
     let s = wait_until("the lag to drop to 0", CONVERGE, || {
@@ -513,4 +514,5 @@ fn events_back_in_the_queue_after_their_rows_went_still_show_a_lag() {
         (s["lagSeconds"].as_f64() == Some(0.0)).then_some(s)
     });
     assert_eq!(s["eventsApplied"], 4, "{s}");
+    assert_eq!(s["lagIsLowerBound"], false, "{s}");
 }

@@ -212,7 +212,9 @@ function level(value, limits) {
 
 function healthCards(s) {
   const cards = [];
-  cards.push({ label: "lag", value: s.lagSeconds.toFixed(1) + " s", sub: "oldest unapplied event", kind: level(s.lagSeconds, LAG_SECONDS) });
+  // A lower bound when a side could not be asked: "≥".
+  const atLeast = s.lagIsLowerBound === true ? "≥ " : "";
+  cards.push({ label: "lag", value: atLeast + s.lagSeconds.toFixed(1) + " s", sub: atLeast ? "at least: not every side answered" : "oldest unapplied event", kind: level(s.lagSeconds, LAG_SECONDS) });
   if (typeof s.consumerStalled === "boolean") {
     cards.push({ label: "consumer", value: s.consumerStalled ? "stalled" : "running", sub: s.consumerStalled ? "messages wait, nothing applied" : "applying or idle", kind: s.consumerStalled ? "bad" : "ok" });
   }
