@@ -197,6 +197,7 @@ pub fn run(
     mut session: impl FnMut(&Shutdown) -> Result<()>,
 ) {
     let mut backoff = Backoff::new(SESSION_BACKOFF_INITIAL, backoff_max);
+    let mut repeats = Repeats::default();
     while !shutdown.is_triggered() {
         let started = Instant::now();
         let failure = match panic::catch_unwind(AssertUnwindSafe(|| session(shutdown))) {
@@ -217,8 +218,15 @@ pub fn run(
         let wait = backoff.next_wait();
         if panicked {
             error!("{role}: {failure}; restarting in {} ms", wait.as_millis());
-        } else {
-            warn!("{role}: {failure}; retrying in {} ms", wait.as_millis());
+        } else if let Some(again) = repeats.log(&failure, Instant::now()) {
+            let again = match again {
+                0 => String::new(),
+                n => format!(" (it failed so {n} more times since this was last logged)"),
+            };
+            warn!(
+                "{role}: {failure}; retrying in {} ms{again}",
+                wait.as_millis()
+            );
         }
         let stopping = shutdown.sleep(wait);
         if panicked {
@@ -226,6 +234,38 @@ pub fn run(
         }
         if stopping {
             return;
+        }
+    }
+}
+
+/// One thread's failures as logged: the same failure is logged again only after
+/// `REPEAT_LOG_INTERVAL`, with how often it recurred meanwhile. With a broker down and a
+/// short backoff, every retry was a line (about 195 a second).
+#[derive(Default)]
+struct Repeats {
+    last: Option<(String, Instant)>,
+    unlogged: u64,
+}
+
+const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Repeats {
+    /// Whether to log `failure` now: Some(how many times it recurred unlogged), or None.
+    fn log(&mut self, failure: &str, now: Instant) -> Option<u64> {
+        match &self.last {
+            Some((last, at)) if last == failure && now < *at + REPEAT_LOG_INTERVAL => {
+                self.unlogged += 1;
+                None
+            }
+            Some((last, _)) if last == failure => {
+                self.last = Some((failure.to_string(), now));
+                Some(std::mem::take(&mut self.unlogged))
+            }
+            _ => {
+                self.last = Some((failure.to_string(), now));
+                self.unlogged = 0;
+                Some(0)
+            }
         }
     }
 }
@@ -242,5 +282,20 @@ mod tests {
         assert_eq!(waits, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
         b.reset();
         assert_eq!(b.next_wait(), ms(100));
+    }
+
+    #[test]
+    fn a_repeated_failure_is_logged_again_only_after_the_interval() {
+        let t0 = Instant::now();
+        let after = |secs| t0 + Duration::from_secs(secs);
+        let mut r = Repeats::default();
+        assert_eq!(r.log("down", t0), Some(0));
+        assert_eq!(r.log("down", after(1)), None);
+        assert_eq!(r.log("down", after(29)), None);
+        assert_eq!(r.log("down", after(30)), Some(2));
+        assert_eq!(r.log("down", after(31)), None);
+        // Another failure is logged at once, and so is the first one when it comes back.
+        assert_eq!(r.log("refused", after(32)), Some(0));
+        assert_eq!(r.log("down", after(33)), Some(0));
     }
 }

@@ -298,3 +298,31 @@ fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
         assert_eq!(body["lagIsLowerBound"], true, "{body}");
     }
 }
+
+/// A broker that stays down, with the shortest backoff allowed: each supervised thread
+/// logs its failure once, then once every 30 s with how often it recurred, not at every
+/// retry (it logged about 195 lines a second).
+#[test]
+fn a_broker_that_stays_down_is_logged_once_not_at_every_retry() {
+    let env = TestEnv::new();
+    let nowhere = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let mut cmd = env.binary("command-service");
+    cmd.env("COMMAND_SERVICE_PORT", "0")
+        .env("BROKER_URL", &nowhere)
+        .env("OUTBOX_PUBLISHERS", "2")
+        .env("BROKER_RECONNECT_MAX_MS", "10");
+    let mut service = crate::harness::ChildService::spawn(
+        &mut cmd,
+        "command-service",
+        &format!("flood-{}", env.id),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let log = service.log();
+    service.terminate(Duration::from_secs(20));
+    let failures = log.lines().filter(|l| l.contains("retrying in")).count();
+    assert!(
+        (1..=4).contains(&failures),
+        "{failures} lines about the broker in 3 s:\n{}",
+        log.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+}
