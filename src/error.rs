@@ -139,11 +139,12 @@ impl Error {
         self.0.kind == Kind::Config
     }
 
-    /// True when retrying the same work later may succeed (connection loss, deadlock, timeout).
+    /// True when a stop was requested while waiting ([`Error::stopped`]).
     pub fn is_stopped(&self) -> bool {
         self.0.kind == Kind::Stopped
     }
 
+    /// True when retrying the same work later may succeed (connection loss, deadlock, timeout).
     pub fn is_transient(&self) -> bool {
         self.0.kind == Kind::Unavailable
     }
