@@ -622,8 +622,11 @@ pub fn ensure_database(target: &postgres::Config, connect_timeout: Duration) -> 
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         match client.batch_execute(&format!("CREATE DATABASE {quoted}")) {
             Ok(()) => info!("created database {name}"),
-            // Another instance created it between our check and our CREATE.
-            Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            // Another instance created it between our check and our CREATE: "already
+            // exists", or, when the two CREATEs race, a unique violation in pg_database.
+            Err(e)
+                if e.code() == Some(&postgres::error::SqlState::DUPLICATE_DATABASE)
+                    || e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Confirm, ConfirmSmoother, Get, Publish};
+use amiquip::{Channel, Confirm, ConfirmSmoother, Get, Publish, QueueDeclareOptions};
 use chrono::{DateTime, Utc};
 use postgres::NoTls;
 
@@ -64,11 +64,30 @@ struct DeadLetter {
 /// Failure record of one event: attempts, last error, when.
 type Failure = (i32, String, DateTime<Utc>);
 
+/// Connects, and takes the lock that makes dead-letter commands run one at a time (for as
+/// long as the connection is open): an exclusive queue named after the dead-letter queue,
+/// which the broker lets only one connection declare and deletes when that one closes, also
+/// when its process dies. Two commands at once each took part of the messages off the
+/// queue: `replay --all` could exit 0 having replayed nothing, `replay ID` call a present id
+/// missing.
 fn open(config: &Config) -> Result<(amiquip::Connection, Channel)> {
     let mut connection = crate::broker::connect(config)?;
     let channel = connection.open_channel(None)?;
     crate::broker::declare_topology(&channel, &config.broker)?;
-    Ok((connection, channel))
+    let lock = format!("{}.command-lock", config.broker.dead_letter_queue);
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    match channel.queue_declare(lock, exclusive) {
+        Ok(_) => Ok((connection, channel)),
+        // RESOURCE_LOCKED: another connection has it.
+        Err(amiquip::Error::ServerClosedChannel { code: 405, .. }) => Err(Error::unavailable(
+            "another dead-letters command is running on this dead-letter queue; run this one when it is done",
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Takes up to `DEAD_LETTERS_MAX` messages off the dead-letter queue, unacked.

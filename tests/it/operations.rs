@@ -937,3 +937,78 @@ fn health_answers_503_when_the_read_database_stops_answering() {
         assert!(took < Duration::from_secs(4), "took {took:?}");
     }
 }
+
+/// Instances starting at once on a machine where the database does not exist yet each
+/// create it or find it created: none fails. Three of four failed: PostgreSQL reports two
+/// racing `CREATE DATABASE` as a unique violation (23505), not as "already exists" (42P04).
+#[test]
+fn instances_creating_a_missing_database_at_once_all_succeed() {
+    let env = TestEnv::new();
+    let url = format!("{}/it_{}_fresh", pg_base(), env.id);
+    let target: postgres::Config = url.parse().unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let (target, barrier) = (target.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                cqrs_analytics::db::ensure_database(&target, Duration::from_secs(5))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut admin =
+        postgres::Client::connect(&format!("{}/postgres", pg_base()), postgres::NoTls).unwrap();
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS it_{}_fresh", env.id));
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
+/// Dead-letter commands run one at a time: each holds an exclusive queue named after the
+/// dead-letter queue while it runs, and a second one refuses (exit 1, saying why) instead of
+/// finding the queue emptied by the first: `replay --all` used to exit 0 having replayed
+/// nothing, and `replay ID` to call present ids missing.
+#[test]
+fn a_dead_letter_command_refuses_while_another_runs() {
+    let env = TestEnv::new();
+    let (app, product) = poisoned_by_customer_4242(&env, 1);
+    let dlq = env.broker.dead_letter_queue.clone();
+    order(&app, product, 4242);
+    wait_until("a dead letter", Duration::from_secs(30), || {
+        (env.queue_depth(&dlq) == 1).then_some(())
+    });
+    // Another command, as far as the lock goes.
+    let (other, channel) = env.amqp();
+    channel
+        .queue_declare(
+            format!("{dlq}.command-lock"),
+            amiquip::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for args in [&["replay", "--all"][..], &["list"], &["discard", "-"]] {
+        let out = env.binary("dead-letters").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("another dead-letters command is running"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(env.queue_depth(&dlq), 1, "the dead letter was touched");
+    drop(channel);
+    other.close().unwrap();
+    let (code, listed) = dead_letters(&env, &["list"]);
+    assert_eq!(code, 0, "{listed}");
+    assert_eq!(
+        listed
+            .lines()
+            .filter(|l| l.contains("OrderCreated"))
+            .count(),
+        1,
+        "{listed}"
+    );
+}
