@@ -527,7 +527,15 @@ fn read_request(rq: &mut tiny_http::Request) -> Result<Request> {
             .map(|h| h.value.as_str().to_string())
     };
     let content_type = header("Content-Type");
-    let idempotency_key = header("Idempotency-Key");
+    // Several lines are one comma-separated list (RFC 9110 5.3), which the command service
+    // refuses: only the first line was read, and a retry with the second key wrote twice.
+    let keys: Vec<&str> = rq
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("Idempotency-Key"))
+        .map(|h| h.value.as_str())
+        .collect();
+    let idempotency_key = (!keys.is_empty()).then(|| keys.join(", "));
     if rq.body_length().is_some_and(|n| n > BODY_LIMIT_BYTES) {
         return Err(too_large());
     }

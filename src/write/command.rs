@@ -385,6 +385,9 @@ enum Checkout {
 fn idempotency_key(req: &Request) -> Result<Option<String>> {
     match &req.idempotency_key {
         None => Ok(None),
+        Some(k) if k.contains(", ") => Err(Error::bad_request(
+            "send one Idempotency-Key, not a list of them",
+        )),
         Some(k)
             if !k.is_empty()
                 && k.len() <= KEY_CHARS_MAX
@@ -398,13 +401,37 @@ fn idempotency_key(req: &Request) -> Result<Option<String>> {
     }
 }
 
-/// The route plus the body's canonical JSON (sorted keys, no whitespace), so that a retry
-/// that re-serialises the same document still matches.
+/// The route plus the body's canonical JSON (sorted keys, no whitespace, whole numbers
+/// written as integers), so that a retry that re-serialises the same document still
+/// matches: `5`, `5.00` and `5e0` are one price (serde_json keeps `5.00` a float, whose
+/// text is `5.0`: such a retry got 422).
 fn canonical_request(route: &str, body: &[u8]) -> String {
     let canonical = serde_json::from_slice::<serde_json::Value>(body)
-        .map(|v| v.to_string())
+        .map(|mut v| {
+            whole_numbers_as_integers(&mut v);
+            v.to_string()
+        })
         .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
     format!("POST {route}\n{canonical}")
+}
+
+/// Rewrites every float with no fractional part, within the range where a double holds
+/// every integer exactly (2^53), as that integer.
+fn whole_numbers_as_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
+                if f.abs() <= EXACT {
+                    *n = serde_json::Number::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
 }
 
 /// Returns the recorded response for `key`, 422 if the key was used for another request,

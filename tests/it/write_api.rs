@@ -991,3 +991,73 @@ fn the_catalogue_refuses_bad_products_from_any_writer_and_orders_do_not_run_its_
     );
     tx.commit().unwrap();
 }
+
+/// A retry that writes a number differently (`5`, `5.00`, `5e0`; `100`, `1e2`) is the same
+/// request: it replays the first response. Whole numbers written as decimals used to count
+/// as another request (422), while `19.9` and `19.90` matched. Two `Idempotency-Key` lines
+/// are refused (400), like two keys in one line: which one would guard the request?
+#[test]
+fn idempotency_keys_compare_numbers_by_value_and_come_once() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Command);
+    let a = app.command();
+    let post = |key: &str, path: &str, body: &str| {
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", key),
+        ];
+        request(a, "POST", path, &headers, body.as_bytes())
+    };
+    let first = post(
+        "num-1",
+        "/api/products",
+        r#"{"name":"N","category":"C","price":100,"stock":10}"#,
+    );
+    assert_eq!(first.status, 201, "{}", first.body);
+    for price in ["100.00", "1e2", "100.0", "1.00E2"] {
+        let body = format!(r#"{{"name":"N","category":"C","price":{price},"stock":10}}"#);
+        let again = post("num-1", "/api/products", &body);
+        assert_eq!(
+            (again.status, &again.body),
+            (201, &first.body),
+            "price {price}"
+        );
+    }
+    let pid = first.json()["productId"].as_i64().unwrap();
+    let order = |price: &str| {
+        format!(
+            r#"{{"customerId":9,"items":[{{"productId":{pid},"quantity":1,"price":{price}}}]}}"#
+        )
+    };
+    let first = post("num-2", "/api/orders", &order("100"));
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = post("num-2", "/api/orders", &order("100.00"));
+    assert_eq!((again.status, &again.body), (201, &first.body));
+    // Another value is another request.
+    let other = post("num-2", "/api/orders", &order("100.01"));
+    assert_eq!(other.status, 422, "{}", other.body);
+
+    let two_lines = request(
+        a,
+        "POST",
+        "/api/products",
+        &[
+            ("Content-Type", "application/json"),
+            ("Idempotency-Key", "one"),
+            ("Idempotency-Key", "two"),
+        ],
+        br#"{"name":"M","category":"C","price":1,"stock":1}"#,
+    );
+    assert_eq!(two_lines.status, 400, "{}", two_lines.body);
+    assert!(
+        two_lines.body.contains("Idempotency-Key"),
+        "{}",
+        two_lines.body
+    );
+    let products: i64 = env
+        .write()
+        .query_one("SELECT count(*) FROM products", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(products, 1, "the refused requests wrote nothing");
+}
