@@ -564,7 +564,7 @@ fn lock_holders(read: &mut Client, live: &str) -> String {
             .map(|r| r.get::<_, String>(0))
             .collect::<Vec<_>>()
             .join(", "),
-        Err(e) => format!("unknown ({e})"),
+        Err(e) => format!("unknown ({})", Error::from(e)),
     }
 }
 
@@ -574,6 +574,9 @@ fn drop_retired(read: &mut Client) {
         "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {RETIRED} CASCADE; DROP SCHEMA IF EXISTS {SHADOW} CASCADE"
     );
     if let Err(e) = read.batch_execute(&sql) {
+        // Through our Error, whose text has the SQLSTATE and message: postgres::Error's
+        // own says only "db error".
+        let e = Error::from(e);
         warn!("the old read-model tables stay in schema {RETIRED} until the next rebuild: {e}");
     }
 }
