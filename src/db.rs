@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::time::Duration;
 
-use log::info;
+use log::{info, warn};
 use postgres::{Client, NoTls, Statement};
 
 use crate::config::DbTimeouts;
@@ -489,10 +489,20 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// The highest version recorded in the database afterwards.
     pub version: i32,
+    /// The highest version this binary knows.
+    pub known: i32,
 }
 
 impl std::fmt::Display for MigrationReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.version > self.known {
+            return write!(
+                f,
+                "{}: schema version {} is newer than this binary's ({}): nothing applied; \
+                 running with it (a newer binary migrated it, e.g. in a rolling upgrade)",
+                self.database, self.version, self.known
+            );
+        }
         if self.applied.is_empty() {
             return write!(
                 f,
@@ -532,11 +542,16 @@ pub fn migrate(
     let version: Option<i32> = client
         .query_one("SELECT max(version) FROM schema_migrations", &[])?
         .get(0);
-    Ok(MigrationReport {
+    let report = MigrationReport {
         database,
         applied,
         version: version.unwrap_or(0),
-    })
+        known: migrations.last().map_or(0, |m| m.version),
+    };
+    if report.version > report.known {
+        warn!("{report}");
+    }
+    Ok(report)
 }
 
 /// `dbname at host:port` (every host of a multi-host URL), for reports; never credentials.

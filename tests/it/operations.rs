@@ -1012,3 +1012,26 @@ fn a_dead_letter_command_refuses_while_another_runs() {
         "{listed}"
     );
 }
+
+/// A database migrated by a newer binary: `migrate` says so instead of "up to date", and
+/// exits 0 (an older binary running beside a newer one, as in a rolling upgrade, is not an
+/// error; its statements are the older schema's, which the newer migrations keep working).
+#[test]
+fn migrate_says_when_the_schema_is_newer_than_the_binary() {
+    let env = TestEnv::new();
+    env.write()
+        .batch_execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (99, 'from the future')",
+        )
+        .unwrap();
+    let out = env.binary("migrate").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let write_line = stdout.lines().find(|l| l.contains(&env.write_db));
+    let write_line = write_line.unwrap_or_else(|| panic!("no line for the write db:\n{stdout}"));
+    assert!(
+        write_line.contains("schema version 99 is newer than this binary's"),
+        "{stdout}"
+    );
+    assert!(!write_line.contains("up to date"), "{stdout}");
+}
