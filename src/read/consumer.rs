@@ -223,8 +223,13 @@ impl Consumer<'_> {
                     continue;
                 }
             };
+            // Held from the first delivery taken, while the batch fills too: the broker no
+            // longer counts these messages as ready (sync-status counted them nowhere
+            // during CONSUMER_BATCH_WAIT_MS).
+            let filling = self.progress.hold(self.thread, 1, None);
             let batch = self.fill_batch((first.0, delivery(first.1)?), prx, orx)?;
             self.process(&channels, batch)?;
+            drop(filling);
         };
         let result = consume();
         if result.is_err() {
@@ -266,6 +271,7 @@ impl Consumer<'_> {
                 },
             };
             batch.push((next.0, delivery(Ok(next.1))?));
+            self.progress.filling(self.thread, batch.len());
         }
         Ok(batch)
     }

@@ -99,6 +99,12 @@ impl Progress {
         Held(self, thread)
     }
 
+    /// `thread`'s batch being filled holds `n` deliveries (after `hold`, which woke the
+    /// reporter; each further delivery does not).
+    pub fn filling(&self, thread: usize, n: usize) {
+        self.slot(thread).held = n;
+    }
+
     /// `thread` committed a transaction that applied events.
     pub fn applied(&self, thread: usize) {
         let now = Instant::now();
