@@ -354,6 +354,8 @@ pub struct Ready {
     pub events: i64,
     /// Messages in the dead-letter queue.
     pub dead_letters: i64,
+    /// Consumers subscribed to the event queues (each consumer thread subscribes to both).
+    pub consumers: i64,
 }
 
 const PROBE_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -400,9 +402,13 @@ impl QueueProbe {
             }
             let (_, channel, socket) = probe.channel.as_ref().expect("just set");
             let depth = |q: &str| {
-                channel
-                    .queue_declare_passive(q)
-                    .map(|q| i64::from(q.declared_message_count().unwrap_or(0)))
+                channel.queue_declare_passive(q).map(|q| {
+                    let consumers = i64::from(q.declared_consumer_count().unwrap_or(0));
+                    (
+                        i64::from(q.declared_message_count().unwrap_or(0)),
+                        consumers,
+                    )
+                })
             };
             let (depths, cut) = watched(socket, config.broker_stall_timeout, || {
                 (
@@ -420,8 +426,9 @@ impl QueueProbe {
             match depths {
                 (Ok(p), Ok(o), Ok(d)) => {
                     return Some(Ready {
-                        events: p + o,
-                        dead_letters: d,
+                        events: p.0 + o.0,
+                        dead_letters: d.0,
+                        consumers: p.1.max(o.1),
                     })
                 }
                 // A failed passive declare closes the channel (e.g. no such queue yet), and a

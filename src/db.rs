@@ -475,6 +475,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         name: "batch_at_once",
         sql: include_str!("../sql/read/011_batch_at_once.sql"),
     },
+    Migration {
+        version: 12,
+        name: "consumer_counts",
+        sql: include_str!("../sql/read/012_consumer_counts.sql"),
+    },
 ];
 
 /// An arbitrary constant that serialises concurrent migrators of one database.

@@ -26,6 +26,9 @@ use crate::shutdown::Shutdown;
 pub const REPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// Rows older than this belong to processes that are gone; readers ignore them.
 pub const ROW_FRESH_SECS: i64 = 10;
+/// A process whose row is older than this has stopped writing (four missed intervals): if
+/// the broker still counts its consumers, what they hold is not known.
+pub const ROW_SILENT_SECS: f64 = 2.0;
 /// Rows of processes gone this long are deleted by any reporter,
 const ROW_EXPIRY_SECS: i64 = 86_400;
 /// which looks for them this often.
@@ -47,6 +50,8 @@ struct Slot {
 /// A summary of the process's consumers at one instant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
+    /// Consumer threads subscribed to the queues (in a session).
+    pub consumers: usize,
     pub held_messages: usize,
     pub oldest_held_event: Option<DateTime<Utc>>,
     /// Why the process is stalled, if it is.
@@ -85,6 +90,7 @@ impl Progress {
     /// A consumer session started on `thread` with these receivers; the guard detaches them.
     pub fn attach(&self, thread: usize, buffers: Vec<Receiver<ConsumerMessage>>) -> Attached<'_> {
         self.slot(thread).buffers = buffers;
+        self.changed();
         Attached(self, thread)
     }
 
@@ -123,6 +129,7 @@ impl Progress {
 
     pub fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot {
+            consumers: 0,
             held_messages: 0,
             oldest_held_event: None,
             stalled: None,
@@ -130,6 +137,7 @@ impl Progress {
         for (i, slot) in self.slots.iter().enumerate() {
             let s = slot.lock().unwrap_or_else(|e| e.into_inner());
             let buffered: usize = s.buffers.iter().map(Receiver::len).sum();
+            snap.consumers += usize::from(!s.buffers.is_empty());
             snap.held_messages += s.held + buffered;
             if s.held == 0 {
                 continue;
@@ -215,6 +223,7 @@ fn report(pool: &Pool, progress: &Progress, expire: bool) -> Result<()> {
     let snap = progress.snapshot();
     let mut conn = pool.get()?;
     let held = i32::try_from(snap.held_messages).unwrap_or(i32::MAX);
+    let consumers = i32::try_from(snap.consumers).unwrap_or(i32::MAX);
     let stmt = conn.prepared(UPSERT_PROGRESS)?;
     conn.client.execute(
         &stmt,
@@ -223,6 +232,7 @@ fn report(pool: &Pool, progress: &Progress, expire: bool) -> Result<()> {
             &held,
             &snap.oldest_held_event,
             &snap.stalled,
+            &consumers,
         ],
     )?;
     if expire {
@@ -242,12 +252,13 @@ fn forget(pool: &Pool, instance_id: Uuid) -> Result<()> {
 }
 
 const UPSERT_PROGRESS: &str = "
-INSERT INTO consumer_progress AS p (instance_id, held_messages, oldest_held_event_at, stalled_reason, updated_at)
-VALUES ($1, $2, $3, $4, now())
+INSERT INTO consumer_progress AS p (instance_id, held_messages, oldest_held_event_at, stalled_reason, consumers, updated_at)
+VALUES ($1, $2, $3, $4, $5, now())
 ON CONFLICT (instance_id) DO UPDATE SET
     held_messages = excluded.held_messages,
     oldest_held_event_at = excluded.oldest_held_event_at,
     stalled_reason = excluded.stalled_reason,
+    consumers = excluded.consumers,
     updated_at = excluded.updated_at";
 
 const EXPIRE_PROGRESS: &str =

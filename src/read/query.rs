@@ -168,11 +168,20 @@ impl QueryService {
         let mut conn = self.read.get()?;
         let held = conn.client.query_one(
             CONSUMERS_HOLDING,
-            &[&(crate::read::progress::ROW_FRESH_SECS as f64)],
+            &[
+                &(crate::read::progress::ROW_FRESH_SECS as f64),
+                &crate::read::progress::ROW_SILENT_SECS,
+            ],
         )?;
         let held_messages: i64 = held.get(0);
         let oldest_held: Option<DateTime<Utc>> = held.get(1);
         let consumer_says_stalled: bool = held.get(2);
+        // More consumers on the queues than the processes writing their rows account for:
+        // one is fed by the broker but silent (frozen, or cut off from this database), and
+        // what it holds is unknown. Its row used to count until it was 10 s old, saying what
+        // it held before it fell silent, then not at all.
+        let reporting: i64 = held.get(3);
+        let silent = queued.as_ref().is_some_and(|q| q.consumers > reporting);
         let status = conn.client.query_one(SYNC_STATUS, &[])?;
         let last: Option<DateTime<Utc>> = status.get(0);
         let applied: i64 = status.get(1);
@@ -202,12 +211,13 @@ impl QueryService {
             // What a side that could not be asked holds, or the age of events whose outbox
             // rows were pruned, is not in the figure: the lag is at least this.
             "lagIsLowerBound": queued.is_none()
+                || silent
                 || outbox.as_ref().map_or(true, |b| b.queued_bound_only),
             "eventsApplied": applied,
             "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
             "pendingBrokerMessages": queued.as_ref().map(|q| q.events),
             "deadLetterMessages": queued.as_ref().map(|q| q.dead_letters),
-            "pendingConsumerMessages": held_messages,
+            "pendingConsumerMessages": (!silent).then_some(held_messages),
             "consumerStalled": consumer_says_stalled || waited_too_long,
             "endToEndLatencyMs": {
                 "windowSeconds": 60,
@@ -355,7 +365,8 @@ SELECT max(last_processed_event_timestamp), sum(events_applied)::bigint,
 FROM sync_status";
 const CONSUMERS_HOLDING: &str = "
 SELECT coalesce(sum(held_messages), 0)::bigint, min(oldest_held_event_at),
-       coalesce(bool_or(stalled_reason IS NOT NULL), false)
+       coalesce(bool_or(stalled_reason IS NOT NULL), false),
+       coalesce(sum(consumers) FILTER (WHERE updated_at > now() - make_interval(secs => $2)), 0)::bigint
 FROM consumer_progress WHERE updated_at > now() - make_interval(secs => $1)";
 const LATENCY: &str = "
 SELECT count(*),

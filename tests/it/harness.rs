@@ -781,6 +781,10 @@ impl ChildService {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the process has not exited.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
