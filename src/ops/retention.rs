@@ -103,7 +103,9 @@ impl RetentionMetrics {
 }
 
 /// `table_size_bytes` (heap, indexes and TOAST: `pg_total_relation_size`) and
-/// `table_rows_estimate` (the planner's `reltuples`, free to read) for each table.
+/// `table_rows_estimate` (the statistics' live rows, `n_live_tup`, free to read and current
+/// within seconds; the planner's `reltuples` moved only with VACUUM and ANALYZE,
+/// and stayed 0 with autovacuum off) for each table.
 fn render_sizes(out: &mut String, pool: &Pool, tables: &[Table]) -> Result<()> {
     use std::fmt::Write;
     let names: Vec<&str> = tables.iter().map(|t| t.name()).collect();
@@ -125,14 +127,14 @@ fn render_sizes(out: &mut String, pool: &Pool, tables: &[Table]) -> Result<()> {
             out,
             "table_rows_estimate{{table=\"{}\"}} {}",
             r.get::<_, &str>(0),
-            r.get::<_, f32>(2).max(0.0) as i64
+            r.get::<_, i64>(2).max(0)
         );
     }
     Ok(())
 }
 
 const TABLE_SIZES: &str = "
-SELECT c.relname::text, pg_total_relation_size(c.oid), c.reltuples
+SELECT c.relname::text, pg_total_relation_size(c.oid), coalesce(pg_stat_get_live_tuples(c.oid), 0)
 FROM pg_class c
 WHERE c.relname = ANY($1) AND c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace
 ORDER BY c.relname";
