@@ -22,8 +22,10 @@ use crate::db::Pool;
 use crate::error::Result;
 use crate::shutdown::Shutdown;
 
-/// How often the reporter writes this process's row.
+/// How often the reporter writes this process's row, at least,
 pub const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// and how often at most.
+const WRITE_SPACING: Duration = Duration::from_millis(2);
 /// Rows older than this belong to processes that are gone; readers ignore them.
 pub const ROW_FRESH_SECS: i64 = 10;
 /// A process whose row is older than this has stopped writing (four missed intervals): if
@@ -63,7 +65,8 @@ pub struct Progress {
     stall: Duration,
     slots: Vec<Mutex<Slot>>,
     last_applied: Mutex<Option<Instant>>,
-    /// Wakes the reporter when a thread takes a batch or lets one go (see `start_reporter`).
+    /// Wakes the reporter when a thread goes from idle to holding or back, or attaches or
+    /// detaches (see `start_reporter`).
     changed: (Sender<()>, Receiver<()>),
 }
 
@@ -97,11 +100,16 @@ impl Progress {
     /// `thread` took `n` deliveries whose oldest event is `oldest`; the guard releases them.
     pub fn hold(&self, thread: usize, n: usize, oldest: Option<DateTime<Utc>>) -> Held<'_> {
         let mut s = self.slot(thread);
+        let was_idle = s.held == 0;
         s.held = n;
         s.oldest_event = oldest;
         s.progress_at = Some(Instant::now());
         drop(s);
-        self.changed();
+        // Only from idle to holding: a batch that replaces the one being filled is written
+        // at the next interval (a draining consumer would otherwise write at every step).
+        if was_idle {
+            self.changed();
+        }
         Held(self, thread)
     }
 
@@ -178,20 +186,24 @@ pub struct Held<'a>(&'a Progress, usize);
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         let mut s = self.0.slot(self.1);
+        let was_holding = s.held > 0;
         s.held = 0;
         s.oldest_event = None;
         drop(s);
-        self.0.changed();
+        if was_holding {
+            self.0.changed();
+        }
     }
 }
 
-/// Starts the thread that writes this process's row when a consumer thread takes a batch or
-/// lets one go, and at least every `REPORT_INTERVAL`, and deletes it at shutdown. Written
-/// only on the interval, the row missed what a consumer took and applied between two
-/// writes: sync-status then said nothing was pending while those events were unapplied
-/// (in 8 of 20 rounds of a burst-then-poll check). Now the row trails a change by about
-/// one write (a fraction of a millisecond), which is the time an event can still go
-/// unseen: the broker stops counting a message as ready when it hands it to us.
+/// Starts the thread that writes this process's row when a consumer thread goes from idle
+/// to holding a batch or back, and at least every `REPORT_INTERVAL`, and deletes it at
+/// shutdown. Written only on the interval, the row missed what an idle consumer took and
+/// applied between two writes: sync-status then said nothing was pending while those
+/// events were unapplied (1 of 20 bursts of a burst-then-poll check, once its stages were
+/// asked in order). Now the row trails that change by about one write (a fraction of a
+/// millisecond), which is the time an event can still go unseen: the broker stops counting
+/// a message as ready when it hands it to us.
 pub fn start_reporter(pool: Pool, progress: Arc<Progress>, shutdown: &Shutdown) -> JoinHandle<()> {
     let shutdown = shutdown.clone();
     std::thread::Builder::new()
@@ -205,6 +217,12 @@ pub fn start_reporter(pool: Pool, progress: Arc<Progress>, shutdown: &Shutdown) 
                 }
                 if let Err(e) = report(&pool, &progress, expire) {
                     warn!("could not record consumer progress: {e}");
+                }
+                // At most one write per WRITE_SPACING: a consumer whose batches are single
+                // events goes idle and back hundreds of times a second. A change meanwhile
+                // waits in the channel.
+                if shutdown.sleep(WRITE_SPACING) {
+                    break;
                 }
                 select! {
                     recv(progress.changed.1) -> _ => {}
