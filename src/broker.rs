@@ -374,24 +374,7 @@ impl QueueProbe {
                 {
                     return None;
                 }
-                let start = random_index(config.broker_targets.len());
-                let opened = connect_from(config, start).and_then(|(mut conn, socket, _)| {
-                    let stall = config.broker_stall_timeout;
-                    // The queues asked about exist from then on, also before a publisher or
-                    // a consumer has declared them: a passive declare of a missing queue
-                    // fails, and the broker was reported unreachable.
-                    let open = || -> Result<Channel> {
-                        let channel = conn.open_channel(None)?;
-                        declare_topology(&channel, &config.broker)?;
-                        Ok(channel)
-                    };
-                    match watched(&socket, stall, open) {
-                        (Ok(channel), false) => Ok((conn, channel, socket)),
-                        (result, _) => Err(result.err().unwrap_or_else(|| {
-                            Error::unavailable("the broker did not open a channel in time")
-                        })),
-                    }
-                });
+                let opened = open_probe(config);
                 match opened {
                     Ok(opened) => probe.channel = Some(opened),
                     Err(_) => {
@@ -431,12 +414,31 @@ impl QueueProbe {
                         consumers: p.1.max(o.1),
                     })
                 }
-                // A failed passive declare closes the channel (e.g. no such queue yet), and a
-                // broker restart closes the connection: start over once.
+                // A failed passive declare closes the channel (e.g. a queue deleted since),
+                // and a broker restart closes the connection: start over once.
                 _ => probe.channel = None,
             }
         }
         None
+    }
+}
+
+/// The probe's connection and channel, with the topology declared: the queues asked about
+/// exist from then on, also before a publisher or a consumer has declared them (a passive
+/// declare of a missing queue fails, and the broker was reported unreachable).
+fn open_probe(config: &Config) -> Result<(Connection, Channel, TcpStream)> {
+    let start = random_index(config.broker_targets.len());
+    let (mut conn, socket, _) = connect_from(config, start)?;
+    let open = || -> Result<Channel> {
+        let channel = conn.open_channel(None)?;
+        declare_topology(&channel, &config.broker)?;
+        Ok(channel)
+    };
+    match watched(&socket, config.broker_stall_timeout, open) {
+        (Ok(channel), false) => Ok((conn, channel, socket)),
+        (result, _) => Err(result
+            .err()
+            .unwrap_or_else(|| Error::unavailable("the broker did not open a channel in time"))),
     }
 }
 

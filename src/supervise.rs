@@ -253,20 +253,17 @@ impl Repeats {
     /// Whether to log `failure` now: Some(how many times it recurred unlogged), or None.
     fn log(&mut self, failure: &str, now: Instant) -> Option<u64> {
         match &self.last {
-            Some((last, at)) if last == failure && now < *at + REPEAT_LOG_INTERVAL => {
-                self.unlogged += 1;
-                None
+            Some((last, at)) if last == failure => {
+                if now < *at + REPEAT_LOG_INTERVAL {
+                    self.unlogged += 1;
+                    return None;
+                }
             }
-            Some((last, _)) if last == failure => {
-                self.last = Some((failure.to_string(), now));
-                Some(std::mem::take(&mut self.unlogged))
-            }
-            _ => {
-                self.last = Some((failure.to_string(), now));
-                self.unlogged = 0;
-                Some(0)
-            }
+            // Another failure: the count of the one before is not this one's.
+            _ => self.unlogged = 0,
         }
+        self.last = Some((failure.to_string(), now));
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 

@@ -165,6 +165,56 @@ impl QueryService {
                 queued_bound_only,
             })
         });
+        let read = self.read_side()?;
+        // More consumers on the queues than the processes writing their rows account for:
+        // one is fed by the broker but silent (frozen, or cut off from this database), and
+        // what it holds is unknown. Its row used to count until it was 10 s old, saying what
+        // it held before it fell silent, then not at all.
+        let silent = queued
+            .as_ref()
+            .is_some_and(|q| q.consumers > read.reporting);
+
+        let age_ms = |t: Option<DateTime<Utc>>| t.map_or(0, |t| (now - t).num_milliseconds());
+        let (unpublished, oldest_queued) = outbox
+            .as_ref()
+            .map(|b| (b.oldest_unpublished, b.oldest_queued))
+            .unwrap_or_default();
+        // Past the outbox, the consumers' side: what waits in the broker or in their hands.
+        let consumer_lag_ms = age_ms(oldest_queued).max(age_ms(read.oldest_held));
+        let lag_ms = age_ms(unpublished).max(consumer_lag_ms);
+        let stall_secs = self.config.consumer_stall.as_secs_f64();
+        // Events the publisher cannot get to the broker are not the consumers' stall: the
+        // command service's health says so (`brokerConnected`), and `pendingOutboxEvents`.
+        let waited_too_long = consumer_lag_ms as f64 / 1000.0 >= stall_secs
+            && read.idle_secs.is_none_or(|idle| idle >= stall_secs);
+        let body = json!({
+            "lastProcessedEventTimestamp": read.last.map(|t| format_timestamp(&t)),
+            "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
+            // What a side that could not be asked holds, or the age of events whose outbox
+            // rows were pruned, is not in the figure: the lag is at least this.
+            "lagIsLowerBound": queued.is_none()
+                || silent
+                || outbox.as_ref().map_or(true, |b| b.queued_bound_only),
+            "eventsApplied": read.applied,
+            "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
+            "pendingBrokerMessages": queued.as_ref().map(|q| q.events),
+            "deadLetterMessages": queued.as_ref().map(|q| q.dead_letters),
+            "pendingConsumerMessages": (!silent).then_some(read.held_messages),
+            "consumerStalled": read.consumer_says_stalled || waited_too_long,
+            "endToEndLatencyMs": {
+                "windowSeconds": 60,
+                "samples": read.samples,
+                "p50": read.p50.map(round_ms),
+                "p99": read.p99.map(round_ms),
+            },
+            "writeSideReachable": outbox.is_ok(),
+            "brokerReachable": queued.is_some(),
+        });
+        Ok(Response::json(200, body.to_string()))
+    }
+
+    /// The consumers' side and the read model's, for sync-status (asked last).
+    fn read_side(&self) -> Result<ReadSide> {
         let mut conn = self.read.get()?;
         let held = conn.client.query_one(
             CONSUMERS_HOLDING,
@@ -173,62 +223,20 @@ impl QueryService {
                 &crate::read::progress::ROW_SILENT_SECS,
             ],
         )?;
-        let held_messages: i64 = held.get(0);
-        let oldest_held: Option<DateTime<Utc>> = held.get(1);
-        let consumer_says_stalled: bool = held.get(2);
-        // More consumers on the queues than the processes writing their rows account for:
-        // one is fed by the broker but silent (frozen, or cut off from this database), and
-        // what it holds is unknown. Its row used to count until it was 10 s old, saying what
-        // it held before it fell silent, then not at all.
-        let reporting: i64 = held.get(3);
-        let silent = queued.as_ref().is_some_and(|q| q.consumers > reporting);
         let status = conn.client.query_one(SYNC_STATUS, &[])?;
-        let last: Option<DateTime<Utc>> = status.get(0);
-        let applied: i64 = status.get(1);
-        let idle_secs: Option<f64> = status.get(2);
         let latency = conn.client.query_one(LATENCY, &[])?;
-        let samples: i64 = latency.get(0);
-        let p50: Option<f64> = latency.get(1);
-        let p99: Option<f64> = latency.get(2);
-        drop(conn);
-
-        let age_ms = |t: Option<DateTime<Utc>>| t.map_or(0, |t| (now - t).num_milliseconds());
-        let (unpublished, oldest_queued) = outbox
-            .as_ref()
-            .map(|b| (b.oldest_unpublished, b.oldest_queued))
-            .unwrap_or_default();
-        // Past the outbox, the consumers' side: what waits in the broker or in their hands.
-        let consumer_lag_ms = age_ms(oldest_queued).max(age_ms(oldest_held));
-        let lag_ms = age_ms(unpublished).max(consumer_lag_ms);
-        let stall_secs = self.config.consumer_stall.as_secs_f64();
-        // Events the publisher cannot get to the broker are not the consumers' stall: the
-        // command service's health says so (`brokerConnected`), and `pendingOutboxEvents`.
-        let waited_too_long = consumer_lag_ms as f64 / 1000.0 >= stall_secs
-            && idle_secs.is_none_or(|idle| idle >= stall_secs);
-        let body = json!({
-            "lastProcessedEventTimestamp": last.map(|t| format_timestamp(&t)),
-            "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
-            // What a side that could not be asked holds, or the age of events whose outbox
-            // rows were pruned, is not in the figure: the lag is at least this.
-            "lagIsLowerBound": queued.is_none()
-                || silent
-                || outbox.as_ref().map_or(true, |b| b.queued_bound_only),
-            "eventsApplied": applied,
-            "pendingOutboxEvents": outbox.as_ref().ok().map(|b| b.pending),
-            "pendingBrokerMessages": queued.as_ref().map(|q| q.events),
-            "deadLetterMessages": queued.as_ref().map(|q| q.dead_letters),
-            "pendingConsumerMessages": (!silent).then_some(held_messages),
-            "consumerStalled": consumer_says_stalled || waited_too_long,
-            "endToEndLatencyMs": {
-                "windowSeconds": 60,
-                "samples": samples,
-                "p50": p50.map(round_ms),
-                "p99": p99.map(round_ms),
-            },
-            "writeSideReachable": outbox.is_ok(),
-            "brokerReachable": queued.is_some(),
-        });
-        Ok(Response::json(200, body.to_string()))
+        Ok(ReadSide {
+            held_messages: held.get(0),
+            oldest_held: held.get(1),
+            consumer_says_stalled: held.get(2),
+            reporting: held.get(3),
+            last: status.get(0),
+            applied: status.get(1),
+            idle_secs: status.get(2),
+            samples: latency.get(0),
+            p50: latency.get(1),
+            p99: latency.get(2),
+        })
     }
 
     /// Unpublished outbox rows: how many, and the oldest one's timestamp.
@@ -271,6 +279,24 @@ impl QueryService {
             .and_then(|w| now.checked_sub_signed(w));
         Ok((oldest_left.into_iter().chain(window).min(), true))
     }
+}
+
+/// The consumers' and the read model's side of sync-status.
+struct ReadSide {
+    /// Deliveries the consumers of fresh rows hold, and the oldest one's event time.
+    held_messages: i64,
+    oldest_held: Option<DateTime<Utc>>,
+    consumer_says_stalled: bool,
+    /// Consumers subscribed by the processes whose rows are not silent.
+    reporting: i64,
+    /// The newest event applied, how many were, and seconds since the last apply.
+    last: Option<DateTime<Utc>>,
+    applied: i64,
+    idle_secs: Option<f64>,
+    /// End-to-end latency over the last minute: samples, p50 and p99 in seconds.
+    samples: i64,
+    p50: Option<f64>,
+    p99: Option<f64>,
 }
 
 /// The outbox's side of sync-status.
