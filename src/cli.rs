@@ -69,10 +69,7 @@ pub fn run(command: Command) -> Result<bool> {
         Command::DeadLetters(args) => {
             crate::ops::dead_letters::run(&Config::from_env()?, &args, &mut std::io::stdout())
         }
-        // Progress and the outcome on stderr: stdout stays free for a pipe.
-        Command::RebuildReadModel => {
-            crate::ops::rebuild::run(&Config::from_env()?, &mut std::io::stderr())
-        }
+        Command::RebuildReadModel => rebuild(&Config::from_env()?),
     }
 }
 
@@ -123,6 +120,16 @@ fn stop_watchdog(limit: Duration) {
         })
         .map(drop)
         .unwrap_or_else(|e| log::warn!("no stop watchdog: {e}"));
+}
+
+/// Progress and the outcome on stderr: stdout stays free for a pipe. SIGINT and SIGTERM stop
+/// it before the switch (exit 1, said on stderr), not in the middle of a transaction.
+fn rebuild(config: &Config) -> Result<bool> {
+    let (trigger, stop_requested) = shutdown::channel();
+    let signals = SignalThread::start(trigger)?;
+    let done = crate::ops::rebuild::run(config, &mut std::io::stderr(), &stop_requested);
+    signals.join();
+    done
 }
 
 fn migrate(config: &Config) -> Result<()> {

@@ -19,8 +19,10 @@
 //!    cached statements).
 //!
 //! Interrupted at any point before the switch commits, nothing has changed: the live tables
-//! were only read, and the next run drops the leftovers. ARCHITECTURE.md says why no event
-//! is lost or counted twice across the switch.
+//! were only read, and the next run drops the leftovers. SIGINT or SIGTERM before the switch
+//! stops it between two transactions: it drops its copy, says so and exits 1; once the
+//! switch has begun, it finishes. ARCHITECTURE.md says why no event is lost or counted twice
+//! across the switch.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -37,6 +39,7 @@ use crate::db::Conn;
 use crate::error::{Error, Result};
 use crate::event::{Event, OrderCreated, OrderItem, ProductCreated};
 use crate::read::projection::{self, Statements};
+use crate::shutdown::Shutdown;
 
 /// Serialises rebuilds of one read DB (`pg_try_advisory_lock`).
 pub const REBUILD_LOCK_KEY: i64 = 0x7265_6275_696c_6421;
@@ -72,16 +75,22 @@ const SWITCH_LOCK_TIMEOUT_MS: u64 = 500;
 const SWITCH_ATTEMPTS_MAX: u32 = 40;
 
 /// Runs the rebuild. Ok(false): refused (another rebuild holds the lock, or the write
-/// database is not a write model, or is empty beside a read model that is not), message
-/// printed.
-pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
+/// database is not a write model, or is empty beside a read model that is not), or stopped
+/// by `stop` before the switch; message printed.
+pub fn run(config: &Config, out: &mut dyn Write, stop: &Shutdown) -> Result<bool> {
     // The source must be there already: a mistyped DATABASE_URL must not become a new,
     // empty write model whose rebuild then empties the live read model.
     if let Some(refusal) = source_refusal(config)? {
         writeln!(out, "{refusal}; nothing was changed")?;
         return Ok(false);
     }
-    app::migrate(config, Role::All, Duration::from_secs(60), None)?;
+    match app::migrate(config, Role::All, Duration::from_secs(60), Some(stop)) {
+        Err(e) if e.is_stopped() => {
+            writeln!(out, "rebuild-read-model: {e}; nothing was changed")?;
+            return Ok(false);
+        }
+        other => other?,
+    };
     let mut read = connect(&config.read_db)?;
     let locked: bool = read
         .query_one("SELECT pg_try_advisory_lock($1)", &[&REBUILD_LOCK_KEY])?
@@ -99,42 +108,78 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<bool> {
         return Ok(false);
     }
     prepare_shadow(&mut read, &live)?;
-    let r0: DateTime<Utc> = read.query_one("SELECT clock_timestamp()", &[])?.get(0);
     let mut shadow = Conn::new(read);
+    let mut progress = Progress::new(out);
+    match build_and_switch(config, &mut shadow, &live, &mut progress, stop) {
+        Ok(report) => {
+            drop_retired(&mut shadow.client);
+            writeln!(progress.out, "rebuild-read-model: {report}")?;
+            Ok(true)
+        }
+        Err(e) if e.is_stopped() => {
+            drop_retired(&mut shadow.client);
+            writeln!(
+                progress.out,
+                "rebuild-read-model: stopped by a signal before the switch; its copy was \
+                 dropped and the read model was not changed"
+            )?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Builds the shadow tables from one snapshot, catches up and switches. Returns the report
+/// line; Err(stopped) when `stop` fired before the switch began.
+fn build_and_switch(
+    config: &Config,
+    shadow: &mut Conn,
+    live: &str,
+    progress: &mut Progress,
+    stop: &Shutdown,
+) -> Result<String> {
+    let r0: DateTime<Utc> = shadow
+        .client
+        .query_one("SELECT clock_timestamp()", &[])?
+        .get(0);
     shadow
         .client
         .batch_execute(&format!("SET search_path = {SHADOW}"))?;
-    let stmts = Statements::prepare(&mut shadow)?.exclusive();
+    let stmts = Statements::prepare(shadow)?.exclusive();
     let mut write = connect(&config.write_db)?;
     let started = Instant::now();
-    let mut progress = Progress::new(out);
-    let (products, orders) = build(&mut write, &mut shadow.client, &stmts, &mut progress)?;
+    let (products, orders) = build(&mut write, &mut shadow.client, &stmts, progress, stop)?;
     let build_secs = started.elapsed().as_secs_f64();
     let (mut caught_up, since) =
-        catch_up_passes(&mut shadow.client, &mut write, &stmts, &live, r0)?;
-    let switched = match switch(&mut shadow.client, &mut write, &stmts, &live, since) {
+        catch_up_passes(&mut shadow.client, &mut write, &stmts, live, r0, stop)?;
+    let switched = match switch(&mut shadow.client, &mut write, &stmts, live, since, stop) {
         Ok(switched) => switched,
+        Err(e) if e.is_stopped() => return Err(e),
         Err(e) => {
-            // Nothing was switched: say who held the live tables, and drop the copy.
-            let holders = lock_holders(&mut shadow.client, &live);
-            drop_retired(&mut shadow.client);
+            // Nothing was switched: say who held the live tables (the caller drops the copy).
+            let holders = lock_holders(&mut shadow.client, live);
             return Err(Error::unavailable(format!(
                 "the switch gave up ({e}); nothing was changed; sessions holding locks on the live tables: {holders}"
             )));
         }
     };
     caught_up += switched.caught_up;
-    drop_retired(&mut shadow.client);
-    writeln!(
-        progress.out,
-        "rebuild-read-model: {products} products and {orders} orders from one snapshot in {build_secs:.1} s \
+    Ok(format!(
+        "{products} products and {orders} orders from one snapshot in {build_secs:.1} s \
          ({:.0} orders/s); {caught_up} events applied meanwhile caught up; switched in {} ms \
          (readers blocked {} ms)",
         orders as f64 / build_secs.max(0.001),
         switched.total_ms,
         switched.readers_blocked_ms
-    )?;
-    Ok(true)
+    ))
+}
+
+/// Err(stopped) once `stop` has fired: checked between two transactions.
+fn go_on(stop: &Shutdown) -> Result<()> {
+    if stop.is_triggered() {
+        return Err(Error::stopped("the rebuild"));
+    }
+    Ok(())
 }
 
 /// Catch-up passes until one finds little (at most `CATCH_UP_PASSES_MAX`), each in a
@@ -147,9 +192,11 @@ fn catch_up_passes(
     stmts: &Statements,
     live: &str,
     r0: DateTime<Utc>,
+    stop: &Shutdown,
 ) -> Result<(usize, DateTime<Utc>)> {
     let (mut caught_up, mut since) = (0, r0);
     for _ in 0..CATCH_UP_PASSES_MAX {
+        go_on(stop)?;
         let mut tx = shadow.transaction()?;
         let (n, began) = catch_up(&mut tx, write, stmts, live, since)?;
         tx.commit()?;
@@ -304,6 +351,7 @@ fn build(
     shadow: &mut Client,
     stmts: &Statements,
     progress: &mut Progress,
+    stop: &Shutdown,
 ) -> Result<(i64, i64)> {
     let mut snap = write
         .build_transaction()
@@ -317,6 +365,7 @@ fn build(
     let (products_total, orders_total): (i64, i64) = (totals.get(0), totals.get(1));
     let mut last = 0_i64;
     loop {
+        go_on(stop)?;
         let rows = snap.query(PRODUCTS_AFTER, &[&last, &CHUNK])?;
         let Some(end) = rows.last() else { break };
         last = end.get(0);
@@ -325,6 +374,7 @@ fn build(
     }
     let (mut last, mut done) = (0_i64, 0_i64);
     loop {
+        go_on(stop)?;
         let rows = snap.query(ORDERS_AFTER, &[&last, &CHUNK])?;
         let Some(end) = rows.last() else { break };
         last = end.get(0);
@@ -488,15 +538,17 @@ fn switch(
     stmts: &Statements,
     live: &str,
     since: DateTime<Utc>,
+    stop: &Shutdown,
 ) -> Result<Switched> {
     let mut attempt = 0;
     loop {
         attempt += 1;
+        go_on(stop)?;
         match try_switch(read, write, stmts, live, since) {
             Ok(done) => return Ok(done),
             Err(e) if e.is_transient() && attempt < SWITCH_ATTEMPTS_MAX => {
                 warn!("switch attempt {attempt} gave way to other sessions ({e}); retrying");
-                std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))));
+                stop.sleep(Duration::from_millis(100 * u64::from(attempt.min(10))));
             }
             Err(e) => return Err(e),
         }
