@@ -156,8 +156,9 @@ fn build_and_switch(
         Ok(switched) => switched,
         Err(e) if e.is_stopped() => return Err(e),
         Err(e) => {
-            // Nothing was switched: say who held the live tables (the caller drops the copy).
+            // Nothing was switched: say who held the live tables, and drop the copy.
             let holders = lock_holders(&mut shadow.client, live);
+            drop_retired(&mut shadow.client);
             return Err(Error::unavailable(format!(
                 "the switch gave up ({e}); nothing was changed; sessions holding locks on the live tables: {holders}"
             )));
