@@ -330,12 +330,13 @@ fn watched<T>(socket: &TcpStream, limit: Duration, f: impl FnOnce() -> T) -> (T,
 }
 
 /// A connection kept for asking the broker how many messages are ready in the two event
-/// queues and the dead-letter queue (a passive declare). After a failed connection attempt the broker is not asked
-/// again for a few seconds, so a status route stays fast while the broker is down. Every
-/// call the broker must answer is given up after `BROKER_STALL_TIMEOUT_MS` (the connection
-/// is cut): a node that keeps the connection alive but leaves its channels unanswered
-/// would otherwise hold sync-status, the consumer's `/health` and the outbox pruner, each
-/// queued behind the probe's lock, for as long as it stays silent.
+/// queues and the dead-letter queue (a passive declare). After a failed connection attempt
+/// the broker is not asked again for a few seconds, so a status route stays fast while the
+/// broker is down. Every call the broker must answer is given up after
+/// `BROKER_STALL_TIMEOUT_MS` (the connection is cut): a node that keeps the connection alive
+/// but leaves its channels unanswered would otherwise hold sync-status, the consumer's
+/// `/health` and the outbox pruner, each queued behind the probe's lock, for as long as it
+/// stays silent. After a cut it is asked again sooner (see [`ProbeState::cut`]).
 #[derive(Default)]
 pub struct QueueProbe {
     state: std::sync::Mutex<ProbeState>,
@@ -346,6 +347,31 @@ struct ProbeState {
     /// The connection, its channel, and its socket (to cut it).
     channel: Option<(Connection, Channel, TcpStream)>,
     failed_at: Option<std::time::Instant>,
+    /// How long after `failed_at` the broker is not asked again.
+    retry_after: Duration,
+    /// Calls cut in a row since the last answer.
+    cuts: u32,
+}
+
+impl ProbeState {
+    /// The broker refused or failed: ask again in [`PROBE_RETRY_AFTER`].
+    fn failed(&mut self) {
+        self.channel = None;
+        self.failed_at = Some(std::time::Instant::now());
+        self.retry_after = PROBE_RETRY_AFTER;
+    }
+
+    /// The watchdog cut a call (a slow or silent broker): ask again after the stall timeout,
+    /// doubled at each cut in a row, up to [`PROBE_RETRY_AFTER`]. A broker slow for a moment
+    /// (a queue busy draining a backlog) is counted again within a second or so, not 5 to 10 s
+    /// later; a silent one holds about one caller per 5 s for the stall timeout.
+    fn cut(&mut self, stall: Duration) {
+        self.failed();
+        self.retry_after = stall
+            .saturating_mul(1 << self.cuts.min(16))
+            .min(PROBE_RETRY_AFTER);
+        self.cuts += 1;
+    }
 }
 
 /// Ready messages by kind, as [`QueueProbe::ready`] counts them.
@@ -370,15 +396,18 @@ impl QueueProbe {
             if probe.channel.is_none() {
                 if probe
                     .failed_at
-                    .is_some_and(|t| t.elapsed() < PROBE_RETRY_AFTER)
+                    .is_some_and(|t| t.elapsed() < probe.retry_after)
                 {
                     return None;
                 }
-                let opened = open_probe(config);
-                match opened {
+                match open_probe(config) {
                     Ok(opened) => probe.channel = Some(opened),
-                    Err(_) => {
-                        probe.failed_at = Some(std::time::Instant::now());
+                    Err(cut) => {
+                        if cut {
+                            probe.cut(config.broker_stall_timeout);
+                        } else {
+                            probe.failed();
+                        }
                         return None;
                     }
                 }
@@ -401,18 +430,17 @@ impl QueueProbe {
                 )
             });
             if cut {
-                // Silent, not refusing: ask again only after a while, like a failed connect.
-                probe.channel = None;
-                probe.failed_at = Some(std::time::Instant::now());
+                probe.cut(config.broker_stall_timeout);
                 return None;
             }
             match depths {
                 (Ok(p), Ok(o), Ok(d)) => {
+                    probe.cuts = 0;
                     return Some(Ready {
                         events: p.0 + o.0,
                         dead_letters: d.0,
                         consumers: p.1.max(o.1),
-                    })
+                    });
                 }
                 // A failed passive declare closes the channel (e.g. a queue deleted since),
                 // and a broker restart closes the connection: start over once.
@@ -425,10 +453,11 @@ impl QueueProbe {
 
 /// The probe's connection and channel, with the topology declared: the queues asked about
 /// exist from then on, also before a publisher or a consumer has declared them (a passive
-/// declare of a missing queue fails, and the broker was reported unreachable).
-fn open_probe(config: &Config) -> Result<(Connection, Channel, TcpStream)> {
+/// declare of a missing queue fails, and the broker was reported unreachable). Err(true):
+/// the watchdog cut it (the broker was slow or silent); Err(false): it failed.
+fn open_probe(config: &Config) -> std::result::Result<(Connection, Channel, TcpStream), bool> {
     let start = random_index(config.broker_targets.len());
-    let (mut conn, socket, _) = connect_from(config, start)?;
+    let (mut conn, socket, _) = connect_from(config, start).map_err(|_| false)?;
     let open = || -> Result<Channel> {
         let channel = conn.open_channel(None)?;
         declare_topology(&channel, &config.broker)?;
@@ -436,9 +465,7 @@ fn open_probe(config: &Config) -> Result<(Connection, Channel, TcpStream)> {
     };
     match watched(&socket, config.broker_stall_timeout, open) {
         (Ok(channel), false) => Ok((conn, channel, socket)),
-        (result, _) => Err(result
-            .err()
-            .unwrap_or_else(|| Error::unavailable("the broker did not open a channel in time"))),
+        (_, cut) => Err(cut),
     }
 }
 
@@ -452,5 +479,26 @@ fn queue_type_arg(args: &mut FieldTable, queue_type: QueueType) {
         // Classic queue storage v2 (RabbitMQ 3.10+; older brokers ignore the argument):
         // persistent messages are confirmed faster than with v1.
         args.insert("x-queue-version".into(), AmqpValue::LongInt(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_asks_again_after_the_stall_timeout_doubled_per_cut_and_5_s_after_a_failure() {
+        let stall = Duration::from_millis(300);
+        let mut probe = ProbeState::default();
+        let waits: Vec<u128> = (0..6)
+            .map(|_| {
+                probe.cut(stall);
+                probe.retry_after.as_millis()
+            })
+            .collect();
+        assert_eq!(waits, [300, 600, 1200, 2400, 4800, 5000]);
+        assert!(probe.failed_at.is_some() && probe.channel.is_none());
+        probe.failed();
+        assert_eq!(probe.retry_after, PROBE_RETRY_AFTER);
     }
 }

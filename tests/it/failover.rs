@@ -299,6 +299,54 @@ fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
     }
 }
 
+/// A broker slow to answer for a moment (a queue busy draining a large backlog answered the
+/// probe's declares in over 300 ms here): sync-status counts its messages again within about
+/// the stall timeout once it answers in time. A call the watchdog cut used to stop the probe
+/// asking for 5 s, and its reopening's declares could be cut in turn: 5 to 11 s of null.
+#[test]
+fn sync_status_asks_a_broker_that_was_slow_again_soon() {
+    let env = TestEnv::new();
+    let (proxies, url) = proxied_endpoints::<1>();
+    let stall = Duration::from_millis(300);
+    let _consumer = env.start(Role::Consumer); // declares the queues, straight to the broker
+    let query = env.start_with(Role::Query, |c| {
+        c.broker_targets = parse_amqp_urls(&url).unwrap();
+        c.broker_stall_timeout = stall;
+    });
+    let addr = query.query();
+    let status = move || {
+        let r = get(addr, "/api/analytics/sync-status");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    wait_until(
+        "sync-status to reach the broker",
+        Duration::from_secs(10),
+        || (status()["pendingBrokerMessages"].is_i64()).then_some(()),
+    );
+    // One call slower than the stall timeout: cut.
+    proxies[0].delay_channels(stall * 2);
+    let slow = status();
+    proxies[0].delay_channels(Duration::ZERO);
+    assert!(slow["pendingBrokerMessages"].is_null(), "{slow}");
+    assert_eq!(slow["lagIsLowerBound"], true, "{slow}");
+    let answering = Instant::now();
+    let back = wait_until(
+        "pendingBrokerMessages counted again",
+        Duration::from_secs(10),
+        || {
+            let s = status();
+            s["pendingBrokerMessages"]
+                .is_i64()
+                .then(|| answering.elapsed())
+        },
+    );
+    assert!(
+        back < Duration::from_secs(2),
+        "sync-status counted the broker's messages again only {back:?} after it answered in time (stall timeout {stall:?})"
+    );
+}
+
 /// A broker that stays down, with the shortest backoff allowed: each supervised thread
 /// logs its failure once, then once every 30 s with how often it recurred, not at every
 /// retry (it logged about 195 lines a second).

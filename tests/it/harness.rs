@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -928,6 +928,9 @@ struct ProxyState {
     killed: AtomicBool,
     /// A `ProxyMode` for new connections.
     mode: std::sync::atomic::AtomicU8,
+    /// How long each frame the broker sends on a channel (see [`TcpProxy::delay_channels`])
+    /// is held back, in ms.
+    delay_ms: AtomicU64,
     /// Every proxied connection, and the threads copying between its sockets.
     conns: std::sync::Mutex<Vec<Proxied>>,
     pumps: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -968,8 +971,9 @@ impl TcpProxy {
                     pump(up, down);
                     c.store(true, Ordering::SeqCst);
                 }));
+                let state = s.clone();
                 pumps.push(std::thread::spawn(move || {
-                    pump_frames(server, client, &stalled);
+                    pump_frames(server, client, &stalled, &state.delay_ms);
                     closed.store(true, Ordering::SeqCst);
                 }));
             }
@@ -1000,6 +1004,14 @@ impl TcpProxy {
         for c in self.state.conns.lock().unwrap().iter() {
             c.stalled.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// From now on, every connection's channel frames from the broker (answers, confirms,
+    /// deliveries; not channel.open-ok) are held back `delay` each: a slow node, not a
+    /// silent one. `Duration::ZERO` ends it.
+    pub fn delay_channels(&self, delay: Duration) {
+        let ms = delay.as_millis() as u64;
+        self.state.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Cuts every connection and closes the port; joins every thread of the proxy.
@@ -1035,9 +1047,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 
 /// Copies the broker's frames from `from` to `to` until either side closes, then closes
 /// both. While `stalled`, frames on a channel other than 0 are dropped, except the channel
-/// class's methods (open-ok, close-ok): AMQP frames are a type byte, a channel (u16), a
-/// payload size (u32), the payload (a method's starts with its class id) and 0xCE.
-fn pump_frames(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+/// class's methods (open-ok, close-ok), and the others are held back `delay_ms` each: AMQP
+/// frames are a type byte, a channel (u16), a payload size (u32), the payload (a method's
+/// starts with its class id) and 0xCE.
+fn pump_frames(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool, delay_ms: &AtomicU64) {
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
     let mut chunk = vec![0u8; 1 << 16];
     'copy: while let Ok(n @ 1..) = from.read(&mut chunk) {
@@ -1052,8 +1065,12 @@ fn pump_frames(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
             let channel = u16::from_be_bytes([buf[at + 1], buf[at + 2]]);
             let method_class =
                 (buf[at] == 1 && size >= 2).then(|| u16::from_be_bytes([buf[at + 7], buf[at + 8]]));
-            let withheld =
-                stalled.load(Ordering::SeqCst) && channel != 0 && method_class != Some(20);
+            let on_a_channel = channel != 0 && method_class != Some(20);
+            let withheld = stalled.load(Ordering::SeqCst) && on_a_channel;
+            let delay = delay_ms.load(Ordering::SeqCst);
+            if on_a_channel && delay > 0 {
+                std::thread::sleep(Duration::from_millis(delay));
+            }
             if !withheld && to.write_all(&buf[at..end]).is_err() {
                 break 'copy;
             }
