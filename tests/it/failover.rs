@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::harness::{
     assert_converges, broker_host_port, broker_url, broker_url_via, counter, create_product,
-    free_port, get, post_json, wait_until, ProxyMode, TcpProxy, TestEnv,
+    free_port, get, post_json, wait_until, App, ProxyMode, TcpProxy, TestEnv,
 };
 
 fn order(addr: std::net::SocketAddr, product: i64, customer: i64) {
@@ -259,6 +259,18 @@ fn a_publisher_without_confirms_moves_on_after_the_stall_timeout() {
     assert!(counter(command.command(), "outbox_session_errors_total") >= 1);
 }
 
+/// A consumer straight to the broker (it declares the queues) and a query service whose
+/// one broker endpoint is a proxy, with `stall` as its `BROKER_STALL_TIMEOUT_MS`.
+fn a_query_service_behind_a_proxy(env: &TestEnv, stall: Duration) -> (TcpProxy, App, App) {
+    let ([proxy], url) = proxied_endpoints::<1>();
+    let consumer = env.start(Role::Consumer);
+    let query = env.start_with(Role::Query, |c| {
+        c.broker_targets = parse_amqp_urls(&url).unwrap();
+        c.broker_stall_timeout = stall;
+    });
+    (proxy, consumer, query)
+}
+
 /// sync-status asks the broker for its queue depths over a connection it keeps. When that
 /// connection's channels stop answering (a node waiting on a dead peer, while heartbeats
 /// still pass), the question is given up after `BROKER_STALL_TIMEOUT_MS` and sync-status
@@ -267,13 +279,8 @@ fn a_publisher_without_confirms_moves_on_after_the_stall_timeout() {
 #[test]
 fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
     let env = TestEnv::new();
-    let (proxies, url) = proxied_endpoints::<1>();
     let stall = Duration::from_millis(500);
-    let _consumer = env.start(Role::Consumer); // declares the queues, straight to the broker
-    let query = env.start_with(Role::Query, |c| {
-        c.broker_targets = parse_amqp_urls(&url).unwrap();
-        c.broker_stall_timeout = stall;
-    });
+    let (proxy, _consumer, query) = a_query_service_behind_a_proxy(&env, stall);
     let addr = query.query();
     let status = move || {
         let started = Instant::now();
@@ -286,7 +293,7 @@ fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
         Duration::from_secs(10),
         || (status().0["brokerReachable"] == true).then_some(()),
     );
-    proxies[0].stall_open_connections();
+    proxy.stall_open_connections();
     let callers: Vec<_> = (0..3).map(|_| std::thread::spawn(status)).collect();
     for caller in callers {
         let (body, took) = caller.join().unwrap();
@@ -306,13 +313,8 @@ fn sync_status_does_not_wait_for_a_broker_that_stopped_answering() {
 #[test]
 fn sync_status_asks_a_broker_that_was_slow_again_soon() {
     let env = TestEnv::new();
-    let (proxies, url) = proxied_endpoints::<1>();
     let stall = Duration::from_millis(300);
-    let _consumer = env.start(Role::Consumer); // declares the queues, straight to the broker
-    let query = env.start_with(Role::Query, |c| {
-        c.broker_targets = parse_amqp_urls(&url).unwrap();
-        c.broker_stall_timeout = stall;
-    });
+    let (proxy, _consumer, query) = a_query_service_behind_a_proxy(&env, stall);
     let addr = query.query();
     let status = move || {
         let r = get(addr, "/api/analytics/sync-status");
@@ -325,9 +327,9 @@ fn sync_status_asks_a_broker_that_was_slow_again_soon() {
         || (status()["pendingBrokerMessages"].is_i64()).then_some(()),
     );
     // One call slower than the stall timeout: cut.
-    proxies[0].delay_channels(stall * 2);
+    proxy.delay_channels(stall * 2);
     let slow = status();
-    proxies[0].delay_channels(Duration::ZERO);
+    proxy.delay_channels(Duration::ZERO);
     assert!(slow["pendingBrokerMessages"].is_null(), "{slow}");
     assert_eq!(slow["lagIsLowerBound"], true, "{slow}");
     let answering = Instant::now();

@@ -504,37 +504,76 @@ fn two_rebuilds_at_once_the_second_refuses() {
     assert_read_model_is_exact(&env);
 }
 
+/// `all` with `n` orders applied, then a marker a rebuild would erase: every product's
+/// order count raised by 1000 in the read model (see [`marker`]).
+fn marked_read_model(env: &TestEnv, n: usize) -> (App, Vec<i64>) {
+    let app = env.start(Role::All);
+    let products = crate::faults::seed_products(app.command());
+    orders(&app, &products, n);
+    converge(env);
+    env.read()
+        .batch_execute("UPDATE product_sales_view SET order_count = order_count + 1000")
+        .unwrap();
+    (app, products)
+}
+
+/// The smallest order count in the read model: 1000 or more while the marker stays.
+fn marker(env: &TestEnv) -> i64 {
+    env.read()
+        .query_one("SELECT min(order_count) FROM product_sales_view", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Runs rebuild-read-model (stderr to `stderr`) with a reader's lock holding it in its
+/// switch; once it waits there, hands it to `then`, and lets go of the lock after.
+fn with_a_rebuild_held_in_its_switch<T>(
+    env: &TestEnv,
+    stderr: std::process::Stdio,
+    then: impl FnOnce(std::process::Child) -> T,
+) -> T {
+    let mut reader = env.read();
+    let mut lock = reader.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE sync_status IN ACCESS SHARE MODE")
+        .unwrap();
+    let child = env
+        .binary("rebuild-read-model")
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut watch = env.read();
+    wait_until(
+        "the rebuild waiting in its switch",
+        Duration::from_secs(30),
+        || {
+            let waiting: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'cqrs-analytics-rebuild' AND wait_event_type = 'Lock'
+                   AND datname = current_database()",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    );
+    let result = then(child);
+    lock.rollback().unwrap();
+    result
+}
+
 /// A rebuild killed in the middle of its switch (held back by a reader's lock) leaves the
 /// live tables as they were; the next run succeeds.
 #[test]
 fn a_rebuild_killed_mid_switch_leaves_the_old_views() {
     let env = TestEnv::new();
-    let app = env.start(Role::All);
-    let products = crate::faults::seed_products(app.command());
-    orders(&app, &products, 20);
-    converge(&env);
-    // A marker the rebuild would erase.
-    env.read()
-        .batch_execute("UPDATE product_sales_view SET order_count = order_count + 1000")
-        .unwrap();
-    let mut reader = env.read();
-    let mut lock = reader.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE sync_status IN ACCESS SHARE MODE")
-        .unwrap();
-    let mut child = env
-        .binary("rebuild-read-model")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_the_switch(&env);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    lock.rollback().unwrap();
-    let marker: i64 = env
-        .read()
-        .query_one("SELECT min(order_count) FROM product_sales_view", &[])
-        .unwrap()
-        .get(0);
+    let (app, products) = marked_read_model(&env, 20);
+    with_a_rebuild_held_in_its_switch(&env, std::process::Stdio::null(), |mut child| {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    });
+    let marker = marker(&env);
     assert!(
         marker >= 1000,
         "the old views must stay: min order_count {marker}"
@@ -555,59 +594,22 @@ fn a_rebuild_killed_mid_switch_leaves_the_old_views() {
     assert_read_model_is_exact(&env);
 }
 
-/// Waits until a rebuild-read-model waits for a lock in its switch.
-fn wait_for_the_switch(env: &TestEnv) {
-    let mut watch = env.read();
-    wait_until(
-        "the rebuild waiting in its switch",
-        Duration::from_secs(30),
-        || {
-            let waiting: i64 = watch
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = 'cqrs-analytics-rebuild' AND wait_event_type = 'Lock'
-                   AND datname = current_database()",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            (waiting > 0).then_some(())
-        },
-    );
-}
-
 /// SIGTERM or SIGINT (Ctrl-C) before the switch: the rebuild says it stopped, drops its
 /// copy and exits 1; the live read model is the one it had. It used to die of the signal
 /// (exit 143 or 130) without a word, its copy left for the next run.
 #[test]
 fn a_rebuild_stopped_by_a_signal_says_so_drops_its_copy_and_changes_nothing() {
     let env = TestEnv::new();
-    let app = env.start(Role::All);
-    let products = crate::faults::seed_products(app.command());
-    orders(&app, &products, 10);
-    converge(&env);
-    // A marker the rebuild would erase.
-    env.read()
-        .batch_execute("UPDATE product_sales_view SET order_count = order_count + 1000")
-        .unwrap();
+    let _app = marked_read_model(&env, 10);
     for signal in ["-TERM", "-INT"] {
-        let mut reader = env.read();
-        let mut lock = reader.transaction().unwrap();
-        lock.batch_execute("LOCK TABLE sync_status IN ACCESS SHARE MODE")
-            .unwrap();
-        let child = env
-            .binary("rebuild-read-model")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_the_switch(&env);
-        let status = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let out = child.wait_with_output().unwrap();
-        lock.rollback().unwrap();
+        let out = with_a_rebuild_held_in_its_switch(&env, std::process::Stdio::piped(), |child| {
+            let status = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            child.wait_with_output().unwrap()
+        });
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "kill {signal}: {stderr}");
         assert!(
@@ -615,19 +617,19 @@ fn a_rebuild_stopped_by_a_signal_says_so_drops_its_copy_and_changes_nothing() {
                 && stderr.contains("the read model was not changed"),
             "kill {signal}: {stderr}"
         );
-        let (marker, copies): (i64, i64) = {
-            let row = env
-                .read()
-                .query_one(
-                    "SELECT (SELECT min(order_count) FROM product_sales_view),
-                            (SELECT count(*) FROM pg_namespace
-                             WHERE nspname IN ('rebuild_shadow', 'rebuild_retired'))",
-                    &[],
-                )
-                .unwrap();
-            (row.get(0), row.get(1))
-        };
-        assert!(marker >= 1000, "kill {signal}: the old views must stay");
+        let copies: i64 = env
+            .read()
+            .query_one(
+                "SELECT count(*) FROM pg_namespace
+                 WHERE nspname IN ('rebuild_shadow', 'rebuild_retired')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(
+            marker(&env) >= 1000,
+            "kill {signal}: the old views must stay"
+        );
         assert_eq!(copies, 0, "kill {signal}: the copy must be dropped");
     }
     let (code, stderr) = rebuild(&env);
