@@ -105,6 +105,11 @@ impl Running {
         let service = Supervised {
             inner: service,
             supervision: self.supervision.clone(),
+            roles: match name {
+                "command-service" => &["publisher"],
+                "consumer-service" => &["consumer"],
+                _ => &[],
+            },
         };
         let server = HttpServer::start(name, addr, limits, Arc::new(service))?;
         let addr = server.addr;

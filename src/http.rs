@@ -166,11 +166,13 @@ impl HttpMetrics {
                 "http_requests_total{{service=\"{service}\",route=\"{route}\",status=\"{status}\"}} {count}"
             );
         }
-        out.push_str("# TYPE http_request_duration_seconds_sum counter\n");
-        for ((route, status), (_, sum)) in map.iter() {
+        // A summary without quantiles: the time spent, and the requests it was spent on.
+        out.push_str("# TYPE http_request_duration_seconds summary\n");
+        for ((route, status), (count, sum)) in map.iter() {
+            let labels = format!("service=\"{service}\",route=\"{route}\",status=\"{status}\"");
             let _ = writeln!(
                 out,
-                "http_request_duration_seconds_sum{{service=\"{service}\",route=\"{route}\",status=\"{status}\"}} {sum:.6}"
+                "http_request_duration_seconds_sum{{{labels}}} {sum:.6}\nhttp_request_duration_seconds_count{{{labels}}} {count}"
             );
         }
     }
@@ -452,7 +454,7 @@ fn dispatch<S: Service>(
                 let mut out = String::with_capacity(4096);
                 metrics.render(name, server, &mut out);
                 service.metrics(&mut out);
-                Response::text(200, out)
+                Response::text(200, crate::metrics::exposition(&out))
             }),
         ),
         "/openapi.json" => (

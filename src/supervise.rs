@@ -83,12 +83,12 @@ impl Supervision {
             .collect()
     }
 
-    /// `thread_restarts_total{role=...}` for every supervised role.
-    pub fn render(&self, out: &mut String) {
+    /// `thread_restarts_total{role=...}` for the supervised roles among `only`.
+    pub fn render(&self, out: &mut String, only: &[&str]) {
         use std::fmt::Write;
         let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
         out.push_str("# TYPE thread_restarts_total counter\n");
-        for (role, state) in roles.iter() {
+        for (role, state) in roles.iter().filter(|(role, _)| only.contains(role)) {
             let _ = writeln!(
                 out,
                 "thread_restarts_total{{role=\"{role}\"}} {}",
@@ -125,6 +125,10 @@ impl Supervision {
 pub struct Supervised<S> {
     pub inner: S,
     pub supervision: Arc<Supervision>,
+    /// The roles whose threads this service runs, for its /metrics: in `all`, each port
+    /// shows its own (the same process-wide counts on the three ports added up to three
+    /// times the restarts).
+    pub roles: &'static [&'static str],
 }
 
 impl<S: Service> Service for Supervised<S> {
@@ -147,7 +151,7 @@ impl<S: Service> Service for Supervised<S> {
 
     fn metrics(&self, out: &mut String) {
         self.inner.metrics(out);
-        self.supervision.render(out);
+        self.supervision.render(out, self.roles);
     }
 }
 

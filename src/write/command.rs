@@ -256,8 +256,10 @@ impl CommandService {
         record: Option<&IdempotencyRecord>,
     ) -> Result<Response> {
         let g = record.ok_or_else(|| Error::internal("replay without a key"))?;
-        replay(conn, &g.key, &g.request, self.ttl())?
-            .ok_or_else(|| Error::unavailable("idempotency key race; retry"))
+        let response = replay(conn, &g.key, &g.request, self.ttl())?
+            .ok_or_else(|| Error::unavailable("idempotency key race; retry"))?;
+        self.metrics.idempotent_replays.inc();
+        Ok(response)
     }
 
     fn ttl(&self) -> f64 {
@@ -305,7 +307,10 @@ impl CommandService {
                 let stored: Option<String> = row.get(6);
                 let stored =
                     stored.ok_or_else(|| Error::unavailable("idempotency key race; retry"))?;
-                recorded_response(&stored, request.unwrap_or(""), row.get(7), row.get(8))
+                let response =
+                    recorded_response(&stored, request.unwrap_or(""), row.get(7), row.get(8))?;
+                self.metrics.idempotent_replays.inc();
+                Ok(response)
             }
             _ => Err(self.order_rejected(&row, &order)),
         }

@@ -13,6 +13,7 @@ mod failover;
 mod faults;
 mod hostile;
 mod lists;
+mod metrics;
 mod operations;
 mod panics;
 mod partition;

@@ -148,7 +148,11 @@ fn panicking_publisher_and_consumer_threads_are_restarted_and_health_says_so() {
     // Every injected panic happens (/health is 200 between two windows, while a restarted
     // thread connects, so health alone does not say the panics are over), then health is
     // back, and no thread restarted more often than it panicked.
-    let restarts = |role: &str| counter(a, &format!("thread_restarts_total{{role=\"{role}\"}}"));
+    // Each role on its own service's port.
+    let restarts = |role: &str| {
+        let port = if role == "publisher" { a } else { c };
+        counter(port, &format!("thread_restarts_total{{role=\"{role}\"}}"))
+    };
     for role in ["publisher", "consumer"] {
         wait_until(
             &format!("{role} to restart {panics} times"),

@@ -758,6 +758,15 @@ fn idempotent_retries_racing_for_the_last_unit_all_get_the_first_201() {
         (1, 2, 3, 0),
         "(orders, products, outbox rows, stock)"
     );
+    // Every answer but the first is a replay, also those that lost the race in the
+    // database rather than finding the key before it (those were not counted).
+    let counted = [
+        "orders_created_total",
+        "products_created_total",
+        "idempotent_replays_total",
+    ]
+    .map(|name| counter(a, name));
+    assert_eq!(counted, [1, 2, 14], "(orders, products, replays) counted");
 }
 
 #[test]
