@@ -382,12 +382,23 @@ impl Consumer<'_> {
         events: &[Event],
     ) -> Result<Option<Result<projection::BatchCounts>>> {
         let mut backoff = Backoff::new(DB_RETRY_INITIAL, self.config.db.retry_max);
+        // Events an attempt committed before its flush barrier failed: a later attempt
+        // finds them applied, and they count as applied, not as duplicates.
+        let mut committed = 0;
         loop {
             let result = self
                 .pool
                 .get()
                 .map_err(Error::from)
-                .and_then(|mut conn| projection::apply_batch(&mut conn, events));
+                .and_then(|mut conn| {
+                    projection::apply_batch_noting(&mut conn, events, &mut committed)
+                })
+                .map(|mut counts| {
+                    let moved = committed.min(counts.duplicates);
+                    counts.applied += moved;
+                    counts.duplicates -= moved;
+                    counts
+                });
             match result {
                 Err(e) if e.is_transient() => {
                     let wait = backoff.next_wait();

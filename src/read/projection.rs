@@ -154,7 +154,19 @@ pub struct BatchCounts {
 /// `setval` past `lock_timeout`) leaves the transaction open and aborted, and every later
 /// batch on that connection would fail with 25P02, a permanent error, and be dead-lettered.
 pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
-    let result = apply(conn, events);
+    apply_batch_noting(conn, events, &mut 0)
+}
+
+/// [`apply_batch`], adding to `committed` the events it applied and committed before it
+/// failed (its flush barrier failed after the commit): applied again, they are found
+/// applied, and the caller counts them as applied, not as duplicates. (The long way's
+/// `COMMIT` and barrier fail as one round trip, so there it cannot tell, and adds nothing.)
+pub fn apply_batch_noting(
+    conn: &mut Conn,
+    events: &[Event],
+    committed: &mut usize,
+) -> Result<BatchCounts> {
+    let result = apply(conn, events, committed);
     if result.is_err() {
         // Outside a transaction a ROLLBACK only warns; a lost connection fails here too,
         // and the pool discards it.
@@ -163,10 +175,13 @@ pub fn apply_batch(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
     result
 }
 
-fn apply(conn: &mut Conn, events: &[Event]) -> Result<BatchCounts> {
+fn apply(conn: &mut Conn, events: &[Event], committed: &mut usize) -> Result<BatchCounts> {
     let batch = Batch::new(events);
     if let Some(counts) = apply_at_once(conn, &batch)? {
-        conn.client.batch_execute(FLUSH_BARRIER)?;
+        if let Err(e) = conn.client.batch_execute(FLUSH_BARRIER) {
+            *committed += counts.applied;
+            return Err(e.into());
+        }
         return Ok(counts);
     }
     let statements = Statements::prepare(conn)?;

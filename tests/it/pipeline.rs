@@ -740,6 +740,18 @@ fn a_failed_flush_barrier_leaves_no_aborted_transaction_behind() {
         failures, 0,
         "events failed for a reason that was not theirs"
     );
+    // A batch whose barrier failed had committed: applied again, it is found applied. Its
+    // events count as applied (once), not as duplicates.
+    let counted = [
+        "consumer_events_applied_total",
+        "consumer_duplicates_dropped_total",
+    ]
+    .map(|name| counter(app.consumer(), name));
+    assert_eq!(
+        counted,
+        [11, 0],
+        "(applied, duplicates) for 1 product and 10 orders"
+    );
 }
 
 /// sync-status never says all is applied while an event is not: after each burst of
