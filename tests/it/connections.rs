@@ -266,3 +266,50 @@ fn pipelined_requests_are_answered_in_order() {
         }
     }
 }
+
+/// Out of file descriptors, the server drops the connections it cannot take and goes on
+/// listening. The accept thread unwrapped the socket's clone: when `accept` got the last
+/// descriptor and the clone found none (EMFILE), it panicked and the port closed for good
+/// while the process lived on. A connection takes two descriptors, so whether `accept` or
+/// the clone runs out depends on the parity of those already open: both limits are tried.
+#[test]
+fn running_out_of_file_descriptors_does_not_stop_the_listener() {
+    let env = TestEnv::new();
+    for limit in [200, 201] {
+        let mut cmd = env.binary("command-service");
+        cmd.env("COMMAND_SERVICE_PORT", "0");
+        let mut service = ChildService::spawn(
+            &mut cmd,
+            "command-service",
+            &format!("emfile-{limit}-{}", env.id),
+        );
+        let pid = service.child.id().to_string();
+        let nofile = format!("--nofile={limit}:{limit}");
+        let status = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &nofile])
+            .status()
+            .expect("prlimit (util-linux)");
+        assert!(status.success());
+        let flood: Vec<TcpStream> = (0..300)
+            .filter_map(|_| TcpStream::connect_timeout(&service.addr, Duration::from_secs(2)).ok())
+            .collect();
+        thread::sleep(Duration::from_millis(500));
+        drop(flood);
+        let answered = wait_until(
+            "the server to answer again once the descriptors are free",
+            Duration::from_secs(20),
+            || {
+                TcpStream::connect_timeout(&service.addr, Duration::from_secs(1))
+                    .ok()
+                    .and_then(|_| try_request(service.addr, "GET", "/health", &[], b"").ok())
+                    .filter(|r| r.status == 200)
+            },
+        );
+        assert_eq!(answered.status, 200);
+        // (The postgres crate may panic too, building a connection's runtime without a
+        // descriptor, in a pool worker that r2d2 replaces: not the listener.)
+        let log = service.log();
+        assert!(!log.contains("refined_tcp_stream"), "limit {limit}:\n{log}");
+        service.terminate(Duration::from_secs(20));
+    }
+}

@@ -396,7 +396,9 @@ impl Server {
                     }
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
+                        // PATCHED: a failed clone of the socket (no file descriptor
+                        // left) drops this connection, as a failed accept would.
+                        let pair = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -412,8 +414,9 @@ impl Server {
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
                         };
-
-                        Ok(ClientConnection::new(write_closable, read_closable, &limits))
+                        pair.map(|(read_closable, write_closable)| {
+                            ClientConnection::new(write_closable, read_closable, &limits)
+                        })
                     }
                     Err(e) => Err(e),
                 };
