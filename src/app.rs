@@ -270,6 +270,11 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         .with_retention(config.retention.idempotency_key_ttl, retention_metrics);
     if config.outbox_publishers > 0 {
         service = service.with_broker_link(link, config.broker_down_grace);
+    } else {
+        log::warn!(
+            "OUTBOX_PUBLISHERS=0: this instance publishes nothing; orders and products stay \
+             in the outbox until an instance with publishers runs"
+        );
     }
     running.serve(
         config,

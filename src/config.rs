@@ -222,7 +222,8 @@ impl Config {
         Config::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Reads configuration through `lookup`; unset or empty variables take their defaults.
+    /// Reads configuration through `lookup`; unset variables take their defaults, empty ones
+    /// are refused.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let v = Values(&lookup);
         let config = Config {
@@ -292,6 +293,14 @@ impl Config {
             return Err(Error::config(format!(
                 "CONSUMER_BATCH_SIZE ({}) must not exceed CONSUMER_PREFETCH ({})",
                 self.consumer_batch_size_max, self.consumer_prefetch
+            )));
+        }
+        if self.consumer_batch_wait >= self.consumer_stall {
+            return Err(Error::config(format!(
+                "CONSUMER_BATCH_WAIT_MS ({} ms) must be below CONSUMER_STALL_SECS ({} s): a \
+                 consumer filling its batch would be reported stalled",
+                self.consumer_batch_wait.as_millis(),
+                self.consumer_stall.as_secs()
             )));
         }
         check_broker_names(&self.broker)?;
@@ -377,22 +386,27 @@ fn same_database(a: &postgres::Config, b: &postgres::Config) -> bool {
 struct Values<'a>(&'a dyn Fn(&str) -> Option<String>);
 
 impl Values<'_> {
-    /// The value of `name` (trimmed; unset or empty means the default) and its table entry.
-    fn get(&self, name: &str) -> (String, &'static Variable) {
+    /// The value of `name` (trimmed; unset means the default) and its table entry. Set but
+    /// empty is refused: it used to mean the default too, so `DATABASE_URL=` (a value lost
+    /// on its way) made `migrate` create and migrate a database `write_db` on localhost.
+    fn get(&self, name: &str) -> Result<(String, &'static Variable)> {
         let var = VARIABLES
             .iter()
             .find(|v| v.name == name)
             .unwrap_or_else(|| panic!("{name} is read but not listed in VARIABLES"));
-        let value = match (self.0)(name) {
-            Some(v) if !v.trim().is_empty() => v.trim().to_string(),
-            _ => var.default.to_string(),
-        };
-        (value, var)
+        match (self.0)(name) {
+            Some(v) if v.trim().is_empty() => Err(Error::config(format!(
+                "{name} is set but empty; unset it for the default ({:?})",
+                var.default
+            ))),
+            Some(v) => Ok((v.trim().to_string(), var)),
+            None => Ok((var.default.to_string(), var)),
+        }
     }
 
     /// An integer within the variable's range, in the field's type.
     fn int<T: TryFrom<u64>>(&self, name: &str) -> Result<T> {
-        let (value, var) = self.get(name);
+        let (value, var) = self.get(name)?;
         match value.parse::<u64>() {
             Ok(n) if (var.min..=var.max).contains(&n) => T::try_from(n)
                 .map_err(|_| Error::config(format!("{name} is out of range: {value:?}"))),
@@ -420,14 +434,14 @@ impl Values<'_> {
             return Err(Error::config(format!(
                 "{name} must be 0 (keep forever) or at least {DEDUP_WINDOW_MIN_SECS}: a \
                  duplicate delivered after the deduplication window is applied again, got {:?}",
-                self.get(name).0
+                self.get(name)?.0
             )));
         }
         Ok(window)
     }
 
     fn bool(&self, name: &str) -> Result<bool> {
-        let (value, _) = self.get(name);
+        let (value, _) = self.get(name)?;
         match value.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(true),
             "false" | "0" | "no" | "off" => Ok(false),
@@ -438,14 +452,14 @@ impl Values<'_> {
     }
 
     fn ip(&self, name: &str) -> Result<IpAddr> {
-        let (value, _) = self.get(name);
+        let (value, _) = self.get(name)?;
         value
             .parse()
             .map_err(|_| Error::config(format!("{name} must be an IP address, got {value:?}")))
     }
 
     fn postgres(&self, name: &str) -> Result<postgres::Config> {
-        let (value, _) = self.get(name);
+        let (value, _) = self.get(name)?;
         if !value.starts_with("postgres://") && !value.starts_with("postgresql://") {
             return Err(Error::config(format!(
                 "{name} must start with postgres:// or postgresql://, got {:?}",
@@ -463,6 +477,8 @@ impl Values<'_> {
         let no_host = |h: &postgres::config::Host| matches!(h, postgres::config::Host::Tcp(h) if h.is_empty());
         let problem = if config.get_hosts().is_empty() || config.get_hosts().iter().any(no_host) {
             Some("names no host")
+        } else if config.get_ports().contains(&0) {
+            Some("names port 0")
         } else if config.get_dbname().is_none_or(str::is_empty) {
             Some("names no database")
         } else if config.get_ssl_mode() == postgres::config::SslMode::Require {
@@ -480,7 +496,7 @@ impl Values<'_> {
     }
 
     fn amqp(&self, name: &str) -> Result<Vec<AmqpTarget>> {
-        let (value, _) = self.get(name);
+        let (value, _) = self.get(name)?;
         if !value.starts_with("amqp://") {
             return Err(Error::config(format!(
                 "{name} must start with amqp://, got {:?}",
@@ -491,7 +507,7 @@ impl Values<'_> {
     }
 
     fn broker_name(&self, name: &str) -> Result<String> {
-        let (value, _) = self.get(name);
+        let (value, _) = self.get(name)?;
         if value.len() > 255 || value.chars().any(|c| c.is_control()) {
             return Err(Error::config(format!(
                 "{name} must be a broker name of at most 255 characters"
@@ -501,7 +517,7 @@ impl Values<'_> {
     }
 
     fn queue_type(&self, name: &str) -> Result<QueueType> {
-        match self.get(name).0.as_str() {
+        match self.get(name)?.0.as_str() {
             "classic" => Ok(QueueType::Classic),
             "quorum" => Ok(QueueType::Quorum),
             other => Err(Error::config(format!(
@@ -590,6 +606,11 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
             None => (hostport.to_string(), ""),
         },
     };
+    // `amqp://user@:5672/` used to mean localhost; `amqp://` alone still does (the URI
+    // spec's defaults), an empty host before a port is a host lost on its way.
+    if host.is_empty() && !port.is_empty() {
+        return Err(bad("no host before the port"));
+    }
     let mut target = AmqpTarget {
         host: if host.is_empty() {
             "localhost".into()
@@ -599,7 +620,10 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
         port: if port.is_empty() {
             5672
         } else {
-            port.parse().map_err(|_| bad("bad port"))?
+            match port.parse() {
+                Ok(0) | Err(_) => return Err(bad("bad port")),
+                Ok(p) => p,
+            }
         },
         username,
         password,
@@ -735,6 +759,36 @@ mod tests {
         })
     }
 
+    /// Found by an audit: each was accepted, and did what the message now refuses.
+    #[test]
+    fn empty_values_and_a_batch_wait_longer_than_a_stall_are_refused() {
+        for (pairs, says) in [
+            (&[("DATABASE_URL", "")][..], "DATABASE_URL is set but empty"),
+            (
+                &[("CONSUMER_PREFETCH", "  ")][..],
+                "CONSUMER_PREFETCH is set but empty",
+            ),
+            (
+                &[
+                    ("CONSUMER_BATCH_WAIT_MS", "1000"),
+                    ("CONSUMER_STALL_SECS", "1"),
+                ][..],
+                "must be below CONSUMER_STALL_SECS",
+            ),
+        ] {
+            let e = with(pairs).unwrap_err();
+            assert!(
+                e.is_config() && e.message().contains(says),
+                "{pairs:?}: {e}"
+            );
+        }
+        assert!(with(&[
+            ("CONSUMER_BATCH_WAIT_MS", "999"),
+            ("CONSUMER_STALL_SECS", "1")
+        ])
+        .is_ok());
+    }
+
     #[test]
     fn urls_that_can_never_work_are_refused_at_once() {
         for (var, value, says) in [
@@ -763,6 +817,9 @@ mod tests {
             ("BROKER_URL", "amqp://g:g@h/%2f,http://x", "vhost"),
             ("BROKER_URL", "amqp://g:g@h/%2f/extra", "vhost"),
             ("BROKER_URL", "amqp://g:g@h/%2f#frag", "vhost"),
+            ("DATABASE_URL", "postgresql://postgres@h:0/w", "port 0"),
+            ("BROKER_URL", "amqp://g:g@h:0/%2f", "bad port"),
+            ("BROKER_URL", "amqp://g:g@:5672/%2f", "no host"),
         ] {
             let e = with(&[(var, value)]).unwrap_err();
             assert!(

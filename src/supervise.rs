@@ -28,7 +28,10 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// A first wait above `max` is `max` (`BROKER_RECONNECT_MAX_MS` may be below the
+    /// fixed first wait of 100 ms: the waits went 100 ms, then 10 ms).
     pub fn new(initial: Duration, max: Duration) -> Backoff {
+        let initial = initial.min(max);
         Backoff {
             initial,
             max,
@@ -273,6 +276,14 @@ impl Repeats {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_first_wait_above_the_cap_is_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(10));
+        let waits: Vec<u128> = (0..3).map(|_| b.next_wait().as_millis()).collect();
+        assert_eq!(waits, [10, 10, 10]);
+    }
+
     use super::*;
 
     #[test]

@@ -43,6 +43,37 @@ fn env_example_lists_every_variable_the_binary_reads() {
     }
 }
 
+/// docker compose passes every tuning variable on to the services, with the binary's own
+/// default: it set none of the retention windows, `CONSUMER_STALL_SECS` or
+/// `BROKER_DOWN_GRACE_SECS`, so a value in .env was silently ignored under compose.
+#[test]
+fn compose_passes_every_tuning_variable_with_the_binarys_default() {
+    let compose =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+            .unwrap();
+    // Set by the compose file itself (hosts, roles, ports, migrations by the migrate job).
+    let fixed = [
+        "DATABASE_URL",
+        "READ_DATABASE_URL",
+        "BROKER_URL",
+        "HTTP_BIND_ADDR",
+        "COMMAND_SERVICE_PORT",
+        "QUERY_SERVICE_PORT",
+        "CONSUMER_SERVICE_PORT",
+        "MIGRATE_ON_START",
+    ];
+    let wrong: Vec<String> = VARIABLES
+        .iter()
+        .filter(|v| !fixed.contains(&v.name))
+        .filter(|v| {
+            let line = format!("{}: ${{{}:-{}}}", v.name, v.name, v.default);
+            !compose.lines().any(|l| l.trim() == line)
+        })
+        .map(|v| format!("{}: ${{{}:-{}}}", v.name, v.name, v.default))
+        .collect();
+    assert!(wrong.is_empty(), "docker-compose.yml lacks {wrong:#?}");
+}
+
 /// Every `.rs` file under `dir`, in subdirectories too (src/ also holds the dashboard's
 /// assets).
 fn rust_sources(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
