@@ -76,7 +76,8 @@ pub struct Endpoints {
     status: Arc<LinkStatus>,
 }
 
-/// An open connection that counts as "up" in its service's [`LinkStatus`] until dropped.
+/// An open connection; once its session has set up its channels ([`Link::in_use`]), it
+/// counts as "up" in its service's [`LinkStatus`] until dropped.
 pub struct Link {
     pub connection: Connection,
     /// `host:port` of the endpoint, for logs.
@@ -85,7 +86,8 @@ pub struct Link {
     /// calls wait for the broker's answer without a timeout, and closing a channel or the
     /// connection waits for the broker's close-ok.
     socket: TcpStream,
-    _up: LinkUp,
+    status: Arc<LinkStatus>,
+    up: Option<LinkUp>,
 }
 
 impl Link {
@@ -112,6 +114,16 @@ impl Link {
             )));
         }
         result
+    }
+
+    /// The session's channels are set up (topology declared, consuming or confirming): the
+    /// connection counts as up. A connection alone did not say enough: a broker refusing
+    /// the declares (`PRECONDITION_FAILED`, queues of another type) let sessions connect
+    /// and fail in a loop while `/health` said the broker was connected.
+    pub fn in_use(&mut self) {
+        if self.up.is_none() {
+            self.up = Some(LinkUp::new(self.status.clone()));
+        }
     }
 
     /// Cuts the connection without the closing handshake, so that dropping its channels
@@ -142,7 +154,8 @@ impl Endpoints {
             connection,
             endpoint,
             socket,
-            _up: LinkUp::new(self.status.clone()),
+            status: self.status.clone(),
+            up: None,
         })
     }
 }

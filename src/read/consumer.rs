@@ -200,6 +200,7 @@ impl Consumer<'_> {
             let orders = consume(Source::Orders, config.broker.order_queue.as_str())?;
             Ok((products, orders))
         })?;
+        link.in_use();
         info!("consumer consuming from {}", link.endpoint);
         let _connected = ConnectedGuard::new(&self.metrics.connected);
         let (prx, orx) = (products.receiver(), orders.receiver());

@@ -242,6 +242,7 @@ impl<'a> Publisher<'a> {
             "opening the publisher's channel",
             |connection| Publisher::new(config, connection.open_channel(None)?, metrics),
         )?;
+        link.in_use();
         info!("outbox publisher publishing to {}", link.endpoint);
         let mut claim = true;
         let mut publish = || loop {

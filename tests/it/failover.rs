@@ -56,11 +56,12 @@ fn a_dead_first_endpoint_is_skipped() {
     let status = Arc::new(LinkStatus::new());
     let mut endpoints = Endpoints::new(&config, status.clone());
     for _ in 0..4 {
-        let link = endpoints
+        let mut link = endpoints
             .connect(&config)
             .expect("the live endpoint answers");
         assert_eq!(link.endpoint, live);
-        assert_eq!(status.down_for(), Duration::ZERO, "a connection is open");
+        link.in_use();
+        assert_eq!(status.down_for(), Duration::ZERO, "a connection is in use");
     }
     assert!(
         status.down_for() > Duration::ZERO,
@@ -173,6 +174,54 @@ fn health_reports_a_broker_lost_for_longer_than_the_grace_period() {
     );
     let product = create_product(app.command(), "Chair", "Office", 40.0, 10);
     order(app.command(), product, 1);
+}
+
+/// A broker that accepts the connection but refuses the declares (here a queue of that name
+/// was declared with other arguments, as by a build with another `BROKER_QUEUE_TYPE`):
+/// sessions connect and fail in a loop, and `/health` says the broker is not usable. It
+/// said `brokerConnected: true` (and the consumer service 200) for as long as it lasted:
+/// a connection counted as up before its session had set up its channels.
+#[test]
+fn health_reports_a_broker_that_refuses_the_declares() {
+    let env = TestEnv::new();
+    {
+        // The harness declared the test's topology: the order queue is declared again
+        // without its dead-letter arguments.
+        let (conn, ch) = env.amqp();
+        ch.queue_delete(env.broker.order_queue.as_str(), Default::default())
+            .unwrap();
+        ch.queue_declare(
+            env.broker.order_queue.as_str(),
+            amiquip::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        drop(conn.close());
+    }
+    let app = env.start_with(Role::All, |c| {
+        c.broker_down_grace = Duration::from_secs(1);
+    });
+    let (consumer_body, command_body) = wait_until(
+        "/health to say the broker cannot be used",
+        Duration::from_secs(20),
+        || {
+            let (command, body) = health(app.command());
+            let (consumer, consumer_body) = health(app.consumer());
+            (command == 200 && body["brokerConnected"] == json!(false) && consumer == 503)
+                .then_some((consumer_body, body))
+        },
+    );
+    assert_eq!(
+        consumer_body["brokerConnected"],
+        json!(false),
+        "{consumer_body}"
+    );
+    assert_eq!(command_body["status"], json!("healthy"), "{command_body}");
+    // Orders are still accepted; they wait in the outbox.
+    let product = create_product(app.command(), "Lamp", "Office", 20.0, 10);
+    assert!(product > 0);
 }
 
 /// Orders placed from now on, every one applied: how long until the read model has them.
