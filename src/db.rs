@@ -543,7 +543,10 @@ pub fn migrate(
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])?;
     let result = apply_pending(&mut client, migrations);
     let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]);
-    let applied = result?;
+    let applied = result.map_err(|e| match e.is_config() {
+        true => Error::config(format!("{database}: {}", e.message())),
+        false => e,
+    })?;
     let version: Option<i32> = client
         .query_one("SELECT max(version) FROM schema_migrations", &[])?
         .get(0);
@@ -593,6 +596,25 @@ fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<Vec<i3
             name TEXT NOT NULL,
             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     )?;
+    // The first migration names the model (write_schema, read_schema): a database whose
+    // ledger starts with the other one is the other model's. `check_together` refuses two
+    // URLs naming one database only when they spell it alike; under two names of one
+    // server (a host alias), read migrations were applied to the write database.
+    if let Some(first) = migrations.first() {
+        let recorded: Option<String> = client
+            .query_opt(
+                "SELECT name FROM schema_migrations WHERE version = $1",
+                &[&first.version],
+            )?
+            .map(|r| r.get(0));
+        if let Some(other) = recorded.filter(|name| name != first.name) {
+            return Err(Error::config(format!(
+                "this database holds the other model ({other}, not {}): do DATABASE_URL and \
+                 READ_DATABASE_URL name one database under two host names?",
+                first.name
+            )));
+        }
+    }
     for m in migrations {
         let done = client
             .query_opt(

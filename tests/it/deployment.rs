@@ -440,3 +440,41 @@ fn compose_file_keeps_infrastructure_on_loopback_and_builds_one_image() {
     let merges = lines.iter().filter(|l| **l == "<<: *app").count();
     assert_eq!(merges, 4, "four app services merge the anchor");
 }
+
+/// One database under two host names (`127.0.0.1` and `127.1`) passes the check that the
+/// write and read databases differ, which compares the URLs. `migrate` then applied the
+/// read model's migrations to the write database; now the ledger's first migration says
+/// which model a database holds, and the other one is refused (exit 2), nothing applied.
+#[test]
+fn migrate_refuses_a_database_that_holds_the_other_model() {
+    let env = crate::harness::TestEnv::new();
+    let write = env.write_url();
+    assert!(
+        write.contains("@127.0.0.1:"),
+        "the test needs a 127.0.0.1 URL: {write}"
+    );
+    let alias = write.replace("@127.0.0.1:", "@127.1:");
+    let out = env
+        .binary("migrate")
+        .env("READ_DATABASE_URL", &alias)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("holds the other model"), "{stderr}");
+    let names: Vec<String> = env
+        .write()
+        .query("SELECT name FROM schema_migrations", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let write_names: Vec<&str> = cqrs_analytics::db::WRITE_MIGRATIONS
+        .iter()
+        .map(|m| m.name)
+        .collect();
+    assert!(
+        names.iter().all(|n| write_names.contains(&n.as_str())),
+        "read migrations recorded in the write database: {names:?}"
+    );
+}
