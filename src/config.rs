@@ -64,7 +64,7 @@ pub const VARIABLES: &[Variable] = &[
     int("READ_POOL_SIZE", "8", 1, 1024),
     int("DB_POOL_TIMEOUT_MS", "2000", 1, 600_000),
     int("DB_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
-    int("DB_STATEMENT_TIMEOUT_MS", "5000", 1, 3_600_000),
+    int("DB_STATEMENT_TIMEOUT_MS", "5000", 100, 3_600_000),
     int("DB_LOCK_TIMEOUT_MS", "2000", 1, 3_600_000),
     int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "15000", 1, 3_600_000),
     int("DB_RETRY_MAX_MS", "5000", 10, 600_000),
@@ -787,6 +787,9 @@ mod tests {
             ("CONSUMER_STALL_SECS", "1")
         ])
         .is_ok());
+        // A statement timeout no write fits in (1 ms was accepted; /health stayed 200).
+        let e = with(&[("DB_STATEMENT_TIMEOUT_MS", "99")]).unwrap_err();
+        assert!(e.message().contains("from 100"), "{e}");
     }
 
     #[test]
