@@ -91,7 +91,8 @@ impl Running {
     }
 
     /// Starts an HTTP server for `service` on `port` of the bind address; it is stopped
-    /// first, in `stop`.
+    /// first, in `stop`. `roles`: the supervised threads the service runs, whose restarts
+    /// its /metrics shows.
     fn serve<S: Service>(
         &mut self,
         config: &Config,
@@ -99,17 +100,14 @@ impl Running {
         port: u16,
         workers: usize,
         service: S,
+        roles: &'static [&'static str],
     ) -> Result<SocketAddr> {
         let addr = SocketAddr::new(config.http_bind_addr, port);
         let limits = Limits::from_config(config, workers);
         let service = Supervised {
             inner: service,
             supervision: self.supervision.clone(),
-            roles: match name {
-                "command-service" => &["publisher"],
-                "consumer-service" => &["consumer"],
-                _ => &[],
-            },
+            roles,
         };
         let server = HttpServer::start(name, addr, limits, Arc::new(service))?;
         let addr = server.addr;
@@ -282,6 +280,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         config.command_port,
         config.command_http_workers,
         service,
+        &["publisher"],
     )
 }
 
@@ -322,7 +321,8 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
         retention: retention_metrics,
         ..ConsumerHttp::new(pool, metrics, progress, config, link)
     };
-    running.serve(config, "consumer-service", config.consumer_port, 2, service)
+    let port = config.consumer_port;
+    running.serve(config, "consumer-service", port, 2, service, &["consumer"])
 }
 
 /// The read API (its write pool only reads the outbox, for sync status).
@@ -348,6 +348,7 @@ fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         config.query_port,
         config.query_http_workers,
         service,
+        &[],
     )
 }
 
