@@ -201,9 +201,9 @@ impl Drop for Held<'_> {
 /// shutdown. Written only on the interval, the row missed what an idle consumer took and
 /// applied between two writes: sync-status then said nothing was pending while those
 /// events were unapplied (1 of 20 bursts of a burst-then-poll check, once its stages were
-/// asked in order). Now the row trails that change by about one write (a fraction of a
-/// millisecond), which is the time an event can still go unseen: the broker stops counting
-/// a message as ready when it hands it to us.
+/// asked in order). Now the row trails that change by one write, and by up to
+/// `WRITE_SPACING` when the last write was that recent: the time an event can still go
+/// unseen, since the broker stops counting a message as ready when it hands it to us.
 pub fn start_reporter(pool: Pool, progress: Arc<Progress>, shutdown: &Shutdown) -> JoinHandle<()> {
     let shutdown = shutdown.clone();
     std::thread::Builder::new()
