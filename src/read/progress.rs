@@ -202,8 +202,9 @@ impl Drop for Held<'_> {
 /// applied between two writes: sync-status then said nothing was pending while those
 /// events were unapplied (1 of 20 bursts of a burst-then-poll check, once its stages were
 /// asked in order). Now the row trails that change by one write, and by up to
-/// `WRITE_SPACING` when the last write was that recent: the time an event can still go
-/// unseen, since the broker stops counting a message as ready when it hands it to us.
+/// `WRITE_SPACING` when the last write was that recent: the time an event is in no stage,
+/// since the broker stops counting a message as ready when it hands it to us. Sync-status
+/// finds such events by id (`QueryService::unseen`).
 pub fn start_reporter(pool: Pool, progress: Arc<Progress>, shutdown: &Shutdown) -> JoinHandle<()> {
     let shutdown = shutdown.clone();
     std::thread::Builder::new()
