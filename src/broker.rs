@@ -280,14 +280,7 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
     )?;
     let mut dlq_args = FieldTable::new();
     queue_type_arg(&mut dlq_args, names.queue_type);
-    channel.queue_declare(
-        names.dead_letter_queue.as_str(),
-        QueueDeclareOptions {
-            durable: true,
-            arguments: dlq_args,
-            ..Default::default()
-        },
-    )?;
+    declare_queue(channel, &names.dead_letter_queue, dlq_args, names)?;
     channel.queue_bind(
         names.dead_letter_queue.as_str(),
         names.dead_letter_exchange.as_str(),
@@ -304,14 +297,7 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
             AmqpValue::LongString(names.dead_letter_exchange.clone()),
         );
         queue_type_arg(&mut args, names.queue_type);
-        channel.queue_declare(
-            queue.as_str(),
-            QueueDeclareOptions {
-                durable: true,
-                arguments: args,
-                ..Default::default()
-            },
-        )?;
+        declare_queue(channel, queue, args, names)?;
         channel.queue_bind(
             queue.as_str(),
             names.exchange.as_str(),
@@ -320,6 +306,41 @@ pub fn declare_topology(channel: &Channel, names: &BrokerNames) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Declares a durable queue. A queue of that name declared with other arguments is refused
+/// by the broker (`PRECONDITION_FAILED`) on every attempt: the error says which queue and
+/// which variable, where it used to say only "broker error".
+fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+    names: &BrokerNames,
+) -> Result<()> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        arguments,
+        ..Default::default()
+    };
+    match channel.queue_declare(queue, options) {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+            Err(Error::unavailable(inequivalent_queue(queue, names.queue_type)).with_cause(e))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn inequivalent_queue(queue: &str, queue_type: QueueType) -> String {
+    let declared = match queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
+    format!(
+        "the broker refuses to declare queue {queue:?}: it exists with other arguments \
+         (another BROKER_QUEUE_TYPE than {declared}, or declared by something else); set \
+         BROKER_QUEUE_TYPE to the existing queues' type, or delete them once drained"
+    )
 }
 
 /// Runs `f` (calls on the connection whose socket is `socket`) and shuts the socket down if

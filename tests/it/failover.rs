@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::harness::{
     assert_converges, broker_host_port, broker_url, broker_url_via, counter, create_product,
-    free_port, get, post_json, wait_until, App, ProxyMode, TcpProxy, TestEnv,
+    free_port, get, post_json, wait_until, App, ChildService, ProxyMode, TcpProxy, TestEnv,
 };
 
 fn order(addr: std::net::SocketAddr, product: i64, customer: i64) {
@@ -222,6 +222,17 @@ fn health_reports_a_broker_that_refuses_the_declares() {
     // Orders are still accepted; they wait in the outbox.
     let product = create_product(app.command(), "Lamp", "Office", 20.0, 10);
     assert!(product > 0);
+    // The log names the queue and the variable (it said "broker error: ... PRECONDITION_FAILED").
+    let mut cmd = env.binary("command-service");
+    cmd.env("COMMAND_SERVICE_PORT", "0");
+    let child = ChildService::spawn(&mut cmd, "command-service", &format!("refused-{}", env.id));
+    let needle = format!(
+        "the broker refuses to declare queue {:?}: it exists with other arguments (another BROKER_QUEUE_TYPE than classic",
+        env.broker.order_queue
+    );
+    wait_until("the log to say why", Duration::from_secs(20), || {
+        child.log().contains(&needle).then_some(())
+    });
 }
 
 /// Orders placed from now on, every one applied: how long until the read model has them.
