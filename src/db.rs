@@ -427,6 +427,11 @@ pub const WRITE_MIGRATIONS: &[Migration] = &[
         name: "place_order_in_two_statements",
         sql: include_str!("../sql/write/008_place_order_in_two_statements.sql"),
     },
+    Migration {
+        version: 9,
+        name: "prune_outbox",
+        sql: include_str!("../sql/write/009_prune_outbox.sql"),
+    },
 ];
 
 pub const READ_MIGRATIONS: &[Migration] = &[
@@ -479,6 +484,11 @@ pub const READ_MIGRATIONS: &[Migration] = &[
         version: 12,
         name: "consumer_counts",
         sql: include_str!("../sql/read/012_consumer_counts.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "prune_processed_events",
+        sql: include_str!("../sql/read/013_prune_processed_events.sql"),
     },
 ];
 

@@ -404,33 +404,24 @@ FROM pg_stat_user_tables s WHERE s.relid = to_regclass($1)";
 /// seconds. The batch size is a literal (as in the outbox claim) so that the planner always
 /// sees the LIMIT it will run with.
 ///
-/// The outbox is walked in id order from the cursor up to `$3` (the first row that may still
-/// wait in the broker); the walk stops at the first row that is not expired yet (ids and
-/// creation times rise together), and deletes only published rows of the expired prefix: an
-/// unpublished row stays, whatever its age. It returns the rows
-/// removed, the rows examined and the last id examined.
+/// The outbox and `processed_events` are pruned by functions that run with their owner's
+/// rights (write migration 009, read migration 013), so that the services' roles hold no
+/// DELETE on them. The outbox is walked in id order from the cursor up to `$3` (the first
+/// row that may still wait in the broker); only published rows of the expired prefix go,
+/// whatever the age of an unpublished one. It returns the rows removed, the rows examined
+/// and the last id examined.
 ///
 /// The other tables are walked through the B-tree on their timestamp; the rows are deleted
 /// by `ctid`, and the newest timestamp deleted becomes the next cursor.
 fn delete_sql(table: Table, n: usize) -> String {
     match table {
-        Table::Outbox => format!(
-            "WITH head AS (
-                SELECT id, created_at, published_at FROM outbox WHERE id > $1 AND id < $3 ORDER BY id LIMIT {n}
-            ), expired AS (
-                SELECT id, published_at FROM head
-                WHERE id < coalesce(
-                    (SELECT min(id) FROM head WHERE created_at >= now() - make_interval(secs => $2)),
-                    9223372036854775807)
-            ), gone AS (
-                DELETE FROM outbox o USING expired e
-                WHERE o.id = e.id AND e.published_at IS NOT NULL
-                RETURNING o.id
-            )
-            SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM expired), (SELECT max(id) FROM expired)"
-        ),
+        Table::Outbox => {
+            format!("SELECT removed, examined, last_id FROM prune_outbox($1, $2, $3, {n})")
+        }
+        Table::ProcessedEvents => {
+            format!("SELECT removed, newest FROM prune_processed_events($1, $2, {n})")
+        }
         Table::IdempotencyKeys => by_time("idempotency_keys", "created_at", n),
-        Table::ProcessedEvents => by_time("processed_events", "processed_at", n),
         Table::EventFailures => by_time("event_failures", "updated_at", n),
     }
 }

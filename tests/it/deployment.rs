@@ -364,9 +364,35 @@ fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
                  ARRAY[NULL]::bigint[], 7, gen_random_uuid(), '2026-02-11T16:35:00.000Z', 'key', 'request')";
     let outcome: String = command.query_one(place, &[]).unwrap().get(0);
     assert_eq!(outcome, "ok");
+    // The outbox's rows go only through the pruner's function (write migration 009), which
+    // deletes published rows alone: command_app held DELETE on the outbox.
+    let before: i64 = owner
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .unwrap()
+        .get(0);
+    assert!(command.batch_execute("DELETE FROM outbox").is_err());
+    owner
+        .batch_execute(
+            "UPDATE outbox SET created_at = now() - interval '2 hours';
+             INSERT INTO outbox (topic, payload, created_at, published_at)
+             VALUES ('order-events', '{}', now() - interval '2 hours', now())",
+        )
+        .unwrap();
+    let prune = "SELECT removed FROM prune_outbox(0, 3600, 9223372036854775807, 100)";
+    let removed: i64 = command.query_one(prune, &[]).unwrap().get(0);
+    let after: i64 = owner
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (before, removed, after),
+        (1, 1, 1),
+        "the unpublished row stays"
+    );
     let mut query =
         postgres::Client::connect(&write.url("query_app", "write_db"), postgres::NoTls).unwrap();
     query.query_one("SELECT count(*) FROM outbox", &[]).unwrap();
+    assert!(query.query_one(prune, &[]).is_err());
     assert!(query.query_one(place, &[]).is_err());
     assert!(query
         .query_one("SELECT count(*) FROM products", &[])
@@ -376,6 +402,25 @@ fn role_scripts_keep_app_roles_out_of_the_maintenance_databases() {
     consumer
         .query_one("SELECT count(*) FROM processed_events", &[])
         .unwrap();
+    // processed_events likewise (read migration 013), keeping at least the last minute.
+    assert!(consumer
+        .batch_execute("DELETE FROM processed_events")
+        .is_err());
+    let mut read_owner =
+        postgres::Client::connect(&read.url("postgres", "read_db"), postgres::NoTls).unwrap();
+    read_owner
+        .batch_execute(
+            "INSERT INTO processed_events (event_id, event_type, event_timestamp, processed_at)
+             VALUES (gen_random_uuid(), 'OrderCreated', now(), now() - interval '2 minutes'),
+                    (gen_random_uuid(), 'OrderCreated', now(), now() - interval '30 seconds')",
+        )
+        .unwrap();
+    let prune = "SELECT removed FROM prune_processed_events('-infinity', 0, 100)";
+    let removed: i64 = consumer.query_one(prune, &[]).unwrap().get(0);
+    assert_eq!(removed, 1, "the last minute stays");
+    let mut query_read =
+        postgres::Client::connect(&read.url("query_app", "read_db"), postgres::NoTls).unwrap();
+    assert!(query_read.query_one(prune, &[]).is_err());
     // The flush barrier the consumer runs before every ack (read migration 010).
     consumer
         .batch_execute(cqrs_analytics::read::projection::FLUSH_BARRIER)
