@@ -14,6 +14,7 @@
 //! one, which is retried a bounded number of times and then dead-lettered.
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -398,6 +399,10 @@ impl Consumer<'_> {
                     let moved = committed.min(counts.duplicates);
                     counts.applied += moved;
                     counts.duplicates -= moved;
+                    if moved > 0 {
+                        // Only a batch applied whole commits before its barrier.
+                        counts.fresh = None;
+                    }
                     counts
                 });
             match result {
@@ -439,8 +444,16 @@ impl Consumer<'_> {
         self.progress.applied(self.thread);
         metrics.applied.add(counts.applied as u64);
         metrics.duplicates.add(counts.duplicates as u64);
+        // The end-to-end lag of each event applied, once: not of a duplicate (it observed
+        // redelivered events, whose lag can be hours, as if they had just arrived).
         let now = crate::event::now_millis();
+        let mut observed = HashSet::new();
         for e in events {
+            let id = e.event_id();
+            let fresh = counts.fresh.as_ref().is_none_or(|f| f.contains(&id));
+            if counts.applied == 0 || !fresh || (counts.duplicates > 0 && !observed.insert(id)) {
+                continue;
+            }
             let lag = (now - e.timestamp()).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
             metrics.end_to_end_seconds.observe(lag);
         }

@@ -130,11 +130,14 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<Delta> {
 
 /// What a batch did: events applied now, events dropped as already processed, and whether
 /// it left product or customer sums pending (another batch held the fold lock).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchCounts {
     pub applied: usize,
     pub duplicates: usize,
     pub left_pending: bool,
+    /// The ids applied, when some of the batch's were applied before (the long way); None
+    /// when every distinct event of the batch was.
+    pub fresh: Option<HashSet<Uuid>>,
 }
 
 /// Applies `events` in one read-DB transaction: records their ids, drops the ones already
@@ -244,6 +247,7 @@ fn apply_at_once(conn: &mut Conn, batch: &Batch) -> Result<Option<BatchCounts>> 
         applied: batch.unique.len(),
         duplicates: batch.events - batch.unique.len(),
         left_pending,
+        fresh: None,
     }))
 }
 
@@ -410,6 +414,7 @@ fn finish(
         applied,
         duplicates: batch.events - applied,
         left_pending: wrote_views && !claim.folder,
+        fresh: Some(fresh.clone()),
     })
 }
 
