@@ -158,6 +158,15 @@ impl HttpMetrics {
             server.connections_rejected(),
             self.panics.load(Ordering::Relaxed),
         );
+        // Requests tiny_http answered itself (malformed, timed out, ...): they never reach
+        // a route, so `http_requests_total` does not see them.
+        out.push_str("# TYPE http_requests_refused_total counter\n");
+        for (status, count) in server.requests_refused() {
+            let _ = writeln!(
+                out,
+                "http_requests_refused_total{{service=\"{service}\",status=\"{status}\"}} {count}"
+            );
+        }
         let map = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
         out.push_str("# TYPE http_requests_total counter\n");
         for ((route, status), (count, _)) in map.iter() {

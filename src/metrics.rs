@@ -157,6 +157,10 @@ const HELP: &[(&str, &str)] = &[
         "HTTP requests answered, by route and status",
     ),
     (
+        "http_requests_refused_total",
+        "HTTP requests answered before routing (malformed, too large, timed out, unsupported), by status",
+    ),
+    (
         "http_request_duration_seconds",
         "Time spent answering HTTP requests, by route and status",
     ),

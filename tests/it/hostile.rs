@@ -839,6 +839,45 @@ fn http2_gets_505_and_leaves_no_connection_behind() {
     healthy(a);
 }
 
+/// Requests tiny_http answers itself, before any route sees them, are counted by status in
+/// `http_requests_refused_total`; they were in no counter.
+#[test]
+fn requests_refused_before_routing_are_counted() {
+    let env = TestEnv::new();
+    let app = env.start_with(Role::Command, |c| {
+        c.http_head_timeout = Duration::from_millis(300);
+    });
+    let a = app.command();
+    let refused = |status: u16| {
+        metric(
+            a,
+            &format!("http_requests_refused_total{{service=\"command-service\",status=\"{status}\"}}"),
+        )
+    };
+    let t = Duration::from_secs(5);
+    for (request, status) in [
+        (&b"NONSENSE\r\n\r\n"[..], 400),
+        (&b"GET /health HTTP/2.0\r\nHost: test\r\n\r\n"[..], 505),
+        (&b"GET /health HTTP/1.1\r\nHost: te"[..], 408),
+        (
+            &b"POST /api/products HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            501,
+        ),
+    ] {
+        let before = refused(status);
+        assert_status(
+            &raw(a, request, t),
+            status,
+            &String::from_utf8_lossy(request),
+        );
+        assert_eq!(refused(status), before + 1.0, "{status}");
+    }
+    let routed = metric(a, "http_requests_total");
+    assert_status(&raw(a, b"NONSENSE\r\n\r\n", t), 400, "again");
+    // Routed requests are counted apart: only the scrapes in between were added.
+    assert_eq!(metric(a, "http_requests_total"), routed + 1.0);
+}
+
 /// `Connection: Upgrade` (as `curl --http2` sends) is ignored: the request is answered at
 /// once, over HTTP/1.1. Upstream tiny_http gave such a request the raw socket as its body,
 /// so a worker read it until the read timeout and answered 400 to a valid body.

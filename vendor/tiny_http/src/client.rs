@@ -45,6 +45,9 @@ pub struct ClientConnection {
     head_timeout: Duration,
     idle_timeout: Duration,
     head_started: bool,
+
+    /// PATCHED: the server's counts, where a refused request is counted.
+    stats: Arc<crate::ConnectionStats>,
 }
 
 /// PATCHED: the most headers a request may have.
@@ -78,6 +81,7 @@ impl ClientConnection {
         write_socket: RefinedTcpStream,
         read_socket: RefinedTcpStream,
         limits: &crate::Limits,
+        stats: Arc<crate::ConnectionStats>,
     ) -> ClientConnection {
         let head_timeout = limits.head_timeout;
         let idle_timeout = limits.idle_timeout;
@@ -100,6 +104,7 @@ impl ClientConnection {
             head_timeout,
             idle_timeout,
             head_started: false,
+            stats,
         }
     }
 
@@ -344,6 +349,7 @@ impl Iterator for ClientConnection {
 impl ClientConnection {
     /// PATCHED: answers `status` with a JSON error body; the connection then closes.
     fn reject(&mut self, status: u16, version: HTTPVersion, message: &str) -> Option<Request> {
+        self.stats.refused(status);
         let writer = self.sink.next().unwrap();
         json_error(status, message)
             .raw_print(writer, version, &[], false, None)

@@ -164,9 +164,22 @@ impl Default for Limits {
 
 /// PATCHED: connection counts, for metrics.
 #[derive(Default)]
-struct ConnectionStats {
+pub(crate) struct ConnectionStats {
     open: AtomicUsize,
     rejected: AtomicU64,
+    /// Requests the connection threads answered themselves, by status (`REFUSED_STATUSES`).
+    refused: [AtomicU64; REFUSED_STATUSES.len()],
+}
+
+/// PATCHED: the statuses a connection thread answers without handing the request on.
+pub const REFUSED_STATUSES: [u16; 7] = [400, 408, 414, 417, 431, 501, 505];
+
+impl ConnectionStats {
+    pub(crate) fn refused(&self, status: u16) {
+        if let Some(i) = REFUSED_STATUSES.iter().position(|s| *s == status) {
+            self.refused[i].fetch_add(1, SeqCst);
+        }
+    }
 }
 
 /// PATCHED: one connection's place under `Limits::max_connections`, given back on drop
@@ -415,7 +428,12 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
                         pair.map(|(read_closable, write_closable)| {
-                            ClientConnection::new(write_closable, read_closable, &limits)
+                            ClientConnection::new(
+                                write_closable,
+                                read_closable,
+                                &limits,
+                                inside_stats.clone(),
+                            )
                         })
                     }
                     Err(e) => Err(e),
@@ -480,6 +498,17 @@ impl Server {
     /// PATCHED: connections refused with 503 because `Limits::max_connections` were open.
     pub fn connections_rejected(&self) -> u64 {
         self.stats.rejected.load(SeqCst)
+    }
+
+    /// PATCHED: requests answered by the connection threads themselves (malformed, too
+    /// large, timed out, an unsupported version or framing), by status, as
+    /// `(status, count)` in the order of `REFUSED_STATUSES`.
+    pub fn requests_refused(&self) -> [(u16, u64); REFUSED_STATUSES.len()] {
+        let mut out = [(0, 0); REFUSED_STATUSES.len()];
+        for (i, status) in REFUSED_STATUSES.iter().enumerate() {
+            out[i] = (*status, self.stats.refused[i].load(SeqCst));
+        }
+        out
     }
 
     /// Returns an iterator for all the incoming requests.
