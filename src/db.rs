@@ -233,6 +233,19 @@ pub struct Tx {
     conn: Option<Pooled>,
 }
 
+/// Runs `f` in a transaction whose lock waits give up after 100 ms: for `/metrics`, which
+/// must not wait on a lock a rebuild's switch or a `LOCK TABLE` holds (a scrape took the
+/// session's lock timeout, seconds, then left the figures out).
+pub fn with_short_lock_wait<T>(pool: &Pool, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+    let mut tx = Tx::begin(pool, pool.get()?)?;
+    tx.conn()
+        .client
+        .batch_execute("SET LOCAL lock_timeout = '100ms'")?;
+    let value = f(tx.conn())?;
+    tx.commit()?;
+    Ok(value)
+}
+
 impl Tx {
     /// Begins a transaction on `conn`. A pooled connection may have died while it sat in the
     /// pool (the server was restarted, or `pg_terminate_backend`); that shows on `BEGIN`,

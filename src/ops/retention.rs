@@ -79,6 +79,8 @@ pub struct RetentionMetrics {
     lock_busy: [Counter; 4],
     vacuums: [Counter; 4],
     errors: Counter,
+    /// The last sizes read: (table, bytes, rows), shown while a lock holds the tables.
+    sizes: std::sync::Mutex<Vec<(String, i64, i64)>>,
 }
 
 impl RetentionMetrics {
@@ -96,9 +98,13 @@ impl RetentionMetrics {
         }
         self.runs.render(out, "retention_runs_total", "");
         self.errors.render(out, "retention_errors_total", "");
-        if let Err(e) = render_sizes(out, pool, tables) {
-            debug!("table sizes unavailable: {e}");
+        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        match read_sizes(pool, tables) {
+            Ok(now) => *sizes = now,
+            // Locked (a rebuild's switch, a `LOCK TABLE`) or unreachable: the last sizes read.
+            Err(e) => debug!("table sizes unavailable, showing the last ones read: {e}"),
         }
+        render_sizes(out, &sizes);
     }
 }
 
@@ -106,31 +112,32 @@ impl RetentionMetrics {
 /// `table_rows_estimate` (the statistics' live rows, `n_live_tup`, free to read and current
 /// within seconds; the planner's `reltuples` moved only with VACUUM and ANALYZE,
 /// and stayed 0 with autovacuum off) for each table.
-fn render_sizes(out: &mut String, pool: &Pool, tables: &[Table]) -> Result<()> {
-    use std::fmt::Write;
+fn read_sizes(pool: &Pool, tables: &[Table]) -> Result<Vec<(String, i64, i64)>> {
     let names: Vec<&str> = tables.iter().map(|t| t.name()).collect();
-    let mut conn = pool.get()?;
-    let stmt = conn.prepared(TABLE_SIZES)?;
-    let rows = conn.client.query(&stmt, &[&names])?;
+    // `pg_total_relation_size` waits behind an ACCESS EXCLUSIVE lock.
+    let rows = crate::db::with_short_lock_wait(pool, |conn| {
+        let stmt = conn.prepared(TABLE_SIZES)?;
+        Ok(conn.client.query(&stmt, &[&names])?)
+    })?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get(1), r.get::<_, i64>(2).max(0)))
+        .collect())
+}
+
+fn render_sizes(out: &mut String, sizes: &[(String, i64, i64)]) {
+    use std::fmt::Write;
+    if sizes.is_empty() {
+        return;
+    }
     let _ = writeln!(out, "# TYPE table_size_bytes gauge");
-    for r in &rows {
-        let _ = writeln!(
-            out,
-            "table_size_bytes{{table=\"{}\"}} {}",
-            r.get::<_, &str>(0),
-            r.get::<_, i64>(1)
-        );
+    for (table, bytes, _) in sizes {
+        let _ = writeln!(out, "table_size_bytes{{table=\"{table}\"}} {bytes}");
     }
     let _ = writeln!(out, "# TYPE table_rows_estimate gauge");
-    for r in &rows {
-        let _ = writeln!(
-            out,
-            "table_rows_estimate{{table=\"{}\"}} {}",
-            r.get::<_, &str>(0),
-            r.get::<_, i64>(2).max(0)
-        );
+    for (table, _, rows) in sizes {
+        let _ = writeln!(out, "table_rows_estimate{{table=\"{table}\"}} {rows}");
     }
-    Ok(())
 }
 
 const TABLE_SIZES: &str = "

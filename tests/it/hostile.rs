@@ -851,7 +851,9 @@ fn requests_refused_before_routing_are_counted() {
     let refused = |status: u16| {
         metric(
             a,
-            &format!("http_requests_refused_total{{service=\"command-service\",status=\"{status}\"}}"),
+            &format!(
+                "http_requests_refused_total{{service=\"command-service\",status=\"{status}\"}}"
+            ),
         )
     };
     let t = Duration::from_secs(5);

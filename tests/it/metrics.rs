@@ -146,3 +146,30 @@ fn every_scrape_is_strict_prometheus_text_with_help_and_one_type_per_family() {
     assert_eq!(restarts(c), ["thread_restarts_total{role=\"consumer\"} 0"]);
     assert!(restarts(q).is_empty() && !query.contains("thread_restarts_total"));
 }
+
+/// A table under an ACCESS EXCLUSIVE lock (a rebuild's switch, `LOCK TABLE`): a scrape
+/// answers at once with the sizes last read. It waited the session's lock timeout (2 s
+/// here) and then left `table_size_bytes` and `table_rows_estimate` out.
+#[test]
+fn a_locked_table_does_not_hold_up_a_scrape_or_drop_its_size() {
+    let env = TestEnv::new();
+    let app = env.start(Role::Command);
+    let a = app.command();
+    create_product(a, "Sized", "Sizes", 1.0, 1);
+    let size = r#"table_size_bytes{table="outbox"}"#;
+    let before = metric(a, size);
+    assert!(before > 0.0);
+    let mut locker = env.write();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let during = metric(a, size);
+    let took = started.elapsed();
+    lock.rollback().unwrap();
+    assert_eq!(during, before);
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "the scrape took {took:?}"
+    );
+}
