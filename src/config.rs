@@ -407,8 +407,8 @@ impl Values<'_> {
     /// An integer within the variable's range, in the field's type.
     fn int<T: TryFrom<u64>>(&self, name: &str) -> Result<T> {
         let (value, var) = self.get(name)?;
-        match value.parse::<u64>() {
-            Ok(n) if (var.min..=var.max).contains(&n) => T::try_from(n)
+        match digits(&value) {
+            Some(n) if (var.min..=var.max).contains(&n) => T::try_from(n)
                 .map_err(|_| Error::config(format!("{name} is out of range: {value:?}"))),
             _ => Err(Error::config(format!(
                 "{name} must be an integer from {} to {}, got {value:?}",
@@ -611,18 +611,23 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
     if host.is_empty() && !port.is_empty() {
         return Err(bad("no host before the port"));
     }
+    let host = if host.is_empty() {
+        "localhost".into()
+    } else {
+        decode(&host)?
+    };
+    // A space or control character cannot be in a host name: a value pasted with one.
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("the host may not contain spaces or control characters"));
+    }
     let mut target = AmqpTarget {
-        host: if host.is_empty() {
-            "localhost".into()
-        } else {
-            decode(&host)?
-        },
+        host,
         port: if port.is_empty() {
             5672
         } else {
-            match port.parse() {
-                Ok(0) | Err(_) => return Err(bad("bad port")),
-                Ok(p) => p,
+            match digits(port).map(u16::try_from) {
+                Some(Ok(p)) if p > 0 => p,
+                _ => return Err(bad("bad port")),
             }
         },
         username,
@@ -645,6 +650,15 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpTarget> {
     Ok(target)
 }
 
+/// A decimal number of ASCII digits only: Rust's `parse` also takes a leading `+`, which
+/// no other reader of these values (a shell, Compose, a person) would count as part of it.
+fn digits(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
 /// The query parameters of a broker URL (`heartbeat`, `connection_timeout`), each within
 /// the range of the variable it overrides; any other is refused.
 fn apply_amqp_query(
@@ -656,19 +670,23 @@ fn apply_amqp_query(
         match pair.split_once('=') {
             Some(("heartbeat", v)) => {
                 // As BROKER_HEARTBEAT_SECS: 0 (none) to an hour.
-                let secs = v.parse().map_err(|_| bad("bad heartbeat"))?;
+                let secs = digits(v).ok_or_else(|| bad("bad heartbeat"))?;
                 if secs > 3600 {
                     return Err(bad("heartbeat must be from 0 to 3600 s"));
                 }
-                target.heartbeat_secs = Some(secs)
+                if target.heartbeat_secs.replace(secs as u16).is_some() {
+                    return Err(bad("heartbeat is given twice"));
+                }
             }
             Some(("connection_timeout", v)) => {
                 // As BROKER_CONNECT_TIMEOUT_MS: 1 ms to 10 minutes.
-                let ms: u64 = v.parse().map_err(|_| bad("bad connection_timeout"))?;
+                let ms = digits(v).ok_or_else(|| bad("bad connection_timeout"))?;
                 if !(1..=600_000).contains(&ms) {
                     return Err(bad("connection_timeout must be from 1 to 600000 ms"));
                 }
-                target.connection_timeout_ms = Some(ms)
+                if target.connection_timeout_ms.replace(ms).is_some() {
+                    return Err(bad("connection_timeout is given twice"));
+                }
             }
             _ => return Err(bad(&format!("unsupported query parameter {pair:?}"))),
         }
@@ -823,6 +841,27 @@ mod tests {
             ("DATABASE_URL", "postgresql://postgres@h:0/w", "port 0"),
             ("BROKER_URL", "amqp://g:g@h:0/%2f", "bad port"),
             ("BROKER_URL", "amqp://g:g@:5672/%2f", "no host"),
+            // Accepted before: a leading `+`, a space in the host, a parameter twice.
+            ("BROKER_URL", "amqp://g:g@h:+5672/%2f", "bad port"),
+            (
+                "BROKER_URL",
+                "amqp://g:g@h/%2f?heartbeat=+5",
+                "bad heartbeat",
+            ),
+            ("BROKER_URL", "amqp://g:g@my host/%2f", "spaces"),
+            ("BROKER_URL", "amqp://g:g@my%20host/%2f", "spaces"),
+            (
+                "BROKER_URL",
+                "amqp://g:g@h/%2f?heartbeat=5&heartbeat=60",
+                "heartbeat is given twice",
+            ),
+            (
+                "BROKER_URL",
+                "amqp://g:g@h/%2f?connection_timeout=5&connection_timeout=9",
+                "given twice",
+            ),
+            ("CONSUMER_THREADS", "+2", "must be an integer"),
+            ("HTTP_READ_TIMEOUT_MS", "+5000", "must be an integer"),
         ] {
             let e = with(&[(var, value)]).unwrap_err();
             assert!(
