@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::broker::LinkStatus;
 use crate::config::Config;
-use crate::db;
+use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 use crate::http::{HttpServer, Limits, Service};
 use crate::ops::retention::{self, Job, RetentionMetrics, Table};
@@ -57,6 +57,8 @@ pub struct Running {
     background: Stage,
     /// Restarts and threads down of the supervised workers, for /health and /metrics.
     supervision: Arc<Supervision>,
+    /// Every pool this process made: its database, size and name (`check_pool_sizes`).
+    pools: Vec<(postgres::Config, u32, &'static str, Pool)>,
 }
 
 /// Threads that stop together when their trigger fires.
@@ -85,6 +87,20 @@ impl Stage {
 }
 
 impl Running {
+    /// A connection pool (`db::pool`), recorded for `check_pool_sizes`.
+    fn pool(
+        &mut self,
+        target: &postgres::Config,
+        size: u32,
+        timeouts: &crate::config::DbTimeouts,
+        name: &'static str,
+        session: db::Session,
+    ) -> Pool {
+        let pool = db::pool(target, size, timeouts, name, session);
+        self.pools.push((target.clone(), size, name, pool.clone()));
+        pool
+    }
+
     /// The supervision of this process's publishers and consumers.
     pub fn supervision(&self) -> &Arc<Supervision> {
         &self.supervision
@@ -210,6 +226,7 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
         publishers: Stage::new(),
         background: Stage::new(),
         supervision: Arc::default(),
+        pools: Vec::new(),
     };
     if role.runs_command() {
         running.command_addr = Some(start_command(config, &mut running)?);
@@ -220,12 +237,20 @@ pub fn start(config: &Config, role: Role) -> Result<Running> {
     if role.runs_query() {
         running.query_addr = Some(start_query(config, &mut running)?);
     }
+    let pools = std::mem::take(&mut running.pools);
+    // In the background: the database may still be coming up.
+    let checked = std::thread::Builder::new()
+        .name("pool-check".into())
+        .spawn(move || check_pool_sizes(&pools));
+    if let Err(e) = checked {
+        warn!("could not start the pool size check: {e}");
+    }
     Ok(running)
 }
 
 /// The write API and the outbox publishers it wakes after each commit.
 fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
-    let pool = db::pool(
+    let pool = running.pool(
         &config.write_db,
         config.write_pool_size,
         &config.db,
@@ -236,7 +261,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
     let outbox_metrics = Arc::new(OutboxMetrics::new());
     let link = Arc::new(LinkStatus::new());
     // The publishers get their own small pool so HTTP load can never starve them.
-    let publisher_pool = db::pool(
+    let publisher_pool = running.pool(
         &config.write_db,
         (config.outbox_publishers.max(1) * (outbox::BATCHES_IN_FLIGHT + 1)) as u32,
         &config.db,
@@ -253,16 +278,16 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         &running.supervision,
     ));
     let retention_metrics = Arc::new(RetentionMetrics::default());
-    running.background.threads.extend(start_retention(
+    start_retention(
         config,
+        running,
         &config.write_db,
         &[
             (Table::Outbox, config.retention.outbox),
             (Table::IdempotencyKeys, config.retention.idempotency_key_ttl),
         ],
-        &running.background.shutdown,
         retention_metrics.clone(),
-    ));
+    );
     let wake = (config.outbox_publishers > 0).then_some(wake);
     let mut service = CommandService::new(pool, wake, Some(outbox_metrics))
         .with_retention(config.retention.idempotency_key_ttl, retention_metrics);
@@ -287,7 +312,7 @@ fn start_command(config: &Config, running: &mut Running) -> Result<SocketAddr> {
 /// The consumer threads, and their HTTP face for /health and /metrics.
 fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> {
     // One connection per consumer thread, one for the progress reporter, one for /health.
-    let pool = db::pool(
+    let pool = running.pool(
         &config.read_db,
         config.consumer_threads as u32 + 2,
         &config.db,
@@ -307,16 +332,16 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
         &running.supervision,
     ));
     let retention_metrics = Arc::new(RetentionMetrics::default());
-    running.background.threads.extend(start_retention(
+    start_retention(
         config,
+        running,
         &config.read_db,
         &[
             (Table::ProcessedEvents, config.retention.processed_events),
             (Table::EventFailures, config.retention.processed_events),
         ],
-        &running.background.shutdown,
         retention_metrics.clone(),
-    ));
+    );
     let service = ConsumerHttp {
         retention: retention_metrics,
         ..ConsumerHttp::new(pool, metrics, progress, config, link)
@@ -327,14 +352,14 @@ fn start_consumer(config: &Config, running: &mut Running) -> Result<SocketAddr> 
 
 /// The read API (its write pool only reads the outbox, for sync status).
 fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
-    let read = db::pool(
+    let read = running.pool(
         &config.read_db,
         config.read_pool_size,
         &config.db,
         "query-service",
         db::Session::ReadOnly,
     );
-    let write = db::pool(
+    let write = running.pool(
         &config.write_db,
         2,
         &config.db,
@@ -356,18 +381,71 @@ fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
 /// pool (so request load never starves it, and it never takes more than one connection).
 fn start_retention(
     config: &Config,
+    running: &mut Running,
     db_config: &postgres::Config,
     windows: &[(Table, Option<Duration>)],
-    shutdown: &Shutdown,
     metrics: Arc<RetentionMetrics>,
-) -> Option<JoinHandle<()>> {
+) {
     let jobs: Vec<Job> = windows
         .iter()
         .filter_map(|&(table, window)| window.map(|window| Job { table, window }))
         .collect();
     if jobs.is_empty() {
-        return None;
+        return;
     }
-    let pool = db::pool(db_config, 1, &config.db, "retention", db::Session::Plain);
-    retention::start(config, pool, jobs, shutdown, metrics)
+    let pool = running.pool(db_config, 1, &config.db, "retention", db::Session::Plain);
+    let shutdown = &running.background.shutdown;
+    let pruner = retention::start(config, pool, jobs, shutdown, metrics);
+    running.background.threads.extend(pruner);
 }
+
+/// Warns when the pools of this process together may open more connections to one
+/// database server than it accepts from ordinary roles (`max_connections` less the
+/// superuser reserve): under load, requests would then fail with "too many clients", far
+/// from the cause. Other processes' connections are not known here; this catches one
+/// process sized beyond the server on its own. Asked once; a server that cannot be asked
+/// now is not asked again.
+fn check_pool_sizes(pools: &[(postgres::Config, u32, &'static str, Pool)]) {
+    let mut servers: Vec<(String, u32, Vec<String>, &Pool)> = Vec::new();
+    for (target, size, name, pool) in pools {
+        let server = format!("{:?}:{:?}", target.get_hosts(), target.get_ports());
+        let entry = match servers.iter_mut().position(|s| s.0 == server) {
+            Some(i) => &mut servers[i],
+            None => {
+                servers.push((server, 0, Vec::new(), pool));
+                servers.last_mut().expect("just pushed")
+            }
+        };
+        entry.1 += size;
+        entry.2.push(format!("{name} {size}"));
+    }
+    for (server, total, parts, pool) in servers {
+        let limit = pool.get().map_err(Error::from).and_then(|mut conn| {
+            let row = conn.client.query_one(SERVER_LIMIT, &[])?;
+            Ok((row.get::<_, i32>(0), row.get::<_, i32>(1)))
+        });
+        match limit {
+            Ok((limit, max)) if i64::from(total) > i64::from(limit) => warn!(
+                "the connection pools of this process may open {total} connections to the \
+                 database server {server} ({}), more than the {limit} it accepts from \
+                 ordinary roles (max_connections {max} less its reserve): under load \
+                 requests will fail with \"too many clients\". Lower WRITE_POOL_SIZE, \
+                 READ_POOL_SIZE or CONSUMER_THREADS, or raise max_connections",
+                parts.join(", ")
+            ),
+            Ok((limit, _)) => info!(
+                "the connection pools of this process may open {total} connections to the \
+                 database server {server} ({}), of the {limit} it accepts from ordinary roles",
+                parts.join(", ")
+            ),
+            Err(e) => debug!("pool size check of {server} skipped: {e}"),
+        }
+    }
+}
+
+/// Connections the server accepts from roles that are not superusers, and `max_connections`.
+const SERVER_LIMIT: &str = "
+SELECT current_setting('max_connections')::int
+       - current_setting('superuser_reserved_connections')::int
+       - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0),
+       current_setting('max_connections')::int";

@@ -523,3 +523,50 @@ fn migrate_refuses_a_database_that_holds_the_other_model() {
         "read migrations recorded in the write database: {names:?}"
     );
 }
+
+/// A process whose pools together may open more connections to its database server than
+/// the server accepts says so at start, naming the variables; one within the limit says
+/// what it may open. Nothing told before: under load requests failed with "too many
+/// clients".
+#[test]
+fn a_process_sized_beyond_its_database_server_says_so() {
+    use crate::harness::{wait_until, ChildService, ScratchPostgres, TestEnv};
+    use std::time::Duration;
+    let pg = ScratchPostgres::start_with("-c max_connections=20");
+    let env = TestEnv::new();
+    let run = |pools: &[(&str, &str)], name: &str| {
+        let mut cmd = env.binary("all");
+        cmd.env("DATABASE_URL", pg.url("postgres", "write_db"))
+            .env("READ_DATABASE_URL", pg.url("postgres", "read_db"))
+            .env("RUST_LOG", "warn,cqrs_analytics::app=info")
+            .env("COMMAND_SERVICE_PORT", "0")
+            .env("QUERY_SERVICE_PORT", "0")
+            .env("CONSUMER_SERVICE_PORT", "0")
+            .envs(pools.iter().copied());
+        let mut child =
+            ChildService::spawn(&mut cmd, "command-service", &format!("{name}-{}", env.id));
+        let log = wait_until("the pool check", Duration::from_secs(20), || {
+            let log = child.log();
+            log.contains("the connection pools of this process may open")
+                .then_some(log)
+        });
+        child.terminate(Duration::from_secs(20));
+        log
+    };
+    // 2 + 3 publishers' + 1 pruner's on the write side, 3 consumer + 1 pruner + 2 query on
+    // the read side, 2 of the query service on the write side: 14 of 17.
+    let small = run(
+        &[("WRITE_POOL_SIZE", "2"), ("READ_POOL_SIZE", "2")],
+        "pools-small",
+    );
+    assert!(small.contains("may open 14 connections"), "{small}");
+    assert!(small.contains("of the 17 it accepts"), "{small}");
+    assert!(!small.contains("too many clients"), "{small}");
+    let big = run(&[], "pools-default");
+    assert!(
+        big.contains("may open 34 connections")
+            && big.contains("more than the 17 it accepts")
+            && big.contains("Lower WRITE_POOL_SIZE, READ_POOL_SIZE or CONSUMER_THREADS"),
+        "{big}"
+    );
+}

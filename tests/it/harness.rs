@@ -560,6 +560,11 @@ pub struct ScratchPostgres {
 
 impl ScratchPostgres {
     pub fn start() -> ScratchPostgres {
+        Self::start_with("")
+    }
+
+    /// A scratch server started with more `-c name=value` options.
+    pub fn start_with(options: &str) -> ScratchPostgres {
         let bin = pg_bindir();
         let dir = std::env::temp_dir().join(format!(
             "cqrs-it-pg-{}",
@@ -592,7 +597,7 @@ impl ScratchPostgres {
             ]);
         });
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {options}",
             scratch.port,
             scratch.dir.display()
         );
