@@ -559,7 +559,9 @@ fn a_process_sized_beyond_its_database_server_says_so() {
         &[("WRITE_POOL_SIZE", "2"), ("READ_POOL_SIZE", "2")],
         "pools-small",
     );
+    let server = format!("database server 127.0.0.1:{} (", pg.port);
     assert!(small.contains("may open 14 connections"), "{small}");
+    assert!(small.contains(&server), "{small}");
     assert!(small.contains("of the 17 it accepts"), "{small}");
     assert!(!small.contains("too many clients"), "{small}");
     let big = run(&[], "pools-default");
