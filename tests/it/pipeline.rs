@@ -843,8 +843,9 @@ fn sync_status_finds_an_event_that_no_consumer_has_reported_yet() {
     let age = ordered.elapsed().as_secs_f64();
     assert_eq!(get(q, &sales).json()["totalQuantitySold"], 0, "not applied");
     assert_eq!(s["pendingConsumerMessages"], 1, "{s}");
+    // The order's age: from its commit, a little before its 201 arrived.
     assert!(
-        (0.2..=age + 0.01).contains(&lag),
+        (0.2..=age + 0.1).contains(&lag),
         "lag {lag} s, age {age} s: {s}"
     );
     lock.commit().unwrap();
