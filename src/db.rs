@@ -343,7 +343,7 @@ fn on_live_connection<T>(
 
 /// True when `e` means the connection itself is gone (closed socket, or the server ended
 /// the session), as opposed to an error in a statement.
-fn connection_lost(e: &postgres::Error) -> bool {
+pub fn connection_lost(e: &postgres::Error) -> bool {
     classify_postgres(e) == PostgresFailure::ConnectionLost
 }
 

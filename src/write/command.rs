@@ -11,6 +11,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use log::warn;
 use tiny_http::Method;
 use uuid::Uuid;
 
@@ -223,7 +224,10 @@ impl CommandService {
             &timestamp,
         ];
         // The product, its outbox row and the key: one statement, one implicit transaction.
-        let row = conn.client.query_one(&stmt, &params)?;
+        let row = match conn.client.query_one(&stmt, &params) {
+            Ok(row) => row,
+            Err(e) => return self.committed_anyway(e, conn, Written::Product, event_id),
+        };
         if !row.get::<_, bool>(1) {
             // A concurrent request with the same key won the race; its response stands.
             return self.replay_after_race(&mut conn, record.as_ref());
@@ -232,6 +236,49 @@ impl CommandService {
         self.metrics.products_created.inc();
         self.wake_outbox(event_id);
         Ok(Response::json(201, format!(r#"{{"productId":{id}}}"#)))
+    }
+
+    /// A write statement failed. If its connection was lost, the statement may have
+    /// committed before the answer was lost (a single statement commits on its own): the
+    /// write is looked up by its event id on a fresh connection, and if it is there the
+    /// answer is the 201 it would have had. It was answered 503: a client that retried
+    /// without an Idempotency-Key placed the order twice, and `orders_created_total` missed
+    /// it. Not found, the 503 stands (the server may still be finishing the statement).
+    fn committed_anyway(
+        &self,
+        e: postgres::Error,
+        conn: db::Pooled,
+        written: Written,
+        event_id: Uuid,
+    ) -> Result<Response> {
+        let (lookup, field, created) = match written {
+            Written::Product => (
+                "SELECT id FROM products WHERE event_id = $1",
+                "productId",
+                &self.metrics.products_created,
+            ),
+            Written::Order => (
+                "SELECT id FROM orders WHERE event_id = $1",
+                "orderId",
+                &self.metrics.orders_created,
+            ),
+        };
+        if !db::connection_lost(&e) {
+            return Err(e.into());
+        }
+        drop(conn);
+        let found = self.pool.get().map_err(Error::from).and_then(|mut fresh| {
+            let stmt = fresh.prepared(lookup)?;
+            Ok(fresh.client.query_opt(&stmt, &[&event_id])?)
+        });
+        let id: i64 = match found {
+            Ok(Some(row)) => row.get(0),
+            _ => return Err(e.into()),
+        };
+        warn!("the database connection was lost after {field} {id} was committed; answered 201");
+        created.inc();
+        self.wake_outbox(event_id);
+        Ok(Response::json(201, format!(r#"{{"{field}":{id}}}"#)))
     }
 
     /// Checks the Idempotency-Key, checks out a connection and, if the key already has a
@@ -296,7 +343,11 @@ impl CommandService {
                 &key,
                 &request,
             ],
-        )?;
+        );
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => return self.committed_anyway(e, conn, Written::Order, event_id),
+        };
         match row.get::<_, Option<&str>>(0) {
             Some("ok") => {
                 let id: i64 = row.get(1);
@@ -464,6 +515,14 @@ fn recorded_response(stored: &str, request: &str, status: i16, body: String) -> 
         ));
     }
     Ok(Response::json(status as u16, body))
+}
+
+/// What a write statement creates, looked up by its event id (unique indexes of write
+/// migration 005) when the statement's connection was lost.
+#[derive(Clone, Copy)]
+enum Written {
+    Product,
+    Order,
 }
 
 /// The key's record unless it has expired. An expired record is deleted in the same

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable};
 use cqrs_analytics::app::Role;
 use cqrs_analytics::event::Event;
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::harness::*;
@@ -956,4 +957,166 @@ fn database_errors_show_their_sqlstate_and_the_servers_message() {
         "a lock timeout is worth retrying: {shown}"
     );
     tx.rollback().unwrap();
+}
+
+/// A plain TCP proxy in front of PostgreSQL for one test: `mute` makes the connections open
+/// now drop what the server sends them, `cut` then closes them; connections accepted later
+/// are forwarded whole. Its threads end when their sockets close; the listener's when the
+/// proxy is dropped.
+/// The client's and the server's socket of each proxied connection, and whether it is muted.
+type Proxied = Arc<Mutex<Vec<(TcpStream, TcpStream, Arc<AtomicBool>)>>>;
+
+struct MutingProxy {
+    port: u16,
+    open: Proxied,
+    stop: Arc<AtomicBool>,
+}
+
+impl MutingProxy {
+    fn start(upstream: SocketAddr) -> MutingProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open: Proxied = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (conns, stopped) = (open.clone(), stop.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (Ok(mut client), Ok(mut server)) = (client, TcpStream::connect(upstream))
+                else {
+                    continue;
+                };
+                let muted = Arc::new(AtomicBool::new(false));
+                let (mut c, mut s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                conns.lock().unwrap().push((
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    muted.clone(),
+                ));
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut c, &mut s);
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                });
+                thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if !muted.load(Ordering::SeqCst) && client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        MutingProxy { port, open, stop }
+    }
+
+    fn mute(&self) {
+        for (_, _, muted) in self.open.lock().unwrap().iter() {
+            muted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn cut(&self) {
+        for (client, server, muted) in self.open.lock().unwrap().iter() {
+            if muted.load(Ordering::SeqCst) {
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Drop for MutingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        for (client, server, _) in self.open.lock().unwrap().iter() {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = server.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The connection of an order's statement is lost after the order committed (its answer
+/// never arrives): the service looks the order up by its event id on a fresh connection
+/// and answers the 201 it would have given, and counts it. It answered 503, so a client
+/// retrying without an Idempotency-Key placed the order twice. The same for a product.
+#[test]
+fn a_write_that_committed_before_its_connection_was_lost_is_answered_201() {
+    let env = TestEnv::new();
+    let pg: postgres::Config = env.write_url().parse().unwrap();
+    let host = match &pg.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("the tests' server must be on TCP, not {other:?}"),
+    };
+    let upstream = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), pg.get_ports()[0]))
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = MutingProxy::start(upstream);
+    let via_proxy = format!(
+        "postgresql://{}@127.0.0.1:{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        proxy.port,
+        env.write_db
+    );
+    let app = env.start_with(Role::Command, |c| {
+        c.write_db = via_proxy.parse().unwrap();
+        // One connection: the request after the mute takes the muted one.
+        c.write_pool_size = 1;
+    });
+    let a = app.command();
+    let product = create_product(a, "Lost", "Answers", 3.0, 10);
+    let orders_before = counter(a, "orders_created_total");
+    for (path, body, table) in [
+        (
+            "/api/orders",
+            json!({"customerId": 5, "items": [{"productId": product, "quantity": 2}]}),
+            "orders",
+        ),
+        (
+            "/api/products",
+            json!({"name": "Lost too", "category": "Answers", "price": 1.0, "stock": 1}),
+            "products",
+        ),
+    ] {
+        let count = |env: &TestEnv| -> i64 {
+            env.write()
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .unwrap()
+                .get(0)
+        };
+        // The same request first, so that its statement is prepared on the connection (the
+        // mute would drop the answer to the prepare).
+        assert_eq!(post_json(a, path, &body).status, 201);
+        let before = count(&env);
+        proxy.mute();
+        let request = thread::spawn(move || post_json(a, path, &body));
+        wait_until("the write committed", Duration::from_secs(20), || {
+            (count(&env) == before + 1).then_some(())
+        });
+        proxy.cut();
+        let r = request.join().unwrap();
+        assert_eq!(r.status, 201, "{path}: {}", r.body);
+        let newest: i64 = env
+            .write()
+            .query_one(&format!("SELECT max(id) FROM {table}"), &[])
+            .unwrap()
+            .get(0);
+        let field = if table == "orders" {
+            "orderId"
+        } else {
+            "productId"
+        };
+        assert_eq!(r.json()[field], json!(newest), "{path}");
+        assert_eq!(count(&env), before + 1, "written once");
+    }
+    assert_eq!(counter(a, "orders_created_total"), orders_before + 2);
 }
