@@ -408,7 +408,7 @@ fn start_retention(
 fn check_pool_sizes(pools: &[(postgres::Config, u32, &'static str, Pool)]) {
     let mut servers: Vec<(String, u32, Vec<String>, &Pool)> = Vec::new();
     for (target, size, name, pool) in pools {
-        let server = server_name(target);
+        let server = db::endpoints(target);
         let entry = match servers.iter_mut().position(|s| s.0 == server) {
             Some(i) => &mut servers[i],
             None => {
@@ -441,25 +441,6 @@ fn check_pool_sizes(pools: &[(postgres::Config, u32, &'static str, Pool)]) {
             Err(e) => debug!("pool size check of {server} skipped: {e}"),
         }
     }
-}
-
-/// `host:port` (each host of a multi-host URL, comma-separated), for the log.
-fn server_name(target: &postgres::Config) -> String {
-    let ports = target.get_ports();
-    target
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let host = match host {
-                postgres::config::Host::Tcp(h) => h.clone(),
-                postgres::config::Host::Unix(path) => path.display().to_string(),
-            };
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            format!("{host}:{port}")
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Connections the server accepts from roles that are not superusers, and `max_connections`.

@@ -585,8 +585,9 @@ pub fn migrate(
     Ok(report)
 }
 
-/// `dbname at host:port` (every host of a multi-host URL), for reports; never credentials.
-fn describe(config: &postgres::Config) -> String {
+/// `host:port`, comma-separated for a multi-host URL (`localhost:5432` when it names none),
+/// for reports and logs; never credentials.
+pub fn endpoints(config: &postgres::Config) -> String {
     let ports = config.get_ports();
     let hosts: Vec<String> = config
         .get_hosts()
@@ -600,11 +601,16 @@ fn describe(config: &postgres::Config) -> String {
             }
         })
         .collect();
-    let hosts = if hosts.is_empty() {
+    if hosts.is_empty() {
         "localhost:5432".to_string()
     } else {
         hosts.join(",")
-    };
+    }
+}
+
+/// `dbname at host:port` (every host of a multi-host URL), for reports; never credentials.
+fn describe(config: &postgres::Config) -> String {
+    let hosts = endpoints(config);
     format!(
         "{} at {hosts}",
         config.get_dbname().unwrap_or("(default database)")

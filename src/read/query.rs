@@ -155,15 +155,8 @@ impl QueryService {
         let unpublished = self.outbox_unpublished();
         let queued = self.broker.ready(&self.config);
         let now = crate::event::now_millis();
-        let outbox = unpublished.and_then(|(pending, oldest_unpublished)| {
-            let (oldest_queued, queued_bound_only) =
-                self.oldest_queued(queued.as_ref().map(|q| q.events), now)?;
-            Ok(Backlog {
-                pending,
-                oldest_unpublished,
-                oldest_queued,
-                queued_bound_only,
-            })
+        let outbox = unpublished.and_then(|unpublished| {
+            self.backlog(unpublished, queued.as_ref().map(|q| q.events), now)
         });
         let read = self.read_side()?;
         // More consumers on the queues than the processes writing their rows account for:
@@ -173,23 +166,14 @@ impl QueryService {
         let silent = queued
             .as_ref()
             .is_some_and(|q| q.consumers > read.reporting);
-
-        // Every stage read empty: the newest published events are looked up by id, to find
-        // one that is in none of them (see `unseen`).
+        // Every stage read empty: the newest published events are looked up by id (`unseen`).
         let all_empty = !silent
             && read.held_messages == 0
             && queued.as_ref().is_some_and(|q| q.events == 0)
             && outbox.as_ref().is_ok_and(|b| b.pending == 0);
-        let unseen = if all_empty {
-            self.unseen(now)
-        } else {
-            Ok(Unseen::default())
-        };
-        let (unseen_count, oldest_unseen) = unseen
-            .as_ref()
-            .map(|u| (u.count, u.oldest))
-            .unwrap_or_default();
-
+        let unseen = self.unseen(all_empty, now);
+        let (unseen_count, oldest_unseen) =
+            unseen.as_ref().map_or((0, None), |u| (u.count, u.oldest));
         let age_ms = |t: Option<DateTime<Utc>>| t.map_or(0, |t| (now - t).num_milliseconds());
         let (unpublished, oldest_queued) = outbox
             .as_ref()
@@ -259,7 +243,7 @@ impl QueryService {
     }
 
     /// Events among the newest `UNSEEN_CHECKED` published ones that are neither applied nor
-    /// dead-lettered, asked when every stage read empty.
+    /// dead-lettered, asked only when every stage read empty (`stages_empty`).
     ///
     /// The broker stops counting a message as ready when it sends it to a consumer; the
     /// consumer's process counts it once its reporter has written its row, normally within
@@ -276,7 +260,10 @@ impl QueryService {
     /// Only events newer than half the deduplication window are looked up: older ones'
     /// `processed_events` rows may be pruned. Dead-lettered events (as many failures as
     /// `CONSUMER_MAX_ATTEMPTS`) are left out, as the stages leave out the dead-letter queue.
-    fn unseen(&self, now: DateTime<Utc>) -> Result<Unseen> {
+    fn unseen(&self, stages_empty: bool, now: DateTime<Utc>) -> Result<Unseen> {
+        if !stages_empty {
+            return Ok(Unseen::default());
+        }
         let since = self
             .config
             .retention
@@ -309,6 +296,23 @@ impl QueryService {
                 .filter_map(|i| rows.get(i))
                 .map(|r| r.1)
                 .min(),
+        })
+    }
+
+    /// The outbox's side: its unpublished rows (how many, the oldest one's timestamp), and
+    /// the timestamp of the oldest of the `queued` events the broker holds ready.
+    fn backlog(
+        &self,
+        (pending, oldest_unpublished): (i64, Option<DateTime<Utc>>),
+        queued: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Backlog> {
+        let (oldest_queued, queued_bound_only) = self.oldest_queued(queued, now)?;
+        Ok(Backlog {
+            pending,
+            oldest_unpublished,
+            oldest_queued,
+            queued_bound_only,
         })
     }
 
