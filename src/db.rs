@@ -25,6 +25,26 @@ pub struct Conn {
     by_address: Vec<((usize, usize), Statement)>,
     /// Statements prepared with SQL `PREPARE`, by name, for `begin_execute`.
     named: Vec<&'static str>,
+    /// The server process behind this connection, read when it was made: what `fence`
+    /// needs once the connection is lost.
+    backend: Option<Backend>,
+}
+
+/// A server process: its pid and its start (microseconds since the epoch), so that a pid
+/// the server has since given to another session is not taken for it.
+#[derive(Clone, Copy, Debug)]
+pub struct Backend {
+    pid: i32,
+    started_us: i64,
+}
+
+/// Whether the server process of a lost connection is known to have ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// It has ended: whatever it was running has committed or never will.
+    Ended,
+    /// Not known: it could not be asked, or did not end in time.
+    Unknown,
 }
 
 /// An array literal of SQL, `'{a,b,c}'`, for the arguments of `Conn::begin_execute` and
@@ -50,16 +70,38 @@ impl Conn {
             statements: HashMap::new(),
             by_address: Vec::new(),
             named: Vec::new(),
+            backend: None,
         }
+    }
+
+    /// The server process behind this connection, if it was read when the connection was
+    /// made.
+    pub fn backend(&self) -> Option<Backend> {
+        self.backend
     }
 
     /// Returns the prepared statement for `sql`, preparing it on first use on this connection.
     pub fn prepared(&mut self, sql: &'static str) -> Result<Statement> {
+        Ok(self.prepared_or_lost(sql)?)
+    }
+
+    /// `prepared`, with the database's error as it came (`connection_lost` tells it apart).
+    pub fn prepared_or_lost(
+        &mut self,
+        sql: &'static str,
+    ) -> std::result::Result<Statement, postgres::Error> {
         let key = (sql.as_ptr() as usize, sql.len());
         if let Some((_, s)) = self.by_address.iter().find(|(k, _)| *k == key) {
             return Ok(s.clone());
         }
-        let s = self.prepared_cow(Cow::Borrowed(sql))?;
+        let s = match self.statements.get(sql) {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.client.prepare(sql)?;
+                self.statements.insert(Cow::Borrowed(sql), s.clone());
+                s
+            }
+        };
         self.by_address.push((key, s.clone()));
         Ok(s)
     }
@@ -211,7 +253,9 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
-        Ok(Conn::new(self.config.connect(NoTls)?))
+        let mut conn = Conn::new(self.config.connect(NoTls)?);
+        conn.backend = read_backend(&mut conn.client)?;
+        Ok(conn)
     }
 
     fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
@@ -322,29 +366,92 @@ impl Drop for Tx {
     }
 }
 
-/// Runs `first` (the first statements of a transaction) on `conn`; if the connection turns
-/// out dead (it died while it sat in the pool), runs it once more on a fresh one. Returns
-/// the connection it ran on and what the run gave.
+/// Runs `first` (the first statements of a transaction, or a statement that changes nothing)
+/// on `conn`; if the connection turns out dead (it died while it sat in the pool), runs it
+/// again on another one. Every idle connection may have died at once (the server restarted,
+/// or ended them all), and the pool hands them out until each has been found dead, so this
+/// tries up to the pool's size of them, then one more. Returns the connection it ran on and
+/// what the run gave.
 fn on_live_connection<T>(
     pool: &Pool,
     mut conn: Pooled,
     first: impl Fn(&mut Conn) -> std::result::Result<T, postgres::Error>,
 ) -> Result<(Pooled, std::result::Result<T, postgres::Error>)> {
-    match first(&mut conn) {
-        Err(e) if connection_lost(&e) => {
-            drop(conn); // `has_broken` sees it closed: the pool discards it
-            let mut conn = pool.get()?;
-            let again = first(&mut conn);
-            Ok((conn, again))
+    for _ in 0..pool.max_size() {
+        match first(&mut conn) {
+            Err(e) if connection_lost(&e) => {
+                drop(conn); // `has_broken` sees it closed: the pool discards it
+                conn = pool.get()?;
+            }
+            other => return Ok((conn, other)),
         }
-        other => Ok((conn, other)),
     }
+    let last = first(&mut conn);
+    Ok((conn, last))
 }
 
 /// True when `e` means the connection itself is gone (closed socket, or the server ended
 /// the session), as opposed to an error in a statement.
 pub fn connection_lost(e: &postgres::Error) -> bool {
     classify_postgres(e) == PostgresFailure::ConnectionLost
+}
+
+/// This session's server process (one round trip, when a connection is made).
+fn read_backend(client: &mut Client) -> std::result::Result<Option<Backend>, postgres::Error> {
+    let messages = client.simple_query(
+        "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
+         FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )?;
+    Ok(messages.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => Some(Backend {
+            pid: row.get(0)?.parse().ok()?,
+            started_us: row.get(1)?.parse().ok()?,
+        }),
+        _ => None,
+    }))
+}
+
+/// How long `fence` waits for the server process of a lost connection to end.
+const FENCE_WAIT_MS: i64 = 2000;
+
+/// Ends the server process of a lost connection and waits until it has ended, asking
+/// through `conn`, a new connection. A statement sent on the lost connection may still be
+/// running there (waiting for a lock, say) and commit later; once its process has ended,
+/// it has committed or never will. The process is known by its pid and its start, so a pid
+/// the server has given to a newer session is left alone, and one that is no longer there
+/// has ended. `Unknown` when the server could not be asked (the application role may end
+/// its own sessions; PostgreSQL before 14 has no wait) or the process did not end within
+/// `FENCE_WAIT_MS`.
+pub fn fence(pool: &Pool, backend: Option<Backend>) -> Result<(Pooled, Fenced)> {
+    let Some(b) = backend else {
+        return Ok((pool.get()?, Fenced::Unknown));
+    };
+    let sql = format!(
+        "SELECT pg_terminate_backend(pid, {FENCE_WAIT_MS}) FROM pg_stat_activity \
+         WHERE pid = {} AND (extract(epoch FROM backend_start) * 1000000)::int8 = {}",
+        b.pid, b.started_us
+    );
+    let (conn, answered) = on_live_connection(pool, pool.get()?, |c| c.client.simple_query(&sql))?;
+    let fenced = match answered {
+        // No row: that process is gone. A row: `pg_terminate_backend` says whether it ended.
+        Ok(messages)
+            if messages.iter().all(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0) == Some("t"),
+                _ => true,
+            }) =>
+        {
+            Fenced::Ended
+        }
+        Ok(_) => Fenced::Unknown,
+        Err(e) => {
+            warn!(
+                "could not end the server process {} of a lost connection: {e}",
+                b.pid
+            );
+            Fenced::Unknown
+        }
+    };
+    Ok((conn, fenced))
 }
 
 /// Builds a pool without connecting: connections are made on demand, so a service starts

@@ -194,7 +194,7 @@ impl CommandService {
     fn create_product(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let product = parse_product(&req.body)?;
-        let (mut conn, record) = match self.checkout(req, "/api/products")? {
+        let (conn, record) = match self.checkout(req, "/api/products")? {
             Checkout::Replay(response) => return Ok(response),
             Checkout::Fresh(conn, record) => (conn, record),
         };
@@ -210,7 +210,6 @@ impl CommandService {
             stock: product.stock,
         })
         .to_json();
-        let stmt = conn.prepared(INSERT_PRODUCT)?;
         let stock = product.stock as i32; // validated to fit
         let params: [&(dyn postgres::types::ToSql + Sync); 9] = [
             &product.name,
@@ -224,61 +223,82 @@ impl CommandService {
             &timestamp,
         ];
         // The product, its outbox row and the key: one statement, one implicit transaction.
-        let row = match conn.client.query_one(&stmt, &params) {
-            Ok(row) => row,
-            Err(e) => return self.committed_anyway(e, conn, Written::Product, event_id),
-        };
+        let (mut conn, row) =
+            match self.write(conn, Created::Product, INSERT_PRODUCT, &params, event_id)? {
+                (conn, Written::Answered(row)) => (conn, row),
+                (_, Written::Found(id)) => return Ok(self.created(Created::Product, id, event_id)),
+            };
         if !row.get::<_, bool>(1) {
             // A concurrent request with the same key won the race; its response stands.
             return self.replay_after_race(&mut conn, record.as_ref());
         }
-        let id: i64 = row.get(0);
-        self.metrics.products_created.inc();
-        self.wake_outbox(event_id);
-        Ok(Response::json(201, format!(r#"{{"productId":{id}}}"#)))
+        Ok(self.created(Created::Product, row.get(0), event_id))
     }
 
-    /// A write statement failed. If its connection was lost, the statement may have
-    /// committed before the answer was lost (a single statement commits on its own): the
-    /// write is looked up by its event id on a fresh connection, and if it is there the
-    /// answer is the 201 it would have had. It was answered 503: a client that retried
-    /// without an Idempotency-Key placed the order twice, and `orders_created_total` missed
-    /// it. Not found, the 503 stands (the server may still be finishing the statement).
-    fn committed_anyway(
-        &self,
-        e: postgres::Error,
-        conn: db::Pooled,
-        written: Written,
-        event_id: Uuid,
-    ) -> Result<Response> {
-        let (lookup, field, created) = match written {
-            Written::Product => (
-                "SELECT id FROM products WHERE event_id = $1",
-                "productId",
-                &self.metrics.products_created,
-            ),
-            Written::Order => (
-                "SELECT id FROM orders WHERE event_id = $1",
-                "orderId",
-                &self.metrics.orders_created,
-            ),
+    /// The 201 for a product or order written, counted, with the publisher woken.
+    fn created(&self, created: Created, id: i64, event_id: Uuid) -> Response {
+        let (field, counter) = match created {
+            Created::Product => ("productId", &self.metrics.products_created),
+            Created::Order => ("orderId", &self.metrics.orders_created),
         };
-        if !db::connection_lost(&e) {
-            return Err(e.into());
-        }
-        drop(conn);
-        let found = self.pool.get().map_err(Error::from).and_then(|mut fresh| {
-            let stmt = fresh.prepared(lookup)?;
-            Ok(fresh.client.query_opt(&stmt, &[&event_id])?)
-        });
-        let id: i64 = match found {
-            Ok(Some(row)) => row.get(0),
-            _ => return Err(e.into()),
-        };
-        warn!("the database connection was lost after {field} {id} was committed; answered 201");
-        created.inc();
+        counter.inc();
         self.wake_outbox(event_id);
-        Ok(Response::json(201, format!(r#"{{"{field}":{id}}}"#)))
+        Response::json(201, format!(r#"{{"{field}":{id}}}"#))
+    }
+
+    /// Runs a write statement (it is its own transaction) and survives the loss of its
+    /// connection. The statement may then have committed before its answer was lost, or may
+    /// still be running on the server (waiting for a lock, say) and commit later. So the
+    /// lost connection's server process is ended first and waited for (`db::fence`); then
+    /// the write is looked up by its event id (unique indexes of write migration 005): found,
+    /// it is answered as written. Not found and the process ended, it never committed and
+    /// never will, and the statement runs once more on the new connection. It was answered
+    /// 503 while the statement could still commit, and a client that retried without an
+    /// Idempotency-Key placed the order twice. The 503 stands when the process could not
+    /// be ended (the server could not be reached, or the process did not end in time).
+    fn write(
+        &self,
+        mut conn: db::Pooled,
+        created: Created,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+        event_id: Uuid,
+    ) -> Result<(db::Pooled, Written)> {
+        let mut again = false;
+        loop {
+            let answer = conn
+                .prepared_or_lost(sql)
+                .and_then(|stmt| conn.client.query_one(&stmt, params));
+            let e = match answer {
+                Ok(row) => return Ok((conn, Written::Answered(row))),
+                Err(e) if db::connection_lost(&e) => e,
+                Err(e) => return Err(e.into()),
+            };
+            let backend = conn.backend();
+            drop(conn);
+            let Ok((mut fresh, fenced)) = db::fence(&self.pool, backend) else {
+                return Err(e.into());
+            };
+            let lookup = match created {
+                Created::Product => "SELECT id FROM products WHERE event_id = $1",
+                Created::Order => "SELECT id FROM orders WHERE event_id = $1",
+            };
+            let found = fresh
+                .prepared(lookup)
+                .and_then(|stmt| Ok(fresh.client.query_opt(&stmt, &[&event_id])?));
+            match found {
+                Ok(Some(row)) => {
+                    let id: i64 = row.get(0);
+                    warn!("the database connection was lost after event {event_id} was committed (id {id}); answered 201");
+                    return Ok((fresh, Written::Found(id)));
+                }
+                Ok(None) if fenced == db::Fenced::Ended && !again => {
+                    warn!("the database connection was lost before event {event_id} was committed, and its server process has ended; writing it again");
+                    (conn, again) = (fresh, true);
+                }
+                _ => return Err(e.into()),
+            }
+        }
     }
 
     /// Checks the Idempotency-Key, checks out a connection and, if the key already has a
@@ -318,7 +338,7 @@ impl CommandService {
     fn create_order(&self, req: &Request) -> Result<Response> {
         req.require_json()?;
         let order = parse_order(&req.body)?;
-        let (mut conn, record) = match self.checkout(req, "/api/orders")? {
+        let (conn, record) = match self.checkout(req, "/api/orders")? {
             Checkout::Replay(response) => return Ok(response),
             Checkout::Fresh(conn, record) => (conn, record),
         };
@@ -328,33 +348,24 @@ impl CommandService {
         let prices: Vec<Option<i64>> = order.lines.iter().map(|l| l.price_cents).collect();
         let timestamp = event::format_timestamp(&event::now_millis());
         let event_id = Uuid::now_v7();
-        let stmt = conn.prepared(PLACE_ORDER)?;
         // Row locks, validation and every write: one statement in an implicit transaction
         // (sql/write/003_place_order.sql, body in 008).
-        let row = conn.client.query_one(
-            &stmt,
-            &[
-                &ids,
-                &quantities,
-                &prices,
-                &order.customer_id,
-                &event_id,
-                &timestamp,
-                &key,
-                &request,
-            ],
-        );
-        let row = match row {
-            Ok(row) => row,
-            Err(e) => return self.committed_anyway(e, conn, Written::Order, event_id),
+        let params: [&(dyn postgres::types::ToSql + Sync); 8] = [
+            &ids,
+            &quantities,
+            &prices,
+            &order.customer_id,
+            &event_id,
+            &timestamp,
+            &key,
+            &request,
+        ];
+        let row = match self.write(conn, Created::Order, PLACE_ORDER, &params, event_id)? {
+            (_, Written::Answered(row)) => row,
+            (_, Written::Found(id)) => return Ok(self.created(Created::Order, id, event_id)),
         };
         match row.get::<_, Option<&str>>(0) {
-            Some("ok") => {
-                let id: i64 = row.get(1);
-                self.metrics.orders_created.inc();
-                self.wake_outbox(event_id);
-                Ok(Response::json(201, format!(r#"{{"orderId":{id}}}"#)))
-            }
+            Some("ok") => Ok(self.created(Created::Order, row.get(1), event_id)),
             Some("key") => {
                 // A request with the same key committed first: its response stands.
                 let stored: Option<String> = row.get(6);
@@ -517,10 +528,17 @@ fn recorded_response(stored: &str, request: &str, status: i16, body: String) -> 
     Ok(Response::json(status as u16, body))
 }
 
-/// What a write statement creates, looked up by its event id (unique indexes of write
-/// migration 005) when the statement's connection was lost.
-#[derive(Clone, Copy)]
+/// What a write statement came to (`CommandService::write`).
 enum Written {
+    /// The statement's answer.
+    Answered(postgres::Row),
+    /// Its connection was lost after it committed: the id written, found by the event id.
+    Found(i64),
+}
+
+/// What a write created.
+#[derive(Clone, Copy)]
+enum Created {
     Product,
     Order,
 }
