@@ -1078,6 +1078,51 @@ fn command_behind_a_muting_proxy(
     (proxy, app)
 }
 
+/// The two writes whose lost connections the tests below settle: an order of 2 units of
+/// `product` for `customer`, and a product named `name`; each with the table it writes.
+fn two_writes(
+    product: i64,
+    customer: i64,
+    name: &str,
+) -> [(&'static str, serde_json::Value, &'static str); 2] {
+    [
+        (
+            "/api/orders",
+            json!({"customerId": customer, "items": [{"productId": product, "quantity": 2}]}),
+            "orders",
+        ),
+        (
+            "/api/products",
+            json!({"name": name, "category": "Answers", "price": 1.0, "stock": 1}),
+            "products",
+        ),
+    ]
+}
+
+fn rows(env: &TestEnv, table: &str) -> i64 {
+    env.write()
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .unwrap()
+        .get(0)
+}
+
+/// `r` is the 201 of `table`'s newest row, and `table` has one row more than `before`.
+fn assert_written_once(env: &TestEnv, r: &Reply, path: &str, table: &str, before: i64) {
+    assert_eq!(r.status, 201, "{path}: {}", r.body);
+    let newest: i64 = env
+        .write()
+        .query_one(&format!("SELECT max(id) FROM {table}"), &[])
+        .unwrap()
+        .get(0);
+    let field = if table == "orders" {
+        "orderId"
+    } else {
+        "productId"
+    };
+    assert_eq!(r.json()[field], json!(newest), "{path}");
+    assert_eq!(rows(env, table), before + 1, "{path}: written once");
+}
+
 /// The connection of an order's statement is lost after the order committed (its answer
 /// never arrives): the service looks the order up by its event id on a fresh connection
 /// and answers the 201 it would have given, and counts it. It answered 503, so a client
@@ -1089,48 +1134,19 @@ fn a_write_that_committed_before_its_connection_was_lost_is_answered_201() {
     let a = app.command();
     let product = create_product(a, "Lost", "Answers", 3.0, 10);
     let orders_before = counter(a, "orders_created_total");
-    for (path, body, table) in [
-        (
-            "/api/orders",
-            json!({"customerId": 5, "items": [{"productId": product, "quantity": 2}]}),
-            "orders",
-        ),
-        (
-            "/api/products",
-            json!({"name": "Lost too", "category": "Answers", "price": 1.0, "stock": 1}),
-            "products",
-        ),
-    ] {
-        let count = |env: &TestEnv| -> i64 {
-            env.write()
-                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-                .unwrap()
-                .get(0)
-        };
+    for (path, body, table) in two_writes(product, 5, "Lost too") {
         // The same request first, so that its statement is prepared on the connection (the
         // mute would drop the answer to the prepare).
         assert_eq!(post_json(a, path, &body).status, 201);
-        let before = count(&env);
+        let before = rows(&env, table);
         proxy.mute();
         let request = thread::spawn(move || post_json(a, path, &body));
         wait_until("the write committed", Duration::from_secs(20), || {
-            (count(&env) == before + 1).then_some(())
+            (rows(&env, table) == before + 1).then_some(())
         });
         proxy.cut();
         let r = request.join().unwrap();
-        assert_eq!(r.status, 201, "{path}: {}", r.body);
-        let newest: i64 = env
-            .write()
-            .query_one(&format!("SELECT max(id) FROM {table}"), &[])
-            .unwrap()
-            .get(0);
-        let field = if table == "orders" {
-            "orderId"
-        } else {
-            "productId"
-        };
-        assert_eq!(r.json()[field], json!(newest), "{path}");
-        assert_eq!(count(&env), before + 1, "written once");
+        assert_written_once(&env, &r, path, table, before);
     }
     assert_eq!(counter(a, "orders_created_total"), orders_before + 2);
 }
@@ -1162,27 +1178,10 @@ fn a_write_whose_connection_was_lost_before_it_committed_is_written_once() {
             .map(|r| r.get(0))
             .collect()
     };
-    for (path, body, table) in [
-        (
-            "/api/orders",
-            json!({"customerId": 6, "items": [{"productId": product, "quantity": 2}]}),
-            "orders",
-        ),
-        (
-            "/api/products",
-            json!({"name": "Held too", "category": "Answers", "price": 1.0, "stock": 1}),
-            "products",
-        ),
-    ] {
-        let count = |env: &TestEnv| -> i64 {
-            env.write()
-                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-                .unwrap()
-                .get(0)
-        };
+    for (path, body, table) in two_writes(product, 6, "Held too") {
         // Prepared on the connection first, as a request would have.
         assert_eq!(post_json(a, path, &body).status, 201);
-        let before = count(&env);
+        let before = rows(&env, table);
         let mut holder = env.write();
         let mut lock = holder.transaction().unwrap();
         lock.batch_execute(&format!("LOCK TABLE {table} IN SHARE MODE"))
@@ -1210,20 +1209,8 @@ fn a_write_whose_connection_was_lost_before_it_committed_is_written_once() {
             .get(0);
         lock.rollback().unwrap();
         let r = request.join().unwrap();
-        assert_eq!(r.status, 201, "{path}: {}", r.body);
+        assert_written_once(&env, &r, path, table, before);
         assert_eq!(gone, 0, "{path}: the lost statement's process was ended");
-        let newest: i64 = env
-            .write()
-            .query_one(&format!("SELECT max(id) FROM {table}"), &[])
-            .unwrap()
-            .get(0);
-        let field = if table == "orders" {
-            "orderId"
-        } else {
-            "productId"
-        };
-        assert_eq!(r.json()[field], json!(newest), "{path}");
-        assert_eq!(count(&env), before + 1, "{path}: written once");
     }
     let stock: i32 = env
         .write()
