@@ -372,7 +372,7 @@ impl Drop for Tx {
 /// or ended them all), and the pool hands them out until each has been found dead, so this
 /// tries up to the pool's size of them, then one more. Returns the connection it ran on and
 /// what the run gave.
-fn on_live_connection<T>(
+pub fn on_live_connection<T>(
     pool: &Pool,
     mut conn: Pooled,
     first: impl Fn(&mut Conn) -> std::result::Result<T, postgres::Error>,

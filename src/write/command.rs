@@ -308,14 +308,25 @@ impl CommandService {
             key,
             request: canonical_request(route, &req.body),
         });
-        let mut conn = self.pool.get()?;
-        if let Some(g) = &record {
-            if let Some(response) = replay(&mut conn, &g.key, &g.request, self.ttl())? {
+        let conn = self.pool.get()?;
+        let Some(g) = &record else {
+            return Ok(Checkout::Fresh(conn, record));
+        };
+        // The key's lookup changes nothing that matters (it may drop an expired record), so
+        // a connection found dead on it is replaced and the lookup runs again.
+        let ttl = self.ttl();
+        let (conn, stored) = db::on_live_connection(&self.pool, conn, |c| {
+            let stmt = c.prepared_or_lost(SELECT_KEY)?;
+            c.client.query_opt(&stmt, &[&g.key, &ttl])
+        })?;
+        match stored? {
+            Some(row) => {
+                let response = recorded_response(row.get(0), &g.request, row.get(1), row.get(2))?;
                 self.metrics.idempotent_replays.inc();
-                return Ok(Checkout::Replay(response));
+                Ok(Checkout::Replay(response))
             }
+            None => Ok(Checkout::Fresh(conn, record)),
         }
-        Ok(Checkout::Fresh(conn, record))
     }
 
     /// A concurrent request with the same key committed first: its response stands.

@@ -44,14 +44,20 @@ pub(crate) enum Outcome {
 
 /// Posts one order on a fresh connection, with connect and read timeouts.
 pub(crate) fn post_order(addr: SocketAddr, body: &str) -> Outcome {
+    post_order_keyed(addr, body, None)
+}
+
+/// `post_order`, with an `Idempotency-Key` when `key` is given.
+pub(crate) fn post_order_keyed(addr: SocketAddr, body: &str, key: Option<&str>) -> Outcome {
     let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
         Ok(s) => s,
         Err(e) => return Outcome::Io(e.kind().to_string()),
     };
     s.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    let key = key.map_or(String::new(), |k| format!("Idempotency-Key: {k}\r\n"));
     let req = format!(
-        "POST /api/orders HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+        "POST /api/orders HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{key}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -166,7 +172,9 @@ impl Load {
                             next(40) + 1,
                             items.join(",")
                         );
-                        let outcome = post_order(addr, &body);
+                        // Every other client sends its orders with an Idempotency-Key.
+                        let key = (t % 2 == 1).then(|| Uuid::new_v4().to_string());
+                        let outcome = post_order_keyed(addr, &body, key.as_deref());
                         let failed = !matches!(outcome, Outcome::Status(201, _));
                         log.lock().unwrap().outcomes.push((Instant::now(), outcome));
                         // Back off a little more after a failure, as a real client would.
