@@ -1177,8 +1177,8 @@ fn a_write_whose_connection_was_lost_before_it_committed_is_written_once() {
     let waiting = |env: &TestEnv| -> Vec<i32> {
         env.write()
             .query(
-                "SELECT pid FROM pg_stat_activity \
-                 WHERE application_name = 'command-service' AND wait_event_type = 'Lock'",
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'command-service' AND wait_event_type = 'Lock'",
                 &[],
             )
             .unwrap()
