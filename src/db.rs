@@ -94,14 +94,7 @@ impl Conn {
         if let Some((_, s)) = self.by_address.iter().find(|(k, _)| *k == key) {
             return Ok(s.clone());
         }
-        let s = match self.statements.get(sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = self.client.prepare(sql)?;
-                self.statements.insert(Cow::Borrowed(sql), s.clone());
-                s
-            }
-        };
+        let s = self.prepared_cow(Cow::Borrowed(sql))?;
         self.by_address.push((key, s.clone()));
         Ok(s)
     }
@@ -149,11 +142,14 @@ impl Conn {
     pub fn prepared_owned(&mut self, sql: &str) -> Result<Statement> {
         match self.statements.get(sql) {
             Some(s) => Ok(s.clone()),
-            None => self.prepared_cow(Cow::Owned(sql.to_string())),
+            None => Ok(self.prepared_cow(Cow::Owned(sql.to_string()))?),
         }
     }
 
-    fn prepared_cow(&mut self, sql: Cow<'static, str>) -> Result<Statement> {
+    fn prepared_cow(
+        &mut self,
+        sql: Cow<'static, str>,
+    ) -> std::result::Result<Statement, postgres::Error> {
         if let Some(s) = self.statements.get(sql.as_ref()) {
             return Ok(s.clone());
         }
@@ -396,12 +392,14 @@ pub fn connection_lost(e: &postgres::Error) -> bool {
     classify_postgres(e) == PostgresFailure::ConnectionLost
 }
 
+/// A server process's start in `pg_stat_activity`, as `Backend::started_us`.
+const BACKEND_STARTED_US: &str = "(extract(epoch FROM backend_start) * 1000000)::int8";
+
 /// This session's server process (one round trip, when a connection is made).
 fn read_backend(client: &mut Client) -> std::result::Result<Option<Backend>, postgres::Error> {
-    let messages = client.simple_query(
-        "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
-         FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-    )?;
+    let messages = client.simple_query(&format!(
+        "SELECT pid, {BACKEND_STARTED_US} FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    ))?;
     Ok(messages.iter().find_map(|m| match m {
         postgres::SimpleQueryMessage::Row(row) => Some(Backend {
             pid: row.get(0)?.parse().ok()?,
@@ -414,8 +412,8 @@ fn read_backend(client: &mut Client) -> std::result::Result<Option<Backend>, pos
 /// How long `fence` waits for the server process of a lost connection to end.
 const FENCE_WAIT_MS: i64 = 2000;
 
-/// Ends the server process of a lost connection and waits until it has ended, asking
-/// through `conn`, a new connection. A statement sent on the lost connection may still be
+/// Ends the server process of a lost connection and waits until it has ended, asking on
+/// another connection of `pool`, which it returns. A statement sent on the lost connection may still be
 /// running there (waiting for a lock, say) and commit later; once its process has ended,
 /// it has committed or never will. The process is known by its pid and its start, so a pid
 /// the server has given to a newer session is left alone, and one that is no longer there
@@ -428,7 +426,7 @@ pub fn fence(pool: &Pool, backend: Option<Backend>) -> Result<(Pooled, Fenced)> 
     };
     let sql = format!(
         "SELECT pg_terminate_backend(pid, {FENCE_WAIT_MS}) FROM pg_stat_activity \
-         WHERE pid = {} AND (extract(epoch FROM backend_start) * 1000000)::int8 = {}",
+         WHERE pid = {} AND {BACKEND_STARTED_US} = {}",
         b.pid, b.started_us
     );
     let (conn, answered) = on_live_connection(pool, pool.get()?, |c| c.client.simple_query(&sql))?;

@@ -315,10 +315,8 @@ impl CommandService {
         // The key's lookup changes nothing that matters (it may drop an expired record), so
         // a connection found dead on it is replaced and the lookup runs again.
         let ttl = self.ttl();
-        let (conn, stored) = db::on_live_connection(&self.pool, conn, |c| {
-            let stmt = c.prepared_or_lost(SELECT_KEY)?;
-            c.client.query_opt(&stmt, &[&g.key, &ttl])
-        })?;
+        let (conn, stored) =
+            db::on_live_connection(&self.pool, conn, |c| stored_key(c, &g.key, ttl))?;
         match stored? {
             Some(row) => {
                 let response = recorded_response(row.get(0), &g.request, row.get(1), row.get(2))?;
@@ -522,11 +520,21 @@ fn replay(
     request: &str,
     ttl_secs: f64,
 ) -> Result<Option<Response>> {
-    let stmt = conn.prepared(SELECT_KEY)?;
-    let Some(row) = conn.client.query_opt(&stmt, &[&key, &ttl_secs])? else {
+    let Some(row) = stored_key(conn, key, ttl_secs)? else {
         return Ok(None);
     };
     recorded_response(row.get(0), request, row.get(1), row.get(2)).map(Some)
+}
+
+/// The record of `key` unless it has expired (`SELECT_KEY`), with the database's error as
+/// it came.
+fn stored_key(
+    conn: &mut db::Conn,
+    key: &str,
+    ttl_secs: f64,
+) -> std::result::Result<Option<postgres::Row>, postgres::Error> {
+    let stmt = conn.prepared_or_lost(SELECT_KEY)?;
+    conn.client.query_opt(&stmt, &[&key, &ttl_secs])
 }
 
 /// The response recorded with a key, or 422 if the key guarded another request.
