@@ -20,6 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::{Channel, ConsumerMessage, ConsumerOptions, Delivery};
+use chrono::{DateTime, Utc};
 use crossbeam_channel::{select, Receiver};
 use log::{error, info, warn};
 
@@ -228,8 +229,9 @@ impl Consumer<'_> {
             // Held from the first delivery taken, while the batch fills too: the broker no
             // longer counts these messages as ready (sync-status counted them nowhere
             // during CONSUMER_BATCH_WAIT_MS).
-            let filling = self.progress.hold(self.thread, 1, None);
-            let batch = self.fill_batch((first.0, delivery(first.1)?), prx, orx)?;
+            let first = (first.0, delivery(first.1)?);
+            let filling = self.progress.hold(self.thread, 1, sent_by(&first.1));
+            let batch = self.fill_batch(first, prx, orx)?;
             self.process(&channels, batch)?;
             drop(filling);
         };
@@ -471,6 +473,16 @@ fn delivery_or_closed(
     m: std::result::Result<ConsumerMessage, crossbeam_channel::RecvError>,
 ) -> Result<ConsumerMessage> {
     m.map_err(|_| Error::unavailable("broker connection closed"))
+}
+
+/// A bound on a delivery's event time before its body is read: the message's timestamp
+/// (whole seconds, rounded, of its outbox row's creation, which follows the event's time)
+/// plus a second, so that the age it gives is never more than the event's. Until the batch
+/// is read, the lag while it fills: a progress row written then said it held deliveries
+/// of no age, and sync-status showed them pending with a lag of 0.
+fn sent_by(d: &Delivery) -> Option<DateTime<Utc>> {
+    let secs = i64::try_from((*d.properties.timestamp())?).ok()?;
+    DateTime::from_timestamp(secs.checked_add(1)?, 0)
 }
 
 fn delivery(

@@ -41,8 +41,12 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 struct Slot {
     /// Deliveries taken into the current batch and not yet acked or nacked.
     held: usize,
-    /// The oldest event timestamp in the current batch.
+    /// The oldest event timestamp in the current batch, kept after a batch that was not
+    /// applied (its deliveries go back to the broker and come again, maybe into the
+    /// buffers) until a batch is applied.
     oldest_event: Option<DateTime<Utc>>,
+    /// Whether the current batch was applied (`applied`), so its age may be forgotten.
+    applied: bool,
     /// When the thread last made progress: took a batch or applied events.
     progress_at: Option<Instant>,
     /// The thread's consumer receivers; their length is the prefetched, untaken deliveries.
@@ -102,7 +106,12 @@ impl Progress {
         let mut s = self.slot(thread);
         let was_idle = s.held == 0;
         s.held = n;
-        s.oldest_event = oldest;
+        // A batch not applied before may be among these, unseen yet (`None` while filling).
+        s.oldest_event = match (s.oldest_event, oldest) {
+            (Some(kept), Some(t)) => Some(kept.min(t)),
+            (kept, t) => kept.or(t),
+        };
+        s.applied = false;
         s.progress_at = Some(Instant::now());
         drop(s);
         // Only from idle to holding: a batch that replaces the one being filled is written
@@ -122,7 +131,10 @@ impl Progress {
     /// `thread` committed a transaction that applied events.
     pub fn applied(&self, thread: usize) {
         let now = Instant::now();
-        self.slot(thread).progress_at = Some(now);
+        let mut s = self.slot(thread);
+        s.progress_at = Some(now);
+        s.applied = true;
+        drop(s);
         *self.last_applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
     }
 
@@ -147,11 +159,16 @@ impl Progress {
             let buffered: usize = s.buffers.iter().map(Receiver::len).sum();
             snap.consumers += usize::from(!s.buffers.is_empty());
             snap.held_messages += s.held + buffered;
-            if s.held == 0 {
+            if s.held + buffered == 0 {
                 continue;
             }
+            // Between batches only the buffers hold anything: of their ages, what is known
+            // is that of a batch not applied, which came back.
             if let Some(t) = s.oldest_event {
                 snap.oldest_held_event = Some(snap.oldest_held_event.map_or(t, |o| o.min(t)));
+            }
+            if s.held == 0 {
+                continue;
             }
             let idle = s.progress_at.map_or(Duration::ZERO, |t| t.elapsed());
             if idle >= self.stall && snap.stalled.is_none() {
@@ -188,7 +205,9 @@ impl Drop for Held<'_> {
         let mut s = self.0.slot(self.1);
         let was_holding = s.held > 0;
         s.held = 0;
-        s.oldest_event = None;
+        if s.applied {
+            s.oldest_event = None;
+        }
         drop(s);
         if was_holding {
             self.0.changed();
@@ -303,5 +322,38 @@ mod tests {
         drop(held);
         let s = p.snapshot();
         assert_eq!((s.held_messages, s.stalled), (0, None));
+    }
+
+    /// A batch that was not applied goes back to the broker and comes again into the
+    /// buffers: between batches they hold it, and its age stays the lag until a batch is
+    /// applied. It was forgotten: sync-status showed 4 pending and a lag of 0.
+    #[test]
+    fn a_batch_not_applied_keeps_its_age_until_one_is() {
+        let p = Progress::new(1, Duration::from_secs(60));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _attached = p.attach(0, vec![rx]);
+        let old = crate::event::now_millis() - chrono::Duration::seconds(5);
+        drop(p.hold(0, 2, Some(old)));
+        tx.send(ConsumerMessage::ClientCancelled).unwrap();
+        tx.send(ConsumerMessage::ClientCancelled).unwrap();
+        let s = p.snapshot();
+        assert_eq!((s.held_messages, s.oldest_held_event), (2, Some(old)));
+        // Taken again while filling (age not read yet), then with the batch's own ages.
+        let filling = p.hold(0, 1, None);
+        assert_eq!(p.snapshot().oldest_held_event, Some(old));
+        let newer = crate::event::now_millis();
+        let held = p.hold(0, 2, Some(newer));
+        assert_eq!(p.snapshot().oldest_held_event, Some(old));
+        p.applied(0);
+        drop(held);
+        drop(filling);
+        p.slot(0).buffers[0].try_iter().for_each(drop); // taken into the applied batch
+        assert_eq!(p.snapshot().oldest_held_event, None);
+        // An applied batch leaves no age behind for what arrives next.
+        let held = p.hold(0, 1, Some(newer));
+        p.applied(0);
+        drop(held);
+        tx.send(ConsumerMessage::ClientCancelled).unwrap();
+        assert_eq!(p.snapshot().oldest_held_event, None);
     }
 }
