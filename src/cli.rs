@@ -93,14 +93,11 @@ fn serve(config: &Config, role: Role) -> Result<()> {
     }
     let running = app::start(config, role)?;
     stop_requested.wait();
-    stop_watchdog(config.shutdown_drain_timeout + STOP_GRACE);
+    stop_watchdog(config.stop_deadline());
     running.stop();
     signals.join();
     Ok(())
 }
-
-/// How long the stop may take beyond `SHUTDOWN_DRAIN_TIMEOUT_MS`.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Ends the process with exit code 1 if the stop has not finished within `limit`: a thread
 /// blocked in a call that has no timeout of its own (an AMQP handshake with a node that

@@ -83,6 +83,7 @@ pub const VARIABLES: &[Variable] = &[
     int("BROKER_RECONNECT_MAX_MS", "5000", 10, 600_000),
     int("BROKER_STALL_TIMEOUT_MS", "1000", 10, 600_000),
     int("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000", 0, 600_000),
+    int("STOP_GRACE_PERIOD_SECS", "30", 0, 86_400),
     int("BROKER_DOWN_GRACE_SECS", "10", 0, 3600),
     text("BROKER_EXCHANGE", "analytics.events"),
     text("BROKER_PRODUCT_QUEUE", "analytics.product-events"),
@@ -192,6 +193,9 @@ pub struct Config {
     pub broker_stall_timeout: Duration,
     /// At shutdown, how long the publishers may keep publishing what is committed.
     pub shutdown_drain_timeout: Duration,
+    /// How long the supervisor (Docker, Kubernetes) waits after its SIGTERM before it kills
+    /// the process; `None` when nothing is known to (the variable was 0).
+    pub stop_grace_period: Option<Duration>,
     /// How long every broker connection of a service may be down before `/health` says so.
     pub broker_down_grace: Duration,
     pub broker: BrokerNames,
@@ -267,6 +271,7 @@ impl Config {
             broker_reconnect_max: v.ms("BROKER_RECONNECT_MAX_MS")?,
             broker_stall_timeout: v.ms("BROKER_STALL_TIMEOUT_MS")?,
             shutdown_drain_timeout: v.ms("SHUTDOWN_DRAIN_TIMEOUT_MS")?,
+            stop_grace_period: v.secs_or_never("STOP_GRACE_PERIOD_SECS")?,
             broker: BrokerNames {
                 exchange: v.broker_name("BROKER_EXCHANGE")?,
                 product_queue: v.broker_name("BROKER_PRODUCT_QUEUE")?,
@@ -304,6 +309,7 @@ impl Config {
             )));
         }
         check_broker_names(&self.broker)?;
+        self.check_stop_deadline()?;
         if same_database(&self.write_db, &self.read_db) {
             return Err(Error::config(
                 "DATABASE_URL and READ_DATABASE_URL name the same database; the write and read models need one each",
@@ -322,7 +328,34 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The longest a stop may take after the signal: the publishers' drain, then
+    /// `STOP_BEYOND_DRAIN` for the rest before the process ends itself.
+    pub fn stop_deadline(&self) -> Duration {
+        self.shutdown_drain_timeout + STOP_BEYOND_DRAIN
+    }
+
+    /// A supervisor that kills the process before its own stop deadline would cut the drain
+    /// short without a word: nothing is lost then (unpublished rows stay in the outbox,
+    /// unacked deliveries are redelivered), but the drain the operator asked for never runs.
+    fn check_stop_deadline(&self) -> Result<()> {
+        match self.stop_grace_period {
+            Some(grace) if self.stop_deadline() >= grace => Err(Error::config(format!(
+                "SHUTDOWN_DRAIN_TIMEOUT_MS ({} ms) plus {} s for the rest of a stop must be below \
+                 STOP_GRACE_PERIOD_SECS ({} s), after which the supervisor kills the process; \
+                 raise STOP_GRACE_PERIOD_SECS with the supervisor's grace period (compose sets \
+                 both from it), or set it to 0 if nothing kills the process",
+                self.shutdown_drain_timeout.as_millis(),
+                STOP_BEYOND_DRAIN.as_secs(),
+                grace.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
+
+/// How long a stop may take beyond `SHUTDOWN_DRAIN_TIMEOUT_MS` (src/cli.rs's watchdog).
+pub const STOP_BEYOND_DRAIN: Duration = Duration::from_secs(5);
 
 /// Broker names RabbitMQ would refuse, or that would collide: `amq.` is reserved, and the
 /// two exchanges, like the three queues, need a name each.
@@ -923,6 +956,33 @@ mod tests {
         assert!(e.message().contains("PUBLISH_CONFIRM_TIMEOUT_MS"), "{e}");
         assert!(c("30000", "15000").is_err());
         assert!(c("30000", "60000").is_ok());
+    }
+
+    #[test]
+    fn a_stop_ends_before_the_supervisor_kills_the_process() {
+        let c = |drain: &str, grace: &str| {
+            let (drain, grace) = (drain.to_string(), grace.to_string());
+            Config::from_lookup(move |k| match k {
+                "SHUTDOWN_DRAIN_TIMEOUT_MS" => Some(drain.clone()),
+                "STOP_GRACE_PERIOD_SECS" => Some(grace.clone()),
+                _ => None,
+            })
+        };
+        let defaults = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(defaults.stop_grace_period, Some(Duration::from_secs(30)));
+        assert_eq!(defaults.stop_deadline(), Duration::from_secs(10));
+        assert!(c("24999", "30").is_ok());
+        let e = c("25000", "30").unwrap_err();
+        assert!(e.message().contains("STOP_GRACE_PERIOD_SECS (30 s)"), "{e}");
+        assert!(
+            e.message().contains("SHUTDOWN_DRAIN_TIMEOUT_MS (25000 ms)"),
+            "{e}"
+        );
+        assert!(c("60000", "66").is_ok());
+        assert!(
+            c("600000", "0").is_ok(),
+            "0: no supervisor's deadline to keep"
+        );
     }
 
     #[test]
