@@ -23,9 +23,8 @@ pub enum Command {
     Migrate,
     /// Exits 0 when `http://127.0.0.1:PORT/health` answers 200.
     Healthcheck(u16),
-    /// `dead-letters list | replay --all | replay EVENT_ID... | discard EVENT_ID...` (its own
-    /// arguments).
-    DeadLetters(Vec<String>),
+    /// `dead-letters list | replay --all | replay EVENT_ID... | discard EVENT_ID...`.
+    DeadLetters(crate::ops::dead_letters::Op),
     /// Recomputes the read model from the write model while everything runs.
     RebuildReadModel,
 }
@@ -52,7 +51,9 @@ impl Command {
                     _ => None,
                 }
             }
-            "dead-letters" => Some(Command::DeadLetters(args[1..].to_vec())),
+            "dead-letters" => {
+                crate::ops::dead_letters::Op::parse(&args[1..]).map(Command::DeadLetters)
+            }
             "rebuild-read-model" if alone => Some(Command::RebuildReadModel),
             _ => None,
         }
@@ -66,8 +67,8 @@ pub fn run(command: Command) -> Result<bool> {
         Command::Serve(role) => serve(&Config::from_env()?, role).map(|()| true),
         Command::Migrate => migrate(&Config::from_env()?).map(|()| true),
         Command::Healthcheck(port) => healthcheck(port).map(|()| true),
-        Command::DeadLetters(args) => {
-            crate::ops::dead_letters::run(&Config::from_env()?, &args, &mut std::io::stdout())
+        Command::DeadLetters(op) => {
+            crate::ops::dead_letters::run(&Config::from_env()?, op, &mut std::io::stdout())
         }
         Command::RebuildReadModel => rebuild(&Config::from_env()?),
     }
@@ -168,6 +169,7 @@ pub fn init_logging() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::dead_letters::Op;
 
     #[test]
     fn arguments_parse_into_commands() {
@@ -179,10 +181,34 @@ mod tests {
             Some(Command::Healthcheck(8080))
         );
         assert_eq!(parse(&["healthcheck"]), None);
+        let dead_letters = |op| Some(Command::DeadLetters(op));
+        let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect();
+        assert_eq!(parse(&["dead-letters", "list"]), dead_letters(Op::List));
         assert_eq!(
-            parse(&["dead-letters", "list"]),
-            Some(Command::DeadLetters(vec!["list".into()]))
+            parse(&["dead-letters", "replay", "--all"]),
+            dead_letters(Op::Replay(None))
         );
+        assert_eq!(
+            parse(&["dead-letters", "replay", "a", "b", "a"]),
+            dead_letters(Op::Replay(Some(ids(&["a", "b"]))))
+        );
+        assert_eq!(
+            parse(&["dead-letters", "discard", "-", "a"]),
+            dead_letters(Op::Discard(ids(&["-", "a"])))
+        );
+        for wrong in [
+            &["dead-letters"][..],
+            &["dead-letters", "list", "x"],
+            &["dead-letters", "replay"],
+            &["dead-letters", "replay", "--all", "a"],
+            &["dead-letters", "replay", "a", "--all"],
+            &["dead-letters", "replay", "-"],
+            &["dead-letters", "discard"],
+            &["dead-letters", "discard", "--all"],
+            &["dead-letters", "purge"],
+        ] {
+            assert_eq!(parse(wrong), None, "{wrong:?}");
+        }
         assert_eq!(
             parse(&["rebuild-read-model"]),
             Some(Command::RebuildReadModel)

@@ -31,26 +31,42 @@ pub const DEAD_LETTERS_MAX: usize = 10_000;
 /// How long `replay` waits for the broker's confirms.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str =
-    "usage: cqrs-analytics dead-letters list | replay --all | replay EVENT_ID... | discard EVENT_ID...";
+/// What a `dead-letters` command asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    List,
+    /// `replay --all` (None) or `replay EVENT_ID...`.
+    Replay(Option<BTreeSet<String>>),
+    Discard(BTreeSet<String>),
+}
 
-/// Runs the subcommand; Ok(false) means "done, but exit 1" (an id that was not there).
-pub fn run(config: &Config, args: &[String], out: &mut dyn Write) -> Result<bool> {
-    match args.first().map(String::as_str) {
-        Some("list") if args.len() == 1 => list(config, out).map(|()| true),
-        Some("replay") if args.get(1).map(String::as_str) == Some("--all") && args.len() == 2 => {
-            replay(config, None, out)
+impl Op {
+    /// The operation `args` (after `dead-letters`) ask for; None is bad usage.
+    pub fn parse(args: &[String]) -> Option<Op> {
+        let ids = || args[1..].iter().cloned().collect::<BTreeSet<_>>();
+        match args.first().map(String::as_str)? {
+            "list" if args.len() == 1 => Some(Op::List),
+            "replay" if args.len() == 2 && args[1] == "--all" => Some(Op::Replay(None)),
+            "replay" if args.len() > 1 && args[1..].iter().all(|a| !a.starts_with('-')) => {
+                Some(Op::Replay(Some(ids())))
+            }
+            // `-` is how `list` shows a message with no event id: `discard -` removes those.
+            "discard"
+                if args.len() > 1 && args[1..].iter().all(|a| a == "-" || !a.starts_with('-')) =>
+            {
+                Some(Op::Discard(ids()))
+            }
+            _ => None,
         }
-        Some("replay") if args.len() > 1 && !args[1].starts_with('-') => {
-            replay(config, Some(args[1..].iter().cloned().collect()), out)
-        }
-        // `-` is how `list` shows a message with no event id: `discard -` removes those.
-        Some("discard")
-            if args.len() > 1 && args[1..].iter().all(|a| a == "-" || !a.starts_with('-')) =>
-        {
-            discard(config, args[1..].iter().cloned().collect(), out)
-        }
-        _ => Err(Error::config(USAGE)),
+    }
+}
+
+/// Runs the operation; Ok(false) means "done, but exit 1" (an id that was not there).
+pub fn run(config: &Config, op: Op, out: &mut dyn Write) -> Result<bool> {
+    match op {
+        Op::List => list(config, out).map(|()| true),
+        Op::Replay(wanted) => replay(config, wanted, out),
+        Op::Discard(wanted) => discard(config, wanted, out),
     }
 }
 

@@ -152,6 +152,30 @@ fn healthcheck_subcommand_reports_the_health_of_a_port() {
     assert_eq!(usage.status.code(), Some(2));
 }
 
+/// A `dead-letters` command of the wrong shape is bad usage like any other: exit 2 and the
+/// usage line, before any variable is read. It was reported as a "configuration error".
+#[test]
+fn a_dead_letters_command_of_the_wrong_shape_prints_the_usage() {
+    for args in [
+        &["dead-letters", "replay"][..],
+        &["dead-letters", "purge"],
+        &["dead-letters", "replay", "x", "--all"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+            .args(args)
+            .env("CONSUMER_THREADS", "not read")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("usage: cqrs-analytics ")
+                && stderr.contains("dead-letters replay --all"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn static_checks_accept_every_compose_v2_version_line() {
     // What `docker compose version` prints, release by release; only v1 is refused.
