@@ -5,8 +5,8 @@
 -- writes the table, and an UPDATE evaluates them all, whatever columns it changes. An
 -- order writes four tables, so its nine CHECKs were rebuilt at every order:
 -- benches/pg-callgrind.sh counted 1,319,535 instructions of PostgreSQL's per place_order
--- call with them and 1,086,202 with only `stock >= 0` left (-17.7 %; README,
--- Performance, eighth pass).
+-- call with them and 1,086,202 with only `stock >= 0` left (-17.7 %;
+-- benches/HISTORY.md, eighth pass).
 --
 -- * products: name, category and price are rules of the catalogue, for any writer. They
 --   move to a trigger that fires only when a row is inserted or one of those columns is

@@ -18,7 +18,7 @@
 --
 -- What an order answers, writes and locks, and in which order, is unchanged; so are the
 -- signature and grants. benches/pg-callgrind.sh counted PostgreSQL's instructions per call
--- (README, Performance, ninth pass): an accepted order 1,086,264 before, 981,686 with the
+-- (benches/HISTORY.md, ninth pass): an accepted order 1,086,264 before, 981,686 with the
 -- two statements, 950,313 with the event built from row types as well (below; -12.5 % in
 -- all); a rejected one (insufficient stock on its first line) 272,559 before, 413,273
 -- after, since statement 1 builds the event's items before it knows the order fails.
