@@ -194,7 +194,7 @@ pub struct Config {
     /// At shutdown, how long the publishers may keep publishing what is committed.
     pub shutdown_drain_timeout: Duration,
     /// How long the supervisor (Docker, Kubernetes) waits after its SIGTERM before it kills
-    /// the process; `None` when nothing is known to (the variable was 0).
+    /// the process; `None` when nothing will (the variable was 0).
     pub stop_grace_period: Option<Duration>,
     /// How long every broker connection of a service may be down before `/health` says so.
     pub broker_down_grace: Duration,
