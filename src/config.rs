@@ -943,13 +943,11 @@ mod tests {
 
     #[test]
     fn a_claim_outlives_its_confirm_wait() {
-        let c = |confirm: &str, idle: &str| {
-            let (confirm, idle) = (confirm.to_string(), idle.to_string());
-            Config::from_lookup(move |k| match k {
-                "PUBLISH_CONFIRM_TIMEOUT_MS" => Some(confirm.clone()),
-                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS" => Some(idle.clone()),
-                _ => None,
-            })
+        let c = |confirm, idle| {
+            with(&[
+                ("PUBLISH_CONFIRM_TIMEOUT_MS", confirm),
+                ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", idle),
+            ])
         };
         assert!(c("7500", "15000").is_ok());
         let e = c("7501", "15000").unwrap_err();
@@ -960,13 +958,11 @@ mod tests {
 
     #[test]
     fn a_stop_ends_before_the_supervisor_kills_the_process() {
-        let c = |drain: &str, grace: &str| {
-            let (drain, grace) = (drain.to_string(), grace.to_string());
-            Config::from_lookup(move |k| match k {
-                "SHUTDOWN_DRAIN_TIMEOUT_MS" => Some(drain.clone()),
-                "STOP_GRACE_PERIOD_SECS" => Some(grace.clone()),
-                _ => None,
-            })
+        let c = |drain, grace| {
+            with(&[
+                ("SHUTDOWN_DRAIN_TIMEOUT_MS", drain),
+                ("STOP_GRACE_PERIOD_SECS", grace),
+            ])
         };
         let defaults = Config::from_lookup(|_| None).unwrap();
         assert_eq!(defaults.stop_grace_period, Some(Duration::from_secs(30)));
