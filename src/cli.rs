@@ -77,6 +77,7 @@ pub fn run(command: Command) -> Result<bool> {
 /// Serves until SIGINT or SIGTERM, then stops in order. A signal that comes while the
 /// databases are still awaited at start-up is a stop too: exit 0, nothing started.
 fn serve(config: &Config, role: Role) -> Result<()> {
+    config.check_stop_deadline()?;
     let (trigger, stop_requested) = shutdown::channel();
     let signals = SignalThread::start(trigger)?;
     if config.migrate_on_start {

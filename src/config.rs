@@ -309,7 +309,6 @@ impl Config {
             )));
         }
         check_broker_names(&self.broker)?;
-        self.check_stop_deadline()?;
         if same_database(&self.write_db, &self.read_db) {
             return Err(Error::config(
                 "DATABASE_URL and READ_DATABASE_URL name the same database; the write and read models need one each",
@@ -335,10 +334,11 @@ impl Config {
         self.shutdown_drain_timeout + STOP_BEYOND_DRAIN
     }
 
-    /// A supervisor that kills the process before its own stop deadline would cut the drain
-    /// short without a word: nothing is lost then (unpublished rows stay in the outbox,
-    /// unacked deliveries are redelivered), but the drain the operator asked for never runs.
-    fn check_stop_deadline(&self) -> Result<()> {
+    /// For a service (the one-shot commands have no drain): a supervisor that kills the
+    /// process before its own stop deadline would cut the drain short without a word.
+    /// Nothing is lost then (unpublished rows stay in the outbox, unacked deliveries are
+    /// redelivered), but the drain the operator asked for never runs.
+    pub fn check_stop_deadline(&self) -> Result<()> {
         match self.stop_grace_period {
             Some(grace) if self.stop_deadline() >= grace => Err(Error::config(format!(
                 "SHUTDOWN_DRAIN_TIMEOUT_MS ({} ms) plus {} s for the rest of a stop must be below \
@@ -963,6 +963,7 @@ mod tests {
                 ("SHUTDOWN_DRAIN_TIMEOUT_MS", drain),
                 ("STOP_GRACE_PERIOD_SECS", grace),
             ])
+            .and_then(|c| c.check_stop_deadline())
         };
         let defaults = Config::from_lookup(|_| None).unwrap();
         assert_eq!(defaults.stop_grace_period, Some(Duration::from_secs(30)));

@@ -100,6 +100,40 @@ fn submission_json_names_both_services() {
     );
 }
 
+/// A service whose stop could outlast the supervisor's grace period refuses to start, on one
+/// line naming both variables; a one-shot command, which has no drain, is not held to it
+/// (here `migrate` gets as far as the database, which refuses its role: exit 1).
+#[test]
+fn a_service_whose_stop_would_outlast_the_grace_period_refuses_to_start() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
+            .args(args)
+            .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "60000")
+            .env("DATABASE_URL", "postgresql://no_such_role@127.0.0.1:5432/w")
+            .env(
+                "READ_DATABASE_URL",
+                "postgresql://no_such_role@127.0.0.1:5432/r",
+            )
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&["query-service"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("SHUTDOWN_DRAIN_TIMEOUT_MS (60000 ms)")
+            && stderr.contains("STOP_GRACE_PERIOD_SECS (30 s)"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["migrate"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains("STOP_GRACE_PERIOD_SECS"), "{stderr}");
+}
+
 #[test]
 fn malformed_variable_exits_2_naming_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_cqrs-analytics"))
