@@ -230,7 +230,7 @@ impl Consumer<'_> {
             // longer counts these messages as ready (sync-status counted them nowhere
             // during CONSUMER_BATCH_WAIT_MS).
             let first = (first.0, delivery(first.1)?);
-            let filling = self.progress.hold(self.thread, 1, sent_by(&first.1));
+            let filling = self.progress.hold(self.thread, 1, Some(sent_by(&first.1)));
             let batch = self.fill_batch(first, prx, orx)?;
             self.process(&channels, batch)?;
             drop(filling);
@@ -475,14 +475,20 @@ fn delivery_or_closed(
     m.map_err(|_| Error::unavailable("broker connection closed"))
 }
 
-/// A bound on a delivery's event time before its body is read: the message's timestamp
-/// (whole seconds, rounded, of its outbox row's creation, which follows the event's time)
-/// plus a second, so that the age it gives is never more than the event's. Until the batch
-/// is read, the lag while it fills: a progress row written then said it held deliveries
-/// of no age, and sync-status showed them pending with a lag of 0.
-fn sent_by(d: &Delivery) -> Option<DateTime<Utc>> {
-    let secs = i64::try_from((*d.properties.timestamp())?).ok()?;
-    DateTime::from_timestamp(secs.checked_add(1)?, 0)
+/// A bound on a delivery's event time before its body is read, so that the age it gives is
+/// never more than the event's: the earlier of now (the event was committed before it was
+/// published and delivered) and the message's timestamp (whole seconds, rounded, of its
+/// outbox row's creation, which follows the event's time) plus a second. Until the batch is
+/// read, the lag while it fills: a progress row written then said it held deliveries of no
+/// age, and sync-status showed them pending with a lag of 0; with the timestamp alone, up to
+/// a second ahead of now, it still did for that second.
+fn sent_by(d: &Delivery) -> DateTime<Utc> {
+    let now = Utc::now();
+    d.properties
+        .timestamp()
+        .and_then(|secs| i64::try_from(secs).ok()?.checked_add(1))
+        .and_then(|secs| DateTime::from_timestamp(secs, 0))
+        .map_or(now, |t| t.min(now))
 }
 
 fn delivery(

@@ -809,6 +809,38 @@ fn sync_status_counts_the_batch_a_consumer_is_filling() {
     caught_up_only_when_applied(|c| c.consumer_batch_wait = Duration::from_millis(50));
 }
 
+/// A batch being filled counts with an age from the moment its first delivery was taken.
+/// Its events are read only when it is applied, and the bound it had instead, the message's
+/// timestamp (whole seconds, rounded) plus a second, lay at least half a second ahead:
+/// sync-status said "1 pending, lag 0" for that long.
+#[test]
+fn a_batch_being_filled_has_an_age_from_the_start() {
+    let env = TestEnv::new();
+    let app = env.start_with(Role::All, |c| {
+        c.consumer_batch_wait = Duration::from_secs(3);
+    });
+    let (c, q) = (app.command(), app.query());
+    let product = create_product(c, "Filling", "Slow batches", 1.0, 100);
+    wait_until("the product applied", CONVERGE, || {
+        let s = get(q, "/api/analytics/sync-status").json();
+        (s["eventsApplied"] == 1 && s["pendingConsumerMessages"] == 0).then_some(())
+    });
+    let body = json!({"customerId": 4, "items": [{"productId": product, "quantity": 1}]});
+    assert_eq!(post_json(c, "/api/orders", &body).status, 201);
+    let ordered = Instant::now();
+    thread::sleep(Duration::from_millis(300));
+    let s = get(q, "/api/analytics/sync-status").json();
+    let age = ordered.elapsed().as_secs_f64();
+    assert!(age < 2.5, "the batch may have been applied: {age} s");
+    assert_eq!(s["pendingConsumerMessages"], 1, "{s}");
+    let lag = s["lagSeconds"].as_f64().unwrap();
+    assert!(
+        (0.1..=age + 0.1).contains(&lag),
+        "lag {lag} s, age {age} s: {s}"
+    );
+    assert_converges(&env, CONVERGE);
+}
+
 /// The hand-over between the broker and a consumer's progress row, held open. A delivered
 /// event is no longer ready on the broker, and is in the consumer's row only once the
 /// reporter has written it: normally up to about 2 ms later, which made the burst-then-poll
