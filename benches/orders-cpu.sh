@@ -16,19 +16,9 @@
 set -u
 BIN=$1 TAG=$2
 shift 2
-W=ordcpu_${TAG}_w R=ordcpu_${TAG}_r P=ordcpu.$TAG
-PG=${PG:-postgresql://postgres@localhost:5432}
-psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $W" -c "DROP DATABASE IF EXISTS $R" 2>/dev/null
-export DATABASE_URL=$PG/$W READ_DATABASE_URL=$PG/$R RUST_LOG=warn
-export BROKER_EXCHANGE=$P.ex BROKER_PRODUCT_QUEUE=$P.p BROKER_ORDER_QUEUE=$P.o \
-    BROKER_DEAD_LETTER_EXCHANGE=$P.dlx BROKER_DEAD_LETTER_QUEUE=$P.dlq
-export COMMAND_SERVICE_PORT=18280 QUERY_SERVICE_PORT=18281 CONSUMER_SERVICE_PORT=18282
-env "$@" "$BIN" all >"/tmp/$P.log" 2>&1 &
-PID=$!
-for _ in $(seq 100); do
-    curl -sf localhost:18280/health >/dev/null && curl -sf localhost:18282/health >/dev/null && break
-    sleep 0.2
-done
+# shellcheck source=benches/scratch-all.sh
+. "$(dirname "$0")/scratch-all.sh"
+scratch_start "$BIN" "ordcpu_$TAG" 18280 "$@"
 for i in $(seq 1 200); do
     curl -s -o /dev/null -XPOST localhost:18280/api/products -H 'content-type: application/json' \
         -d "{\"name\":\"p$i\",\"category\":\"c$((i % 10))\",\"price\":$((i % 50 + 1)).99,\"stock\":100000000}"
@@ -78,11 +68,5 @@ join <(echo "$c0") <(echo "$c1") | awk -v d="$(echo "$t1 - $t0" | bc)" \
     '{printf "%s %.3f cores  ", $1, ($3 - $2) / 100 / d} END {print ""}'
 echo "$s0 $s1 $((o1 - o0))" | awk '{n = $9; printf "orders %d; per order: write commits %.2f, read commits %.3f, WAL bytes %.0f, WAL flushes %.3f\n",
     n, ($5 - $1) / n, ($6 - $2) / n, ($7 - $3) / n, ($8 - $4) / n}'
-kill $PID
-wait $PID
 rm -f "$LUA" "$OUT"
-psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $W" -c "DROP DATABASE IF EXISTS $R"
-for q in p o dlq; do rabbitmqctl delete_queue "$P.$q" >/dev/null 2>&1; done
-for x in ex dlx; do
-    rabbitmqctl eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$P.$x\">>), false, <<\"cli\">>)." >/dev/null 2>&1
-done
+scratch_stop
