@@ -413,9 +413,9 @@ fn read_backend(client: &mut Client) -> std::result::Result<Option<Backend>, pos
 const FENCE_WAIT_MS: i64 = 2000;
 
 /// Ends the server process of a lost connection and waits until it has ended, asking on
-/// another connection of `pool`, which it returns. A statement sent on the lost connection may still be
-/// running there (waiting for a lock, say) and commit later; once its process has ended,
-/// it has committed or never will. The process is known by its pid and its start, so a pid
+/// another connection of `pool`, which it returns. A statement sent on the lost connection
+/// may still be running there (waiting for a lock, say) and commit later; once its process
+/// has ended, it has committed or never will. The process is known by its pid and its start, so a pid
 /// the server has given to a newer session is left alone, and one that is no longer there
 /// has ended. `Unknown` when the server could not be asked (the application role may end
 /// its own sessions; PostgreSQL before 14 has no wait) or the process did not end within
