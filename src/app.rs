@@ -16,6 +16,7 @@ use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 use crate::http::{HttpServer, Limits, Service};
 use crate::ops::retention::{self, Job, RetentionMetrics, Table};
+use crate::read::cache::{self, Cache};
 use crate::read::consumer::{self, ConsumerHttp, ConsumerMetrics};
 use crate::read::progress::Progress;
 use crate::read::query::QueryService;
@@ -366,7 +367,15 @@ fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         "query-service-outbox",
         db::Session::ReadOnly,
     );
-    let service = QueryService::new(read, write, config.clone());
+    let cache = Cache::new(config.query_cache_bytes);
+    let listener = db::Manager::new(
+        &config.read_db,
+        &config.db,
+        "query-service-cache",
+        db::Session::ReadOnly,
+    );
+    cache::start(cache.clone(), listener, &running.background.shutdown);
+    let service = QueryService::new(read, write, config.clone(), cache);
     running.serve(
         config,
         "query-service",

@@ -62,6 +62,7 @@ pub const VARIABLES: &[Variable] = &[
     int("HTTP_KEEPALIVE_TIMEOUT_MS", "5000", 10, 3_600_000),
     int("WRITE_POOL_SIZE", "16", 1, 1024),
     int("READ_POOL_SIZE", "8", 1, 1024),
+    int("QUERY_CACHE_BYTES", "4194304", 0, 1_073_741_824),
     int("DB_POOL_TIMEOUT_MS", "2000", 1, 600_000),
     int("DB_CONNECT_TIMEOUT_MS", "3000", 1, 600_000),
     int("DB_STATEMENT_TIMEOUT_MS", "5000", 100, 3_600_000),
@@ -172,6 +173,8 @@ pub struct Config {
     pub http_keepalive_timeout: Duration,
     pub write_pool_size: u32,
     pub read_pool_size: u32,
+    /// The query service's response cache (`read::cache`); 0: off.
+    pub query_cache_bytes: usize,
     pub db: DbTimeouts,
     pub outbox_publishers: usize,
     pub outbox_batch_size_max: usize,
@@ -247,6 +250,7 @@ impl Config {
             http_keepalive_timeout: v.ms("HTTP_KEEPALIVE_TIMEOUT_MS")?,
             write_pool_size: v.int("WRITE_POOL_SIZE")?,
             read_pool_size: v.int("READ_POOL_SIZE")?,
+            query_cache_bytes: v.int("QUERY_CACHE_BYTES")?,
             db: DbTimeouts {
                 pool_checkout: v.ms("DB_POOL_TIMEOUT_MS")?,
                 connect: v.ms("DB_CONNECT_TIMEOUT_MS")?,

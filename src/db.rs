@@ -675,6 +675,10 @@ pub fn migrate(
         true => Error::config(format!("{database}: {}", e.message())),
         false => e,
     })?;
+    if !applied.is_empty() {
+        // A migration may change what the read model answers (`read::cache`).
+        client.batch_execute(crate::read::cache::NOTIFY)?;
+    }
     let version: Option<i32> = client
         .query_one("SELECT max(version) FROM schema_migrations", &[])?
         .get(0);

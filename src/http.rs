@@ -68,6 +68,7 @@ impl Request {
 }
 
 /// A response: a status and a JSON (or text) body.
+#[derive(Clone)]
 pub struct Response {
     pub status: u16,
     pub body: String,

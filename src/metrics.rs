@@ -172,6 +172,26 @@ const HELP: &[(&str, &str)] = &[
         "db_pool_connections",
         "Database pool connections, by pool and state",
     ),
+    (
+        "query_cache_hits_total",
+        "Read requests answered from the response cache",
+    ),
+    (
+        "query_cache_misses_total",
+        "Read requests the response cache did not hold (read from the database, then kept)",
+    ),
+    (
+        "query_cache_changes_total",
+        "Read-model changes the response cache's listener heard (each empties the cache)",
+    ),
+    (
+        "query_cache_bytes",
+        "Bytes the response cache holds (keys, bodies and 96 per entry)",
+    ),
+    (
+        "query_cache_on",
+        "1 while the response cache answers (its listener trusted), else 0",
+    ),
     ("products_created_total", "Products created (201)"),
     ("orders_created_total", "Orders created (201)"),
     (

@@ -3,6 +3,7 @@
 //! service with its ranked lists and dashboard. Only `consumer` and `projection` write the
 //! read model; the query service never writes.
 
+pub mod cache;
 pub mod consumer;
 pub mod dashboard;
 pub mod lists;

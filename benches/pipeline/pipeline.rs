@@ -29,8 +29,11 @@ pub struct PipelineFigures {
     /// Sorted, µs.
     pub fresh_us: Vec<u64>,
     pub fresh_timeouts: u32,
+    /// From `all`, whose query service keeps its answers (`read::cache`).
     pub queries: LoadResult,
     pub queries_cpu: Value,
+    /// From a query service with `QUERY_CACHE_BYTES=0`, after `all` stopped.
+    pub queries_uncached: LoadResult,
     pub peak_rss_kib: u64,
     pub read_equals_write: bool,
 }
@@ -54,11 +57,36 @@ pub fn run(s: &Settings) -> PipelineFigures {
     let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
     let procs = [(all.pid(), "all")];
     let cpu0 = cpu_snapshot(&procs);
+    f.queries = queries(s, &stack, &ids, "");
+    f.queries_cpu = cpu_delta(&cpu0, &cpu_snapshot(&procs));
+    f.peak_rss_kib = services::vm_hwm_kib(all.pid()).unwrap_or(0);
+    f.read_equals_write = services::read_equals_write(&stack);
+    all.stop();
+    // The same queries from a query service that keeps nothing (`read::cache`): every one
+    // a round trip to the read database.
+    let extra = [("QUERY_CACHE_BYTES", "0".to_string())];
+    let uncached = stack.spawn("query-service", &extra, &s.log_dir);
+    wait_healthy(stack.query);
+    f.queries_uncached = queries(s, &stack, &ids, ", the cache off");
+    uncached.stop();
     log(format!(
-        "pipeline: queries, {} clients for {} s",
+        "pipeline: orders {:.0}/s, drain {:?} s, fresh p99 {:.1} ms, queries {:.0}/s, RSS {} KiB",
+        f.orders.per_second(),
+        f.drain,
+        pct(&f.fresh_us, 99.0) / 1000.0,
+        f.queries.per_second(),
+        f.peak_rss_kib
+    ));
+    f
+}
+
+/// GET product sales for random products from `s.clients` clients for `s.query_seconds`.
+fn queries(s: &Settings, stack: &Stack, ids: &[i64], what: &str) -> LoadResult {
+    log(format!(
+        "pipeline: queries{what}, {} clients for {} s",
         s.clients, s.query_seconds
     ));
-    f.queries = load(
+    load(
         stack.query,
         s.clients,
         Until::Time(Duration::from_secs(s.query_seconds)),
@@ -72,20 +100,7 @@ pub fn run(s: &Settings) -> PipelineFigures {
                 None,
             )
         },
-    );
-    f.queries_cpu = cpu_delta(&cpu0, &cpu_snapshot(&procs));
-    f.peak_rss_kib = services::vm_hwm_kib(all.pid()).unwrap_or(0);
-    f.read_equals_write = services::read_equals_write(&stack);
-    all.stop();
-    log(format!(
-        "pipeline: orders {:.0}/s, drain {:?} s, fresh p99 {:.1} ms, queries {:.0}/s, RSS {} KiB",
-        f.orders.per_second(),
-        f.drain,
-        pct(&f.fresh_us, 99.0) / 1000.0,
-        f.queries.per_second(),
-        f.peak_rss_kib
-    ));
-    f
+    )
 }
 
 /// Waits until the read model has every product (the ProductCreated events landed).
@@ -129,6 +144,7 @@ fn burst(s: &Settings, stack: &Stack, pid: u32, products: &[Product]) -> Pipelin
         fresh_us: Vec::new(),
         fresh_timeouts: 0,
         queries: LoadResult::default(),
+        queries_uncached: LoadResult::default(),
         queries_cpu: Value::Null,
         peak_rss_kib: 0,
         read_equals_write: false,
@@ -228,7 +244,7 @@ pub fn load_json(r: &LoadResult) -> Value {
 
 impl Figures for PipelineFigures {
     fn rows(&self, c: &Ceilings) -> Vec<Row> {
-        let (o, q) = (&self.orders, &self.queries);
+        let (o, q, u) = (&self.orders, &self.queries, &self.queries_uncached);
         let ms = |us: &[u64], p: f64| pct(us, p) / 1000.0;
         let fresh_ok = self.fresh_timeouts == 0;
         let orders_detail = format!(
@@ -275,6 +291,17 @@ impl Figures for PipelineFigures {
             Row::ceiling("queries/s", q.per_second(), "/s", c, "select_pk_tps", 0.8)
                 .detail(format!("p50 {:.2} ms", q.pct_ms(50.0))),
             Row::at_most("query p99", q.pct_ms(99.0), "ms", 5.0),
+            Row {
+                ratio: c
+                    .get("select_pk_tps")
+                    .map(|r| ("select_pk_tps".into(), r, u.per_second() / r)),
+                ..Row::info("queries/s, cache off", u.per_second(), "/s")
+            }
+            .detail(format!(
+                "p50 {:.2} ms, p99 {:.2} ms",
+                u.pct_ms(50.0),
+                u.pct_ms(99.0)
+            )),
             Row::at_most(
                 "peak RSS of all",
                 self.peak_rss_kib as f64 / 1024.0,
@@ -306,6 +333,7 @@ impl Figures for PipelineFigures {
                           "p50_ms": round(pct(&self.fresh_us, 50.0) / 1000.0, 2), "p99_ms": round(pct(&self.fresh_us, 99.0) / 1000.0, 2),
                           "max_ms": round(pct(&self.fresh_us, 100.0) / 1000.0, 2)},
             "queries": load_json(&self.queries), "queries_cpu_cores": self.queries_cpu,
+            "queries_cache_off": load_json(&self.queries_uncached),
             "peak_rss_mib": round(self.peak_rss_kib as f64 / 1024.0, 1),
             "read_equals_write": self.read_equals_write,
         })

@@ -586,6 +586,7 @@ fn try_switch(
             "ALTER TABLE {live_q}.{t} SET SCHEMA {RETIRED}; ALTER TABLE {SHADOW}.{t} SET SCHEMA {live_q};"
         ));
     }
+    sql.push_str(crate::read::cache::NOTIFY);
     tx.batch_execute(&sql)?;
     tx.commit()?;
     Ok(Switched {

@@ -273,9 +273,10 @@ macro_rules! flush_barrier {
 /// See `flush_barrier!`.
 pub const FLUSH_BARRIER: &str = flush_barrier!();
 
-/// A batch's `COMMIT` and the flush barrier, in one round trip. In one simple query, an
-/// error stops the statements after it: no barrier runs for a failed commit.
-const COMMIT_AND_FLUSH: &str = concat!("COMMIT; ", flush_barrier!());
+/// A batch's `COMMIT` and the flush barrier, in one round trip, with the notification of
+/// the change (`read::cache`). In one simple query, an error stops the statements after
+/// it: no barrier runs for a failed commit.
+const COMMIT_AND_FLUSH: &str = concat!("NOTIFY read_model_changed; COMMIT; ", flush_barrier!());
 
 /// Moves pending product and customer rows into the views, in a transaction of its own, if
 /// the fold lock is free (the consumers call it when idle while rows are pending). Returns
@@ -834,7 +835,8 @@ fn at_once_sql() -> &'static str {
             "), ",
             counters_and_sync!("COALESCE((SELECT shard FROM claim), $18::smallint)"),
             "
-SELECT consumer_batch_at_once((SELECT count(*) FROM fresh) = $19), folder, pending FROM claim"
+SELECT consumer_batch_at_once((SELECT count(*) FROM fresh) = $19), folder, pending,
+       pg_notify('read_model_changed', '') FROM claim"
         );
         format!("{}{writes}", shift_parameters(claim_and_record!(), 19))
     })
@@ -912,5 +914,12 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(hour_of(t).to_rfc3339(), "2026-02-11T16:00:00+00:00");
+    }
+
+    #[test]
+    fn both_ways_of_committing_a_batch_notify_the_query_caches() {
+        let channel = crate::read::cache::CHANNEL;
+        assert!(COMMIT_AND_FLUSH.starts_with(&format!("NOTIFY {channel}; COMMIT;")));
+        assert!(at_once_sql().contains(&format!("pg_notify('{channel}', '') FROM claim")));
     }
 }

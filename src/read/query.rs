@@ -2,6 +2,9 @@
 //! consumer keeps up to date; the query service never writes. Money comes out of
 //! PostgreSQL as NUMERIC text and goes into the JSON as that same text, so it is exact.
 
+use std::fmt::Write;
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use tiny_http::Method;
@@ -11,6 +14,7 @@ use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 use crate::event::format_timestamp;
 use crate::http::{self, percent_decode, Request, Response, Service};
+use crate::read::cache::Cache;
 use crate::read::lists::{self, List};
 
 /// Hours returned by one hourly-sales request at most (more than a year).
@@ -22,15 +26,17 @@ pub struct QueryService {
     write: Pool,
     config: Config,
     broker: crate::broker::QueueProbe,
+    cache: Arc<Cache>,
 }
 
 impl QueryService {
-    pub fn new(read: Pool, write: Pool, config: Config) -> QueryService {
+    pub fn new(read: Pool, write: Pool, config: Config, cache: Arc<Cache>) -> QueryService {
         QueryService {
             read,
             write,
             config,
             broker: crate::broker::QueueProbe::default(),
+            cache,
         }
     }
 
@@ -189,6 +195,9 @@ impl QueryService {
         // command service's health says so (`brokerConnected`), and `pendingOutboxEvents`.
         let waited_too_long = consumer_lag_ms as f64 / 1000.0 >= stall_secs
             && read.idle_secs.is_none_or(|idle| idle >= stall_secs);
+        // A client that saw events applied here must then read them: the notification of
+        // a batch this read saw may not have reached the cache yet (`read::cache`).
+        self.cache.invalidate();
         let body = json!({
             "lastProcessedEventTimestamp": read.last.map(|t| format_timestamp(&t)),
             "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
@@ -548,7 +557,16 @@ impl Service for QueryService {
         if req.method != Method::Get && req.method != Method::Head {
             return http::method_not_allowed(route, "GET, HEAD");
         }
-        (route, result(self, req, &segments))
+        if route == "/api/analytics/sync-status" {
+            return (route, self.sync_status());
+        }
+        // Every other route reads the read model alone: its answer is kept until it changes.
+        let key = match &req.query {
+            Some(q) => format!("{}?{q}", req.path),
+            None => req.path.clone(),
+        };
+        let answer = self.cache.through(key, || result(self, req, &segments));
+        (route, answer)
     }
 
     fn health(&self) -> Result<()> {
@@ -556,9 +574,29 @@ impl Service for QueryService {
             .map_err(|e| Error::unavailable(format!("read database unreachable: {e}")))
     }
 
+    fn health_details(&self) -> serde_json::Map<String, serde_json::Value> {
+        let cache = match (self.config.query_cache_bytes, self.cache.trusted()) {
+            (0, _) => "off",
+            (_, true) => "on",
+            (_, false) => "off until its listener listens",
+        };
+        serde_json::Map::from_iter([("responseCache".to_string(), cache.into())])
+    }
+
     fn metrics(&self, out: &mut String) {
         crate::metrics::render_pool(out, "read", &self.read);
         crate::metrics::render_pool(out, "write_readonly", &self.write);
+        let c = &self.cache;
+        c.hits.render(out, "query_cache_hits_total", "");
+        c.misses.render(out, "query_cache_misses_total", "");
+        c.changes.render(out, "query_cache_changes_total", "");
+        let _ = writeln!(
+            out,
+            "# TYPE query_cache_bytes gauge\nquery_cache_bytes {}\n\
+             # TYPE query_cache_on gauge\nquery_cache_on {}",
+            c.bytes(),
+            u8::from(c.trusted())
+        );
     }
 }
 

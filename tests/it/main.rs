@@ -6,6 +6,7 @@
 #[allow(dead_code)]
 mod harness;
 
+mod cache;
 mod connections;
 mod dashboard;
 mod deployment;

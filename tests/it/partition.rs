@@ -195,6 +195,38 @@ fn a_consumer_cut_off_from_its_database_goes_on_over_new_connections() {
     cut_from_the_database(&env, &env.read_url(), "consumer-service");
 }
 
+/// The query cache's listener cut off from the read database: it hears neither the changes
+/// nor that its connection is dead. Trusted no longer than 2 s after its last sign of life
+/// (`read::cache`), it then lets every request read the database. Without that, the kept
+/// answer stayed until the kernel gave the connection up (30 s).
+#[test]
+fn a_query_cache_whose_listener_is_cut_off_answers_from_the_database_within_seconds() {
+    use crate::cache::{set_sold, sold, wait_cache_on, wait_sold};
+    let env = TestEnv::new();
+    let app = env.start(Role::All);
+    let q = app.query();
+    wait_cache_on(q);
+    let product = create_product(app.command(), "Heard", "Parts", 4.25, 1000);
+    wait_until("the product", Duration::from_secs(10), || {
+        (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
+    });
+    assert_eq!(sold(q, product), 0);
+    let url = env.read_url();
+    let ports = client_ports(&env, &url, "query-service-cache");
+    assert_eq!(ports.len(), 1, "the listener's connection");
+    let partition = Partition::cut(&ports, server_port(&url));
+    let cut = Instant::now();
+    set_sold(&env, product, 8);
+    assert_eq!(sold(q, product), 0, "the answer is kept at first");
+    wait_sold(q, product, 8, "the answer from the database");
+    let took = cut.elapsed();
+    eprintln!("partition: the cache stepped aside {took:?} after the cut");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_ne!(get(q, "/health").json()["responseCache"], "on");
+    drop(partition);
+    app.stop();
+}
+
 /// The outbox publishers' write-database connections are cut: orders are still accepted,
 /// and published once the publishers have new connections.
 #[test]
