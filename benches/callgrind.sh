@@ -7,6 +7,8 @@
 #   benches/callgrind.sh orders  [N]   # command-service, POST /api/orders (2 lines, prices)
 #   benches/callgrind.sh queries [N]   # query-service, GET /api/analytics/products/{id}/sales
 #
+# The query service keeps its answers (`src/read/cache.rs`): `queries` counts cache hits;
+# QUERY_CACHE_BYTES=0 in the environment counts the database path.
 # N defaults to 2000. Needs valgrind, psql and a release build (`cargo build --release`).
 # Environment: PG_URL (superuser, no database; default postgresql://postgres@127.0.0.1:5432),
 # PORT (default 20501), BIN (default target/release/cqrs-analytics), CG_KEEP=1 keeps the

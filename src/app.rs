@@ -368,13 +368,17 @@ fn start_query(config: &Config, running: &mut Running) -> Result<SocketAddr> {
         db::Session::ReadOnly,
     );
     let cache = Cache::new(config.query_cache_bytes);
-    let listener = db::Manager::new(
-        &config.read_db,
-        &config.db,
-        "query-service-cache",
-        db::Session::ReadOnly,
-    );
-    cache::start(cache.clone(), listener, &running.background.shutdown);
+    if config.query_cache_bytes > 0 {
+        // One connection, held by the cache's listener (a pool, so it is counted).
+        let listener = running.pool(
+            &config.read_db,
+            1,
+            &config.db,
+            "query-service-cache",
+            db::Session::ReadOnly,
+        );
+        cache::start(cache.clone(), listener, &running.background.shutdown);
+    }
     let service = QueryService::new(read, write, config.clone(), cache);
     running.serve(
         config,

@@ -18,19 +18,19 @@
 //! of neither (a connection cut off silently) every request reads the database again;
 //! when its connection fails, the cache stops at once, the listener reconnects, and a new
 //! generation begins once it listens again. It holds at most `QUERY_CACHE_BYTES` (keys,
-//! bodies and `ENTRY_OVERHEAD` each); when full it takes nothing new until the next change
-//! empties it. `QUERY_CACHE_BYTES=0` turns it off (no listener).
+//! bodies and `ENTRY_OVERHEAD` each); an answer that does not fit empties it first (so
+//! keys a client makes up cannot keep others out for long). `QUERY_CACHE_BYTES=0` turns
+//! it off (no listener).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use postgres::fallible_iterator::FallibleIterator;
-use r2d2::ManageConnection;
 
-use crate::db::Manager;
+use crate::db::Pool;
 use crate::error::Result;
 use crate::http::Response;
 use crate::metrics::Counter;
@@ -41,9 +41,13 @@ pub const CHANNEL: &str = "read_model_changed";
 /// `NOTIFY` on it, for a transaction that changes the read model.
 pub const NOTIFY: &str = "NOTIFY read_model_changed";
 /// Without a notification for this long, the listener asks its connection for a round trip.
-const QUIET: Duration = Duration::from_millis(500);
-/// How long after its last sign of life the listener is trusted.
-const TRUSTED_FOR: Duration = Duration::from_secs(2);
+const QUIET: Duration = Duration::from_secs(1);
+/// How long after its last sign of life the listener is trusted. A round trip on an idle
+/// connection took up to 2.5 s on this 2-core machine with both cores saturated by
+/// requests (a `psql` session and the listener alike: the server's process waits for a
+/// core); with 2 s the trust lapsed under load and the requests fell through to the
+/// database, whose pool first had to open its connections.
+const TRUSTED_FOR: Duration = Duration::from_secs(10);
 const RECONNECT_AFTER: Duration = Duration::from_millis(500);
 /// Bytes an entry counts beyond its key and body (the map's slot, the strings' headers).
 const ENTRY_OVERHEAD: usize = 96;
@@ -54,7 +58,7 @@ pub struct Cache {
     generation: AtomicU64,
     /// Milliseconds after `epoch` until which the listener is trusted (0: not listening).
     trusted_until: AtomicU64,
-    entries: Mutex<Entries>,
+    entries: RwLock<Entries>,
     pub hits: Counter,
     pub misses: Counter,
     /// Notifications heard.
@@ -75,7 +79,7 @@ impl Cache {
             epoch: Instant::now(),
             generation: AtomicU64::new(0),
             trusted_until: AtomicU64::new(0),
-            entries: Mutex::default(),
+            entries: RwLock::default(),
             hits: Counter::default(),
             misses: Counter::default(),
             changes: Counter::default(),
@@ -115,19 +119,28 @@ impl Cache {
 
     /// Bytes held (entries of an old generation count until the next lookup drops them).
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.entries
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bytes
     }
 
     fn get(&self, key: &str, generation: u64) -> Option<Response> {
+        {
+            let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+            if entries.generation >= generation {
+                return (entries.generation == generation)
+                    .then(|| entries.map.get(key).cloned())
+                    .flatten();
+            }
+        }
         let mut entries = self.lock();
         if entries.generation < generation {
             entries.map.clear();
             entries.bytes = 0;
             entries.generation = generation;
         }
-        (entries.generation == generation)
-            .then(|| entries.map.get(key).cloned())
-            .flatten()
+        None
     }
 
     fn put(&self, key: String, generation: u64, answer: &Response) {
@@ -135,16 +148,21 @@ impl Cache {
         let mut entries = self.lock();
         if entries.generation != generation
             || self.generation.load(SeqCst) != generation
-            || entries.bytes + size > self.capacity
+            || size > self.capacity
         {
             return;
+        }
+        if entries.bytes + size > self.capacity {
+            // Full: start over rather than keep what filled it (keys a client made up).
+            entries.map.clear();
+            entries.bytes = 0;
         }
         entries.bytes += size;
         entries.map.insert(key, answer.clone());
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
+        self.entries.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn now_ms(&self) -> u64 {
@@ -166,7 +184,7 @@ impl Cache {
 /// `QUIET`, but nobody waits for it: it holds nothing to hand over, and on a connection cut
 /// off silently its round trip would hold a stop up until the kernel gives the connection
 /// up (30 s, `db::Manager`).
-pub fn start(cache: Arc<Cache>, db: Manager, shutdown: &Shutdown) {
+pub fn start(cache: Arc<Cache>, db: Pool, shutdown: &Shutdown) {
     if cache.capacity == 0 {
         return;
     }
@@ -195,8 +213,8 @@ pub fn start(cache: Arc<Cache>, db: Manager, shutdown: &Shutdown) {
 }
 
 /// Listens until shutdown (Ok) or until its connection fails (Err).
-fn listen(cache: &Cache, db: &Manager, shutdown: &Shutdown, failing: &mut bool) -> Result<()> {
-    let mut conn = db.connect()?;
+fn listen(cache: &Cache, db: &Pool, shutdown: &Shutdown, failing: &mut bool) -> Result<()> {
+    let mut conn = db.get()?;
     conn.client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     cache.invalidate();
     cache.trust();
@@ -263,7 +281,7 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_kept_untrusted_failed_or_beyond_capacity() {
+    fn nothing_is_kept_untrusted_or_failed_and_a_full_cache_starts_over() {
         let cache = Cache::new(2 * ENTRY_OVERHEAD + 8);
         let body = |r: Result<Response>| r.unwrap().body;
         // Not listening yet: every request reads.
@@ -276,13 +294,34 @@ mod tests {
             )))
             .is_err());
         assert_eq!(body(cache.through("/e".into(), || answer("up"))), "up");
-        // Full after "/e" and "/a": "/c" is read each time.
         assert_eq!(body(cache.through("/a".into(), || answer("3"))), "3");
-        assert_eq!(body(cache.through("/c".into(), || answer("4"))), "4");
-        assert_eq!(body(cache.through("/c".into(), || answer("5"))), "5");
-        assert_eq!(body(cache.through("/a".into(), || answer("6"))), "3");
-        cache.distrust();
-        assert_eq!(body(cache.through("/a".into(), || answer("7"))), "7");
         assert_eq!(cache.bytes(), 2 * ENTRY_OVERHEAD + 7);
+        // "/c" does not fit beside "/e" and "/a": they go, it stays.
+        assert_eq!(body(cache.through("/c".into(), || answer("4"))), "4");
+        assert_eq!(body(cache.through("/c".into(), || answer("5"))), "4");
+        assert_eq!(body(cache.through("/a".into(), || answer("6"))), "6");
+        assert_eq!(body(cache.through("/e".into(), || answer("7"))), "7");
+        assert_eq!(cache.bytes(), ENTRY_OVERHEAD + 3);
+        // Bigger than the whole cache: never kept.
+        let big = "x".repeat(2 * ENTRY_OVERHEAD);
+        assert_eq!(
+            body(cache.through("/b".into(), || answer(&big))).len(),
+            big.len()
+        );
+        assert_eq!(body(cache.through("/b".into(), || answer("8"))), "8");
+        assert_eq!(body(cache.through("/e".into(), || answer("9"))), "7");
+        cache.distrust();
+        assert_eq!(body(cache.through("/e".into(), || answer("10"))), "10");
+    }
+
+    #[test]
+    fn the_listener_is_trusted_for_a_while_after_its_last_sign_of_life() {
+        let cache = Cache::new(1 << 20);
+        assert!(!cache.trusted(), "not before it listens");
+        cache.trust();
+        assert!(cache.trusted());
+        cache.trusted_until.store(cache.now_ms(), SeqCst);
+        assert!(!cache.trusted(), "not after TRUSTED_FOR");
+        assert!(!Cache::new(0).trusted(), "never when off");
     }
 }

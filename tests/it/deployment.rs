@@ -611,20 +611,21 @@ fn a_process_sized_beyond_its_database_server_says_so() {
         child.terminate(Duration::from_secs(20));
         log
     };
-    // 2 + 3 publishers' + 1 pruner's on the write side, 3 consumer + 1 pruner + 2 query on
-    // the read side, 2 of the query service on the write side: 14 of 17.
+    // 2 + 3 publishers' + 1 pruner's on the write side, 3 consumer + 1 pruner + 2 query +
+    // 1 query cache listener on the read side, 2 of the query service on the write side:
+    // 15 of 17.
     let small = run(
         &[("WRITE_POOL_SIZE", "2"), ("READ_POOL_SIZE", "2")],
         "pools-small",
     );
     let server = format!("database server 127.0.0.1:{} (", pg.port);
-    assert!(small.contains("may open 14 connections"), "{small}");
+    assert!(small.contains("may open 15 connections"), "{small}");
     assert!(small.contains(&server), "{small}");
     assert!(small.contains("of the 17 it accepts"), "{small}");
     assert!(!small.contains("too many clients"), "{small}");
     let big = run(&[], "pools-default");
     assert!(
-        big.contains("may open 34 connections")
+        big.contains("may open 35 connections")
             && big.contains("more than the 17 it accepts")
             && big.contains("Lower WRITE_POOL_SIZE, READ_POOL_SIZE or CONSUMER_THREADS"),
         "{big}"

@@ -196,12 +196,12 @@ fn a_consumer_cut_off_from_its_database_goes_on_over_new_connections() {
 }
 
 /// The query cache's listener cut off from the read database: it hears neither the changes
-/// nor that its connection is dead. Trusted no longer than 2 s after its last sign of life
+/// nor that its connection is dead. Trusted no longer than 10 s after its last sign of life
 /// (`read::cache`), it then lets every request read the database. Without that, the kept
 /// answer stayed until the kernel gave the connection up (30 s).
 #[test]
 fn a_query_cache_whose_listener_is_cut_off_answers_from_the_database_within_seconds() {
-    use crate::cache::{set_sold, sold, wait_cache_on, wait_sold};
+    use crate::cache::{set_sold, sold, wait_cache_on};
     let env = TestEnv::new();
     let app = env.start(Role::All);
     let q = app.query();
@@ -218,10 +218,15 @@ fn a_query_cache_whose_listener_is_cut_off_answers_from_the_database_within_seco
     let cut = Instant::now();
     set_sold(&env, product, 8);
     assert_eq!(sold(q, product), 0, "the answer is kept at first");
-    wait_sold(q, product, 8, "the answer from the database");
+    wait_until(
+        "the answer from the database",
+        Duration::from_secs(25),
+        || (sold(q, product) == 8).then_some(()),
+    );
     let took = cut.elapsed();
     eprintln!("partition: the cache stepped aside {took:?} after the cut");
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    // At most 1 s of quiet, a round trip never answered, and 10 s of trust.
+    assert!(took < Duration::from_secs(13), "{took:?}");
     assert_ne!(get(q, "/health").json()["responseCache"], "on");
     drop(partition);
     app.stop();
