@@ -1,8 +1,8 @@
 //! The query service's response cache. A read route's answer depends on the read model
-//! alone, and only three kinds of transaction change the read model: a consumer's batch, a
-//! rebuild's switch and a migration. Each sends `NOTIFY read_model_changed`, which
-//! PostgreSQL delivers once it commits (`src/read/projection.rs`, `src/ops/rebuild.rs`,
-//! `db::migrate`). A listener thread, on a connection of its own, turns each notification
+//! alone, and only these transactions change what the read model answers: a consumer's
+//! batch (either way) and its fold of pending sums into the views, a rebuild's switch, and
+//! a migration. Each sends `NOTIFY read_model_changed`, which PostgreSQL delivers once it
+//! commits (`src/read/projection.rs`, `src/ops/rebuild.rs`, `db::migrate`). A listener thread, on a connection of its own, turns each notification
 //! into a new *generation*; an entry answers only in the generation it was read in. So a
 //! response trails the read database by at most the notification's way to the listener.
 //!

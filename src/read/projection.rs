@@ -293,6 +293,8 @@ pub fn fold_pending(conn: &mut Conn) -> Result<bool> {
     }
     if claim.pending {
         tx.execute(&statements.fold, &[&SHARD_LOCK_CLASS, &SHARDS])?;
+        // The ranked lists read the views alone: folding changes their answers.
+        tx.batch_execute(crate::read::cache::NOTIFY)?;
     }
     let still: bool = tx.query_one(&statements.pending, &[])?.get(0);
     tx.commit()?;

@@ -146,3 +146,41 @@ fn a_listener_that_lost_its_connection_lets_requests_through_until_it_listens_ag
     assert_eq!(sold(q, product), 5, "the answer is kept again");
     app.stop();
 }
+
+/// The ranked lists read the views alone, so folding pending sums into them (what a
+/// consumer does when idle) changes their answers: `fold_pending` notifies too.
+#[test]
+fn folding_pending_sums_ends_the_kept_lists() {
+    use cqrs_analytics::db::{self, Session};
+    let env = TestEnv::new();
+    env.read()
+        .batch_execute(
+            "INSERT INTO product_sales_view (product_id, name, category, total_quantity_sold, total_revenue, order_count)
+             VALUES (1, 'Folded', 'Cache', 5, 10.00, 1);
+             INSERT INTO product_sales_delta (shard, product_id, name, category, quantity, revenue, orders)
+             VALUES (3, 1, 'Folded', 'Cache', 7, 14.00, 1);",
+        )
+        .unwrap();
+    let app = env.start(Role::Query);
+    let q = app.query();
+    wait_cache_on(q);
+    let top = || {
+        let r = get(q, "/api/analytics/products?sort=quantity");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["products"][0]["totalQuantitySold"]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(top(), 5, "the view alone");
+    assert_eq!(top(), 5);
+    let config = env.config();
+    let pool = db::pool(&config.read_db, 1, &config.db, "fold", Session::Consumer);
+    let still = cqrs_analytics::read::projection::fold_pending(&mut pool.get().unwrap());
+    assert!(!still.unwrap(), "nothing left pending");
+    wait_until(
+        "the folded sums in the list",
+        std::time::Duration::from_secs(10),
+        || (top() == 12).then_some(()),
+    );
+    app.stop();
+}
