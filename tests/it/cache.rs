@@ -184,3 +184,30 @@ fn folding_pending_sums_ends_the_kept_lists() {
     );
     app.stop();
 }
+
+/// `/health` says whether the cache answers; `openapi.json` (which schemathesis holds every
+/// answer to, in CI) must list what it says: it did not at first.
+#[test]
+fn health_tells_the_cache_state_as_the_openapi_document_lists_it() {
+    let doc: serde_json::Value = serde_json::from_str(cqrs_analytics::http::OPENAPI_JSON).unwrap();
+    let schema = &doc["components"]["schemas"]["Healthy"]["properties"];
+    let states = schema["responseCache"]["enum"].as_array().unwrap().clone();
+    let env = TestEnv::new();
+    for bytes in [4096, 0] {
+        let app = env.start_with(Role::Query, |c| c.query_cache_bytes = bytes);
+        let q = app.query();
+        if bytes > 0 {
+            wait_cache_on(q);
+        }
+        let health = get(q, "/health").json();
+        for (key, value) in health.as_object().unwrap() {
+            assert!(schema.get(key).is_some(), "{key} is not in openapi.json");
+            if key == "responseCache" {
+                assert!(states.contains(value), "{value} is not in openapi.json");
+            }
+        }
+        let want = if bytes > 0 { "on" } else { "off" };
+        assert_eq!(health["responseCache"], want);
+        app.stop();
+    }
+}
