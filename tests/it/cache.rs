@@ -48,6 +48,20 @@ pub fn wait_sold(addr: std::net::SocketAddr, product: i64, quantity: i64, what: 
     });
 }
 
+/// A new product, once the query service answers for it (and, for a cache that is on, once
+/// its listener listens).
+pub fn answered_product(app: &App, name: &str) -> i64 {
+    let q = app.query();
+    if get(q, "/health").json()["responseCache"] != "off" {
+        wait_cache_on(q);
+    }
+    let product = create_product(app.command(), name, "Cache", 2.5, 100);
+    wait_until("the product", std::time::Duration::from_secs(10), || {
+        (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
+    });
+    product
+}
+
 /// The listener listens from a moment after the service starts.
 pub fn wait_cache_on(addr: std::net::SocketAddr) {
     wait_until("the cache on", std::time::Duration::from_secs(10), || {
@@ -60,11 +74,7 @@ fn an_answer_is_kept_until_the_read_model_says_it_changed() {
     let env = TestEnv::new();
     let app = env.start(Role::All);
     let (cmd, q) = (app.command(), app.query());
-    wait_cache_on(q);
-    let product = create_product(cmd, "Kept", "Cache", 2.5, 100);
-    wait_until("the product", std::time::Duration::from_secs(10), || {
-        (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
-    });
+    let product = answered_product(&app, "Kept");
     let hits = counter(q, "query_cache_hits_total");
     assert_eq!(sold(q, product), 0);
     assert_eq!(sold(q, product), 0);
@@ -97,12 +107,9 @@ fn an_answer_is_kept_until_the_read_model_says_it_changed() {
 fn query_cache_bytes_0_reads_the_database_every_time() {
     let env = TestEnv::new();
     let app = env.start_with(Role::All, |c| c.query_cache_bytes = 0);
-    let (cmd, q) = (app.command(), app.query());
+    let q = app.query();
     assert_eq!(get(q, "/health").json()["responseCache"], "off");
-    let product = create_product(cmd, "Uncached", "Cache", 2.5, 100);
-    wait_until("the product", std::time::Duration::from_secs(10), || {
-        (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
-    });
+    let product = answered_product(&app, "Uncached");
     set_sold(&env, product, 9);
     assert_eq!(sold(q, product), 9);
     assert_eq!(counter(q, "query_cache_hits_total"), 0);
@@ -115,12 +122,8 @@ fn query_cache_bytes_0_reads_the_database_every_time() {
 fn a_listener_that_lost_its_connection_lets_requests_through_until_it_listens_again() {
     let env = TestEnv::new();
     let app = env.start(Role::All);
-    let (cmd, q) = (app.command(), app.query());
-    wait_cache_on(q);
-    let product = create_product(cmd, "Listened", "Cache", 2.5, 100);
-    wait_until("the product", std::time::Duration::from_secs(10), || {
-        (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
-    });
+    let q = app.query();
+    let product = answered_product(&app, "Listened");
     assert_eq!(sold(q, product), 0);
     set_sold(&env, product, 5);
     assert_eq!(sold(q, product), 0, "the answer is kept");

@@ -201,15 +201,11 @@ fn a_consumer_cut_off_from_its_database_goes_on_over_new_connections() {
 /// answer stayed until the kernel gave the connection up (30 s).
 #[test]
 fn a_query_cache_whose_listener_is_cut_off_answers_from_the_database_within_seconds() {
-    use crate::cache::{set_sold, sold, wait_cache_on};
+    use crate::cache::{answered_product, set_sold, sold};
     let env = TestEnv::new();
     let app = env.start(Role::All);
     let q = app.query();
-    wait_cache_on(q);
-    let product = create_product(app.command(), "Heard", "Parts", 4.25, 1000);
-    wait_until("the product", Duration::from_secs(10), || {
-        (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
-    });
+    let product = answered_product(&app, "Heard");
     assert_eq!(sold(q, product), 0);
     let url = env.read_url();
     let ports = client_ports(&env, &url, "query-service-cache");
