@@ -48,18 +48,33 @@ pub fn wait_sold(addr: std::net::SocketAddr, product: i64, quantity: i64, what: 
     });
 }
 
-/// A new product, once the query service answers for it (and, for a cache that is on, once
-/// its listener listens).
+/// A new product, once the query service answers for it and, for a cache that is on, once
+/// its listener has heard the batch that applied it: a notification heard later would end
+/// what the test then reads into the cache (one clean-clone CI run saw that happen).
 pub fn answered_product(app: &App, name: &str) -> i64 {
     let q = app.query();
-    if get(q, "/health").json()["responseCache"] != "off" {
+    let cached = get(q, "/health").json()["responseCache"] != "off";
+    if cached {
         wait_cache_on(q);
     }
+    let heard = counter(q, "query_cache_changes_total");
     let product = create_product(app.command(), name, "Cache", 2.5, 100);
     wait_until("the product", std::time::Duration::from_secs(10), || {
         (get(q, &format!("/api/analytics/products/{product}/sales")).status == 200).then_some(())
     });
+    if cached {
+        wait_heard(q, heard);
+    }
     product
+}
+
+/// Waits until the cache's listener has heard more than `heard` changes.
+pub fn wait_heard(addr: std::net::SocketAddr, heard: u64) {
+    wait_until(
+        "the change heard",
+        std::time::Duration::from_secs(10),
+        || (counter(addr, "query_cache_changes_total") > heard).then_some(()),
+    );
 }
 
 /// The listener listens from a moment after the service starts.
@@ -91,8 +106,10 @@ fn an_answer_is_kept_until_the_read_model_says_it_changed() {
 
     // An order: the consumer's batch notifies (40 by hand + 3).
     let order = serde_json::json!({"customerId": 7, "items": [{"productId": product, "quantity": 3, "price": 2.5}]});
+    let heard = counter(q, "query_cache_changes_total");
     assert_eq!(post_json(cmd, "/api/orders", &order).status, 201);
     wait_sold(q, product, 43, "the order in the answer");
+    wait_heard(q, heard);
 
     // sync-status starts a new generation once it has read.
     set_sold(&env, product, 50);
