@@ -195,9 +195,6 @@ impl QueryService {
         // command service's health says so (`brokerConnected`), and `pendingOutboxEvents`.
         let waited_too_long = consumer_lag_ms as f64 / 1000.0 >= stall_secs
             && read.idle_secs.is_none_or(|idle| idle >= stall_secs);
-        // A client that saw events applied here must then read them: the notification of
-        // a batch this read saw may not have reached the cache yet (`read::cache`).
-        self.cache.invalidate();
         let body = json!({
             "lastProcessedEventTimestamp": read.last.map(|t| format_timestamp(&t)),
             "lagSeconds": lag_ms.max(0) as f64 / 1000.0,
@@ -558,8 +555,12 @@ impl Service for QueryService {
             return http::method_not_allowed(route, "GET, HEAD");
         }
         if route == "/api/analytics/sync-status" {
-            // Asks the write side and the broker too: never kept.
-            return (route, result(self, req, &segments));
+            // Asks the write side and the broker too: never kept. And a client that saw
+            // events applied here must then read them, though the notification of a batch
+            // it saw may not have reached the cache yet: a new generation once it has read.
+            let answer = result(self, req, &segments);
+            self.cache.invalidate();
+            return (route, answer);
         }
         // Every other route reads the read model alone: its answer is kept until it changes.
         let key = match &req.query {
