@@ -4,18 +4,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 
 use crate::harness::{pg_base, TestEnv};
+use crate::sample::{cpu_delta, cpu_snapshot};
 use crate::{log, round};
 
 /// Figures by name (`order_tx_tps`, `select_pk_tps`, ...); empty when skipped.
 #[derive(Default, Clone)]
 pub struct Ceilings {
     pub tps: BTreeMap<String, f64>,
+    /// CPU per transaction while each script ran, by figure: (PostgreSQL, pgbench), in µs.
+    /// What the statement costs the server with nothing else around it: the floor of an
+    /// order's cost on the database side, whoever sends it.
+    pub cpu_us: BTreeMap<String, (f64, f64)>,
     pub note: String,
 }
 
@@ -24,11 +30,26 @@ impl Ceilings {
         self.tps.get(key).copied().filter(|v| *v > 0.0)
     }
 
+    /// PostgreSQL's CPU per transaction of figure `key`, in µs.
+    pub fn pg_us(&self, key: &str) -> Option<f64> {
+        self.cpu_us.get(key).map(|c| c.0).filter(|v| *v > 0.0)
+    }
+
     pub fn json(&self) -> Value {
         let mut v = json!(self
             .tps
             .iter()
             .map(|(k, x)| (k.clone(), json!(round(*x, 0))))
+            .collect::<serde_json::Map<_, _>>());
+        v["cpu_us_per_tx"] = json!(self
+            .cpu_us
+            .iter()
+            .map(|(k, (pg, client))| {
+                (
+                    k.clone(),
+                    json!({"postgres": round(*pg, 1), "pgbench": round(*client, 1)}),
+                )
+            })
             .collect::<serde_json::Map<_, _>>());
         v["note"] = json!(self.note);
         v
@@ -135,9 +156,20 @@ pub fn run(seconds: u64) -> Ceilings {
                 Db::Ours => ours.write_db.clone(),
             };
             match pgbench(s, &db, seconds) {
-                Ok(tps) => {
-                    log(format!("ceiling: {} {:.0}", s.key, tps * s.per_tx));
+                Ok((tps, cores)) => {
+                    let us = |group: &str| cores[group].as_f64().unwrap_or(0.0) * 1e6 / tps;
+                    let cpu = (us("postgres"), us("pgbench"));
+                    log(format!(
+                        "ceiling: {} {:.0} (PostgreSQL {:.0} µs, pgbench {:.0} µs a transaction)",
+                        s.key,
+                        tps * s.per_tx,
+                        cpu.0,
+                        cpu.1
+                    ));
                     c.tps.insert(s.key.to_string(), tps * s.per_tx);
+                    if !cores.is_null() {
+                        c.cpu_us.insert(s.key.to_string(), cpu);
+                    }
                 }
                 Err(e) => c.note.push_str(&format!("{}: {e}; ", s.file)),
             }
@@ -191,9 +223,11 @@ fn setup_databases(w: &str, r: &str, s: &str, ours: &TestEnv) -> Result<(), Stri
     Ok(())
 }
 
-/// Transactions per second of one script.
-fn pgbench(s: &Script, db: &str, seconds: u64) -> Result<f64, String> {
-    let out = Command::new("pgbench")
+/// Transactions per second of one script, and the CPU per process group (cores) over its
+/// middle: PostgreSQL's server processes for pgbench's connections end with it, so they
+/// are read while they run, from the first second to the last (null for runs under 3 s).
+fn pgbench(s: &Script, db: &str, seconds: u64) -> Result<(f64, Value), String> {
+    let child = Command::new("pgbench")
         .args(["-n", "-M", "prepared", "-j", "2"])
         .args(["-c", &s.clients.to_string(), "-T", &seconds.to_string()])
         .args(s.args)
@@ -201,8 +235,18 @@ fn pgbench(s: &Script, db: &str, seconds: u64) -> Result<f64, String> {
         .arg(dir().join(s.file))
         .arg(format!("{}/{db}", pg_base()))
         .env("PGOPTIONS", "-c client_min_messages=warning")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| e.to_string())?;
+    let mut cores = Value::Null;
+    if seconds >= 3 {
+        std::thread::sleep(Duration::from_secs(1));
+        let c0 = cpu_snapshot(&[]);
+        std::thread::sleep(Duration::from_secs(seconds - 2));
+        cores = cpu_delta(&c0, &cpu_snapshot(&[]));
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let tps = stdout.lines().find_map(|l| {
         l.strip_prefix("tps = ")?
@@ -212,7 +256,7 @@ fn pgbench(s: &Script, db: &str, seconds: u64) -> Result<f64, String> {
             .ok()
     });
     match tps {
-        Some(t) if out.status.success() => Ok(t),
+        Some(t) if out.status.success() => Ok((t, cores)),
         _ => Err(format!(
             "pgbench failed ({}): {}",
             out.status,
@@ -233,7 +277,15 @@ impl crate::report::Figures for Ceilings {
         let mut rows: Vec<_> = self
             .tps
             .iter()
-            .map(|(k, v)| crate::report::Row::info(k.clone(), *v, "/s"))
+            .map(|(k, v)| {
+                let row = crate::report::Row::info(k.clone(), *v, "/s");
+                match self.cpu_us.get(k) {
+                    Some((pg, client)) => row.detail(format!(
+                        "a transaction: PostgreSQL {pg:.0} µs, pgbench {client:.0} µs of CPU"
+                    )),
+                    None => row,
+                }
+            })
             .collect();
         if rows.is_empty() {
             rows.push(

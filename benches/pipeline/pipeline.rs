@@ -234,19 +234,10 @@ impl Probe {
     }
 }
 
-/// A load's summary as JSON.
-pub fn load_json(r: &LoadResult) -> Value {
-    json!({"per_second": round(r.per_second(), 1), "ok": r.ok, "other": r.other, "errors": r.errors,
-           "seconds": round(r.seconds, 2), "p50_ms": round(r.pct_ms(50.0), 2), "p99_ms": round(r.pct_ms(99.0), 2),
-           "max_ms": round(r.pct_ms(100.0), 2),
-           "statuses": r.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()})
-}
-
-impl Figures for PipelineFigures {
-    fn rows(&self, c: &Ceilings) -> Vec<Row> {
-        let (o, q, u) = (&self.orders, &self.queries, &self.queries_uncached);
-        let ms = |us: &[u64], p: f64| pct(us, p) / 1000.0;
-        let fresh_ok = self.fresh_timeouts == 0;
+impl PipelineFigures {
+    /// The order rate against both references, then what an order cost.
+    fn order_rows(&self, c: &Ceilings) -> Vec<Row> {
+        let o = &self.orders;
         let orders_detail = format!(
             "p50 {:.1} ms, p99 {:.1} ms, {} non-201, {} errors",
             o.pct_ms(50.0),
@@ -254,7 +245,7 @@ impl Figures for PipelineFigures {
             o.other,
             o.errors
         );
-        vec![
+        let mut rows = vec![
             Row::ceiling(
                 "orders/s (all)",
                 o.per_second(),
@@ -273,6 +264,86 @@ impl Figures for PipelineFigures {
                 0.8,
             )
             .detail(orders_detail),
+        ];
+        rows.extend(self.order_budget_rows(c));
+        rows
+    }
+
+    /// µs of CPU per order of each process group during the burst.
+    fn cpu_per_order(&self) -> Vec<(String, f64)> {
+        let rate = self.orders.per_second();
+        let Some(groups) = self.orders_cpu.as_object().filter(|_| rate > 0.0) else {
+            return Vec::new();
+        };
+        groups
+            .iter()
+            .filter(|(k, _)| !k.starts_with("machine"))
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0) * 1e6 / rate))
+            .collect()
+    }
+
+    /// What an order cost the machine in this run, and how much of it the order targets
+    /// leave for our process: at a target rate the machine's cores give each order a
+    /// budget; PostgreSQL's cost of the same statement under pgbench (the ceiling phase),
+    /// the broker's and the load generator's costs are taken from it, and what is left is
+    /// all that our process and the rest of PostgreSQL's work (claims, marks, the
+    /// projection, contention) may cost. Below zero, no code of ours reaches the target
+    /// on this machine at this run's costs of the parts it does not run.
+    fn order_budget_rows(&self, c: &Ceilings) -> Vec<Row> {
+        let per_order = self.cpu_per_order();
+        let us = |group: &str| {
+            per_order
+                .iter()
+                .find(|(k, _)| k == group)
+                .map_or(0.0, |(_, v)| *v)
+        };
+        let total: f64 = per_order.iter().map(|(_, v)| v).sum();
+        let parts: Vec<String> = per_order
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect();
+        let mut rows =
+            vec![Row::info("CPU per order", total, "us").detail(parts.join(", ") + " µs")];
+        let cores = thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        let Some(floor) = c.pg_us("order_one_rt_tps") else {
+            return rows;
+        };
+        let (broker, client) = (us("rabbitmq"), us("bench client"));
+        let ours = us("cqrs-analytics all") + us("postgres") - floor;
+        for (key, share) in [("order_tx_tps", 0.9), ("order_one_rt_tps", 0.8)] {
+            let Some(reference) = c.get(key) else {
+                continue;
+            };
+            let budget = cores * 1e6 / (share * reference);
+            let room = budget - floor - broker - client;
+            rows.push(
+                Row::info(format!("room for ours at {share} x {key}"), room, "us").detail(format!(
+                    "budget {budget:.0} = {cores} cores / {:.0} orders/s; less PostgreSQL's \
+                         cost of the statement under pgbench {floor:.0}, RabbitMQ {broker:.0}, \
+                         the load generator {client:.0}; ours took {ours:.0} µs",
+                    share * reference
+                )),
+            );
+        }
+        rows
+    }
+}
+
+/// A load's summary as JSON.
+pub fn load_json(r: &LoadResult) -> Value {
+    json!({"per_second": round(r.per_second(), 1), "ok": r.ok, "other": r.other, "errors": r.errors,
+           "seconds": round(r.seconds, 2), "p50_ms": round(r.pct_ms(50.0), 2), "p99_ms": round(r.pct_ms(99.0), 2),
+           "max_ms": round(r.pct_ms(100.0), 2),
+           "statuses": r.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()})
+}
+
+impl Figures for PipelineFigures {
+    fn rows(&self, c: &Ceilings) -> Vec<Row> {
+        let (q, u) = (&self.queries, &self.queries_uncached);
+        let ms = |us: &[u64], p: f64| pct(us, p) / 1000.0;
+        let fresh_ok = self.fresh_timeouts == 0;
+        let mut rows = self.order_rows(c);
+        rows.extend([
             Row::at_most(
                 "drain after burst",
                 self.drain.unwrap_or(f64::INFINITY),
@@ -321,7 +392,8 @@ impl Figures for PipelineFigures {
                     "bool",
                 )
             },
-        ]
+        ]);
+        rows
     }
 
     fn json(&self) -> Value {
