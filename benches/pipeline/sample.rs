@@ -24,7 +24,11 @@ pub struct CpuSnap {
 }
 
 /// Groups every process on the machine: ours by the role given in `mine`, PostgreSQL,
-/// RabbitMQ, the bench itself, everything else.
+/// RabbitMQ, the bench itself, everything else. Two groups are also split into parts,
+/// under keys `group: part` beside the group's own (so sums over groups skip keys with
+/// ": "): ours by thread name (`cqrs-analytics all: publisher`), PostgreSQL's processes by
+/// the `application_name` of their session or their `backend_type`
+/// (`postgres: command-service`, `postgres: walwriter`).
 pub fn cpu_snapshot(mine: &[(u32, &str)]) -> CpuSnap {
     let mut snap = CpuSnap {
         by_group: HashMap::new(),
@@ -33,6 +37,7 @@ pub fn cpu_snapshot(mine: &[(u32, &str)]) -> CpuSnap {
         at: Instant::now(),
     };
     let me = std::process::id();
+    let pg_roles = pg_roles();
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -43,10 +48,18 @@ pub fn cpu_snapshot(mine: &[(u32, &str)]) -> CpuSnap {
         let group = if pid == me {
             "bench client".to_string()
         } else if let Some((_, n)) = mine.iter().find(|(p, _)| *p == pid) {
+            add_threads(&mut snap.by_group, pid, &format!("cqrs-analytics {n}"));
             format!("cqrs-analytics {n}")
         } else {
             match comm.as_str() {
-                "postgres" => "postgres".into(),
+                "postgres" => {
+                    let role = pg_roles.get(&pid).map_or("other", String::as_str);
+                    *snap
+                        .by_group
+                        .entry(format!("postgres: {role}"))
+                        .or_insert(0) += ticks;
+                    "postgres".into()
+                }
                 "beam.smp" | "erl_child_setup" | "epmd" | "inet_gethost" => "rabbitmq".into(),
                 "pgbench" => "pgbench".into(),
                 _ => "other".into(),
@@ -71,9 +84,43 @@ pub fn cpu_snapshot(mine: &[(u32, &str)]) -> CpuSnap {
     snap
 }
 
+/// Adds the ticks of each thread of `pid` to `group: thread name`; threads of one pool
+/// (`consumer-0`, `consumer-1`) share a part.
+fn add_threads(by_group: &mut HashMap<String, u64>, pid: u32, group: &str) {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for t in tasks.flatten() {
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let Some((name, ticks)) = ticks_of(&stat) else {
+            continue;
+        };
+        let name = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        *by_group.entry(format!("{group}: {name}")).or_insert(0) += ticks;
+    }
+}
+
+/// PostgreSQL's processes by pid: the session's `application_name`, else the process'
+/// `backend_type`. Empty if the server cannot be asked.
+fn pg_roles() -> HashMap<u32, String> {
+    let Ok(mut c) = Client::connect(&format!("{}/postgres", pg_base()), NoTls) else {
+        return HashMap::new();
+    };
+    let sql = "SELECT pid, coalesce(nullif(application_name, ''), backend_type, 'other')
+               FROM pg_stat_activity WHERE pid <> pg_backend_pid()";
+    let rows = c.query(sql, &[]).unwrap_or_default();
+    rows.iter()
+        .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, String>(1)))
+        .collect()
+}
+
 /// (comm, utime + stime) of a process.
 fn proc_ticks(pid: u32) -> Option<(String, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    ticks_of(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// (comm, utime + stime) of a `stat` line of /proc.
+fn ticks_of(stat: &str) -> Option<(String, u64)> {
     let (open, close) = (stat.find('(')?, stat.rfind(')')?);
     let f: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
