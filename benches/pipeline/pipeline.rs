@@ -269,7 +269,8 @@ impl PipelineFigures {
         rows
     }
 
-    /// µs of CPU per order of each process group during the burst.
+    /// µs of CPU per order of each process group, and of each part of one (`group: part`),
+    /// during the burst.
     fn cpu_per_order(&self) -> Vec<(String, f64)> {
         let rate = self.orders.per_second();
         let Some(groups) = self.orders_cpu.as_object().filter(|_| rate > 0.0) else {
@@ -277,7 +278,7 @@ impl PipelineFigures {
         };
         groups
             .iter()
-            .filter(|(k, _)| !k.starts_with("machine") && !k.contains(": "))
+            .filter(|(k, _)| !k.starts_with("machine"))
             .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0) * 1e6 / rate))
             .collect()
     }
@@ -285,7 +286,7 @@ impl PipelineFigures {
     /// What an order cost the machine in this run, and how much of it the order targets
     /// leave for our process: at a target rate the machine's cores give each order a
     /// budget; PostgreSQL's cost of the same statement under pgbench (the ceiling phase),
-    /// the broker's and the load generator's costs are taken from it, and what is left is
+    /// the broker's, the bench's and other processes' costs are taken from it, and what is left is
     /// all that our process and the rest of PostgreSQL's work (claims, marks, the
     /// projection, contention) may cost. Below zero, no code of ours reaches the target
     /// on this machine at this run's costs of the parts it does not run.
@@ -297,36 +298,36 @@ impl PipelineFigures {
                 .find(|(k, _)| k == group)
                 .map_or(0.0, |(_, v)| *v)
         };
-        let total: f64 = per_order.iter().map(|(_, v)| v).sum();
-        let parts: Vec<String> = per_order
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.0}"))
-            .collect();
+        let groups = per_order.iter().filter(|(k, _)| !k.contains(": "));
+        let total: f64 = groups.clone().map(|(_, v)| v).sum();
+        let parts: Vec<String> = groups.map(|(k, v)| format!("{k} {v:.0}")).collect();
         let mut rows =
             vec![Row::info("CPU per order", total, "us").detail(parts.join(", ") + " µs")];
         let cores = thread::available_parallelism().map_or(2, |n| n.get()) as f64;
         let Some(floor) = c.pg_us("order_one_rt_tps") else {
             return rows;
         };
-        let (broker, client) = (us("rabbitmq"), us("bench client"));
-        let ours = us("cqrs-analytics all") + us("postgres") - floor;
+        // The bench's own sessions (its wait sampler) set no application_name.
+        let bench = us("bench client") + us("postgres: client backend");
+        let (broker, other) = (us("rabbitmq"), us("other"));
+        let pg_ours = us("postgres") - us("postgres: client backend") - floor;
+        let ours = us("cqrs-analytics all") + pg_ours;
         rows.push(Row::info("ours per order", ours, "us").detail(format!(
-            "our process {:.0} + PostgreSQL {:.0} beyond the statement's {floor:.0} under \
-             pgbench (the publisher's claims and marks, the projection, contention)",
+            "our process {:.0} + PostgreSQL {pg_ours:.0} beyond the statement's {floor:.0} \
+             under pgbench (the publisher's claims and marks, the projection, contention)",
             us("cqrs-analytics all"),
-            us("postgres") - floor
         )));
         for (key, share) in [("order_tx_tps", 0.9), ("order_one_rt_tps", 0.8)] {
             let Some(reference) = c.get(key) else {
                 continue;
             };
             let budget = cores * 1e6 / (share * reference);
-            let room = budget - floor - broker - client;
+            let room = budget - floor - broker - bench - other;
             rows.push(
                 Row::info(format!("room for ours at {share} x {key}"), room, "us").detail(format!(
                     "budget {budget:.0} = {cores} cores / {:.0} orders/s; less PostgreSQL's \
                          cost of the statement under pgbench {floor:.0}, RabbitMQ {broker:.0}, \
-                         the load generator {client:.0} µs",
+                         the bench {bench:.0}, other processes {other:.0} µs",
                     share * reference
                 )),
             );
@@ -405,6 +406,7 @@ impl Figures for PipelineFigures {
     fn json(&self) -> Value {
         json!({
             "orders": load_json(&self.orders), "orders_cpu_cores": self.orders_cpu, "orders_pg_waits": self.orders_waits,
+            "orders_cpu_us_per_order": self.cpu_per_order().into_iter().map(|(k, v)| (k, json!(round(v, 1)))).collect::<serde_json::Map<_, _>>(),
             "drain_seconds": self.drain.map(|d| round(d, 3)),
             "outbox_bytes_per_order": round(self.outbox_bytes_per_order, 0), "order_event_bytes": round(self.event_bytes, 0),
             "freshness": {"samples": self.fresh_us.len(), "timeouts": self.fresh_timeouts,
