@@ -286,8 +286,8 @@ impl PipelineFigures {
     /// What an order cost the machine in this run, and how much of it the order targets
     /// leave for our process: at a target rate the machine's cores give each order a
     /// budget; PostgreSQL's cost of the same statement under pgbench (the ceiling phase),
-    /// the broker's, the bench's and other processes' costs are taken from it, and what is left is
-    /// all that our process and the rest of PostgreSQL's work (claims, marks, the
+    /// the broker's, the bench's and other processes' costs are taken from it, and what is
+    /// left is all that our process and the rest of PostgreSQL's work (claims, marks, the
     /// projection, contention) may cost. Below zero, no code of ours reaches the target
     /// on this machine at this run's costs of the parts it does not run.
     fn order_budget_rows(&self, c: &Ceilings) -> Vec<Row> {
