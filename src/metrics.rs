@@ -46,13 +46,13 @@ impl Gauge {
     }
 
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let _ = writeln!(
-            out,
-            "# TYPE {name} gauge\n{name}{} {}",
-            braces(labels),
-            self.get()
-        );
+        render_gauge(out, name, labels, self.get());
     }
+}
+
+/// Writes a gauge's value read elsewhere: `name{labels} value`, with its type line.
+pub fn render_gauge(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# TYPE {name} gauge\n{name}{} {value}", braces(labels));
 }
 
 fn braces(labels: &str) -> String {

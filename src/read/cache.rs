@@ -2,9 +2,10 @@
 //! alone, and only these transactions change what the read model answers: a consumer's
 //! batch (either way) and its fold of pending sums into the views, a rebuild's switch, and
 //! a migration. Each sends `NOTIFY read_model_changed`, which PostgreSQL delivers once it
-//! commits (`src/read/projection.rs`, `src/ops/rebuild.rs`, `db::migrate`). A listener thread, on a connection of its own, turns each notification
-//! into a new *generation*; an entry answers only in the generation it was read in. So a
-//! response trails the read database by at most the notification's way to the listener.
+//! commits (`src/read/projection.rs`, `src/ops/rebuild.rs`, `db::migrate`). A listener
+//! thread, on a connection of its own, turns each notification into a new *generation*;
+//! an entry answers only in the generation it was read in. So a response trails the read
+//! database by at most the notification's way to the listener.
 //!
 //! Why an entry is never older than that: a request takes the generation *before* its
 //! query. If a change committed before the query's snapshot, the entry holds it; if after,
@@ -180,14 +181,11 @@ impl Cache {
     }
 }
 
-/// Starts the listener thread (none when the cache is off). It ends at `shutdown` within
-/// `QUIET`, but nobody waits for it: it holds nothing to hand over, and on a connection cut
-/// off silently its round trip would hold a stop up until the kernel gives the connection
-/// up (30 s, `db::Manager`).
+/// Starts the listener thread; the query service starts it (and opens its connection)
+/// only when the cache is on. It ends at `shutdown` within `QUIET`, but nobody waits for
+/// it: it holds nothing to hand over, and on a connection cut off silently its round trip
+/// would hold a stop up until the kernel gives the connection up (30 s, `db::Manager`).
 pub fn start(cache: Arc<Cache>, db: Pool, shutdown: &Shutdown) {
-    if cache.capacity == 0 {
-        return;
-    }
     let shutdown = shutdown.clone();
     std::thread::Builder::new()
         .name("query-cache-listener".into())

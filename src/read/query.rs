@@ -2,7 +2,6 @@
 //! consumer keeps up to date; the query service never writes. Money comes out of
 //! PostgreSQL as NUMERIC text and goes into the JSON as that same text, so it is exact.
 
-use std::fmt::Write;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -592,13 +591,8 @@ impl Service for QueryService {
         c.hits.render(out, "query_cache_hits_total", "");
         c.misses.render(out, "query_cache_misses_total", "");
         c.changes.render(out, "query_cache_changes_total", "");
-        let _ = writeln!(
-            out,
-            "# TYPE query_cache_bytes gauge\nquery_cache_bytes {}\n\
-             # TYPE query_cache_on gauge\nquery_cache_on {}",
-            c.bytes(),
-            u8::from(c.trusted())
-        );
+        crate::metrics::render_gauge(out, "query_cache_bytes", "", c.bytes());
+        crate::metrics::render_gauge(out, "query_cache_on", "", u8::from(c.trusted()));
     }
 }
 
